@@ -1,0 +1,600 @@
+"""LLaMA / Vicuna language model, tokenizer, vicuna_v1 template and LoRA, in plain PyTorch.
+
+Must match HF transformers `models/llama/modeling_llama.py` (LlamaForCausalLM: same parameter names, rotate-half
+RoPE, RMSNorm in fp32) so HF checkpoints (lmsys/vicuna-7b-v1.5) load strictly with no rename map; Meta's
+`llama/model.py` is the same network with interleaved RoPE (CONVENTIONS.md 4). Template and label masking follow
+LLaVA's `conversation.py` / `preprocess_v1` / `tokenizer_image_token` (CONVENTIONS.md 3.2-3.3).
+Notation: B batch, T sequence length, C model dim, nh query heads, nkv key/value heads, hs head size.
+"""
+import io
+import json
+import math
+import os
+import pathlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100  # label ignore index (LLaVA / HF)
+IMAGE_TOKEN_INDEX = -200  # placeholder id where `<image>` stood in a prompt (LLaVA)
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    hidden_dim: int = 11008  # SwiGLU inner size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: dim {self.dim} / n_heads {self.n_heads} / n_kv_heads "
+                             f"{self.n_kv_heads} must divide evenly")
+        self.head_dim = self.dim // self.n_heads
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        presets = {"vicuna-7b": dict(),
+                   "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172,
+                                max_seq_len=1024)}
+        if name not in presets:
+            raise ValueError(f"unknown Llama preset {name!r}; choose from {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in fp32 and cast back before the weight, as HF's LlamaRMSNorm
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(cfg, device=None):
+    """HF rotate-half RoPE tables in fp32: cos, sin of shape (max_seq_len, hs), angles duplicated [a, a]."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv_freq)  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, nh, T, hs); cos, sin (B, 1, T, hs) already in x's dtype. Pairs dim j with j + hs/2 (HF convention)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated key/value cache of one layer, (B, max_len, nkv, hs) so a batch-1 prefix is contiguous."""
+
+    def __init__(self, B, n_kv_heads, max_len, head_dim, dtype, device):
+        self.k = torch.zeros(B, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start, k, v):
+        """Writes k, v (B, nkv, T, hs) at [start, start+T) and returns the filled prefix (B, nkv, start+T, hs)."""
+        end = start + k.shape[2]
+        self.k[:, start:end], self.v[:, start:end] = k.transpose(1, 2), v.transpose(1, 2)
+        return self.k[:, :end].transpose(1, 2), self.v[:, :end].transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        """x (B, T, C); mask None (plain causal) or bool (B, 1, T|1, L) True=attend; cache: KVCache or None."""
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, nkv, L, hs)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves nh/nkv query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, L, hs)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, L, hs)
+        causal = mask is None and T > 1  # T == 1 (a decode step with no padding) sees every cached key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Holds HF's `model.*` parameters (embed_tokens, layers, norm) so the names match the checkpoint."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._init_rope()
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)  # HF's initializer_range
+
+    def _init_rope(self):
+        device = self.lm_head.weight.device
+        cos, sin = rope_tables(self.cfg, device="cpu" if device.type == "meta" else device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs) fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._init_rope()  # .to(device) moves the tables, .to(bfloat16) must not round them: rebuild in fp32
+        return self
+
+    def embed(self, tokens):
+        """tokens (B, T) long -> (B, T, C) token embeddings."""
+        return self.model.embed_tokens(tokens)
+
+    def _run(self, x, positions, mask, caches=None, start=0, last_only=False):
+        """x (B, T, C) embeddings, positions (B, T) or (T,) long, mask as Attention -> logits (B, T|1, V)."""
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(-3)  # (B, 1, T, hs) or (1, T, hs): over heads
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(-3)
+        for i, layer in enumerate(self.model.layers):
+            cache = caches[i] if caches is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, start)
+        x = self.model.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x)  # (B, T, V)
+
+    def forward(self, tokens=None, *, input_embeds=None, attention_mask=None, labels=None):
+        """tokens (B, T) or input_embeds (B, T, C); attention_mask (B, T) 1=real 0=pad; labels (B, T) with -100
+        ignored. Returns logits (B, T, V), or (logits, mean next-token cross-entropy) when labels are given."""
+        x = self.embed(tokens) if input_embeds is None else input_embeds  # (B, T, C)
+        T = x.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the context max_seq_len={self.cfg.max_seq_len}")
+        if attention_mask is None or bool(attention_mask.all()):  # no padding: SDPA's fast is_causal path
+            positions, mask = torch.arange(T, device=x.device), None
+        else:
+            positions, mask = padded_positions_and_mask(attention_mask.to(x.device).bool(), T)
+        logits = self._run(x, positions, mask)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(x.device),
+                               ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    # ---- generation (KV cache) ----
+
+    @torch.no_grad()
+    def generate(self, tokens=None, *, input_embeds=None, attention_mask=None, max_new_tokens=32,
+                 temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+        """LEFT-padded prompts (B, T) ids or (B, T, C) embeddings -> each sequence's new ids (EOS excluded).
+        Greedy when temperature == 0, else temperature + nucleus (top_p) sampling; stops per sequence at EOS."""
+        x = self.embed(tokens) if input_embeds is None else input_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        eos_id = self.cfg.eos_id if eos_id is None else eos_id
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"prompt length {T} exceeds the context max_seq_len={self.cfg.max_seq_len}")
+        max_new_tokens = min(max_new_tokens, self.cfg.max_seq_len - T)  # rope table and cache end at the context
+        if max_new_tokens <= 0:  # the prompt fills the context exactly
+            return [[] for _ in range(B)]
+        L = T + max_new_tokens
+        p = self.lm_head.weight
+        caches = [KVCache(B, self.cfg.n_kv_heads, L, self.cfg.head_dim, x.dtype, p.device)
+                  for _ in range(self.cfg.n_layers)]
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded:
+            keys = torch.zeros(B, L, dtype=torch.bool, device=p.device)  # (B, L) which cache slots are real
+            keys[:, :T] = attention_mask.to(p.device).bool()
+            positions, mask = padded_positions_and_mask(keys[:, :T], T)
+        else:
+            positions, mask = torch.arange(T, device=p.device).expand(B, T), None
+        logits = self._run(x, positions, mask, caches, 0, last_only=True)[:, -1]  # (B, V)
+        pos = positions[:, -1:] + 1  # (B, 1) next position of every sequence
+        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=p.device)
+        for step in range(max_new_tokens):
+            nxt = torch.where(done, self.cfg.pad_id, sample(logits, temperature, top_p, generator))  # (B,)
+            done |= nxt == eos_id
+            for b, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
+                if not d:
+                    out[b].append(t)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            if padded:
+                keys[:, T + step] = True
+                mask = keys[:, None, None, :T + step + 1]  # (B, 1, 1, L')
+            logits = self._run(self.embed(nxt[:, None]), pos + step, mask, caches, T + step)[:, -1]  # (B, V)
+        return out
+
+    # ---- HF checkpoint I/O ----
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Loads an HF Llama directory (config.json + safetensors or .bin, single or sharded) without a second
+        copy of the weights: the model is built on the meta device and the loaded tensors are assigned."""
+        cfg = config_from_hf(path)
+        state, sources = read_hf_weights(path, dtype, device)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        shapes = sorted(f"{k} {tuple(state[k].shape)} in {sources[k]} (expected {expected[k]})"
+                        for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
+        if missing or unexpected or shapes:
+            files = ", ".join(sorted(set(sources.values())))
+            raise ValueError(f"{path}: checkpoint ({files}) does not match config.json: "
+                             f"missing {missing}; unexpected {unexpected}; wrong shape {shapes}")
+        model.load_state_dict(state, strict=True, assign=True)
+        model._init_rope()
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """Writes config.json (transformers-4.x keys) and model.safetensors atomically (temp + os.replace)."""
+        if any(isinstance(m, LoRALinear) and not m.merged for m in self.modules()):
+            raise ValueError("save_pretrained: merge_lora(model) first (HF has no LoRA layers)")
+        os.makedirs(path, exist_ok=True)
+        c = self.cfg
+        hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
+                  hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+                  num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, hidden_act="silu",
+                  max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                  rope_scaling=None, bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id,
+                  tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                  torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if "lora_" not in k}
+        atomic_write(os.path.join(path, "model.safetensors"),
+                     lambda f: save_file(state, f, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, "config.json"), lambda f: pathlib.Path(f).write_text(json.dumps(hf, indent=2)))
+
+
+def padded_positions_and_mask(keys, T):
+    """keys (B, T) bool real tokens -> positions (B, T) = cumsum - 1 (as HF) and a causal+padding mask
+    (B, 1, T, T). Each query also sees itself so pad rows are never fully masked (NaN in some SDPA backends)."""
+    positions = (keys.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=keys.device).tril()
+    mask = (causal & keys[:, None, :]) | torch.eye(T, dtype=torch.bool, device=keys.device)  # (B, T, T)
+    return positions, mask[:, None]  # (B, 1, T, T)
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """logits (B, V) -> next ids (B,): argmax at temperature 0, else nucleus sampling over softmax(logits / t)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+    choice = torch.multinomial(sorted_p, 1, generator=generator)  # (B, 1); multinomial renormalises
+    return idx.gather(-1, choice).squeeze(-1)
+
+
+def atomic_write(path, write):
+    """Calls write(tmp_path), then renames tmp over path so a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def config_from_hf(path):
+    """LlamaConfig from an HF config.json (transformers 4.x: optional rope_theta; 5.x: rope_parameters)."""
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"unsupported rope scaling {rope}")
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("only hidden_act silu without attention/mlp biases is supported")
+        cfg = LlamaConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                          n_heads=hf["num_attention_heads"],
+                          n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                          hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                          max_seq_len=hf.get("max_position_embeddings", 4096), bos_id=hf.get("bos_token_id", 1),
+                          eos_id=hf.get("eos_token_id", 2), pad_id=hf.get("pad_token_id") or 0)
+        if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+        if hf.get("tie_word_embeddings"):
+            raise ValueError("tied word embeddings are not supported (Vicuna's are untied)")
+        return cfg
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found (expected an HF Llama directory)") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: bad Llama config: {e!r}") from None
+
+
+def read_hf_weights(path, dtype, device):
+    """All tensors of an HF directory cast to dtype on device, one tensor at a time; also the file per key.
+    Pickled .bin shards are read with torch.load(weights_only=True, mmap=True): tensors only, never code."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{index}: bad shard index: {e!r}") from None
+            break
+        if os.path.isfile(os.path.join(path, single)):
+            files = [single]
+            break
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index found")
+    state, sources = {}, {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: shard listed in the index is missing")
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(file, framework="pt") as f:
+                    tensors = ((k, f.get_tensor(k)) for k in f.keys())
+                    state.update(_keep(tensors, name, sources, dtype, device))
+            else:
+                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                state.update(_keep(sd.items(), name, sources, dtype, device))
+        except Exception as e:  # safetensors / unpickler errors: one line naming the file
+            raise ValueError(f"{file}: cannot read weights: {str(e).splitlines()[0]}") from None
+    return state, sources
+
+
+def _keep(items, name, sources, dtype, device):
+    for k, v in items:
+        if k.endswith("rotary_emb.inv_freq"):  # recomputed from the config; old exports stored it per layer
+            continue
+        sources[k] = name
+        yield k, v.to(device=device, dtype=dtype)
+
+
+# ---- LoRA (Hu et al. 2021), by hand ----
+
+class LoRALinear(nn.Linear):
+    """y = W x + (alpha / r) * B A dropout(x); A kaiming-uniform, B zeros so it starts as the base layer.
+    Keeps the base `weight` under its HF name; merge()/unmerge() fold B A into W and back, both idempotent."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = nn.Parameter(base.weight.new_empty(rank, self.in_features))  # (r, in)
+        self.lora_B = nn.Parameter(base.weight.new_zeros(self.out_features, rank))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, sign=1.0):
+        """W += (alpha / r) B A (sign -1: W -= it); computed in fp32. Does nothing if already in that state."""
+        if self.merged != (sign > 0):
+            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
+            self.weight.copy_(self.weight.float() + sign * delta)
+            self.merged = sign > 0
+
+    def unmerge(self):
+        self.merge(-1.0)
+
+
+def apply_lora(model, rank=8, alpha=16, dropout=0.0,
+               targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+    """Freezes every parameter of model, then wraps the nn.Linear children named in targets. Returns the count."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and type(child) is nn.Linear:
+                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+                wrapped += 1
+    return wrapped
+
+
+def merge_lora(model, sign=1.0):
+    """Folds every LoRA branch into its base weight (sign -1: takes it back out); idempotent."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.merge(sign)
+
+
+def unmerge_lora(model):
+    merge_lora(model, -1.0)
+
+
+def lora_state_dict(model):
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def load_lora_state_dict(model, sd):
+    """Copies LoRA tensors into model; the keys must be exactly the model's LoRA keys with the same shapes."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"LoRA state dict mismatch: missing {missing}; unexpected {unexpected}; "
+                         f"wrong shape {shapes}")
+    merged = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
+    for m in merged:  # the merged weight holds the old B A: take it out, load, fold the new one in
+        m.unmerge()
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+    for m in merged:
+        m.merge()
+
+
+def save_lora(model, path):
+    """LoRA tensors only, as safetensors, written atomically."""
+    sd = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    atomic_write(path, lambda f: save_file(sd, f, metadata={"format": "pt"}))
+
+
+def load_lora(model, path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: LoRA file not found")
+    load_lora_state_dict(model, load_file(path))
+
+
+# ---- tokenizer (SentencePiece, as HF's slow LlamaTokenizer with legacy=False) ----
+
+class Tokenizer:
+    def __init__(self, path):
+        import sentencepiece as spm
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: tokenizer model not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()  # LLaVA: pad = unk
+        self.vocab_size = self.sp.get_piece_size()
+        self._unk_len = len(self.sp.encode("<unk>"))
+
+    def _pieces(self, text, prefix):
+        if not text:
+            return []
+        if prefix:  # SentencePiece's dummy prefix: "Hi" -> "▁Hi"
+            return self.sp.encode(text)
+        # no dummy prefix (text continues a sequence): HF's trick of encoding behind "<unk>" and cutting it off
+        return self.sp.encode("<unk>" + text)[self._unk_len:]
+
+    def encode(self, text, bos=True, prefix=True):
+        """text -> ids; literal "</s>" -> eos_id, the text after it gets no dummy prefix (HF legacy=False)."""
+        ids = [self.bos_id] if bos else []
+        for i, part in enumerate(text.split("</s>")):
+            if i:
+                ids.append(self.eos_id)
+            ids += self._pieces(part, prefix and i == 0)
+        return ids
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i >= 0 and not self.sp.is_control(i)])
+
+
+def train_tokenizer(texts, path, vocab_size):
+    """Deterministic BPE SentencePiece model (single thread, no sampling or shuffling) with <unk>=0, <s>=1,
+    </s>=2, no pad, byte fallback, Llama's normaliser settings; written atomically to path."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, hard_vocab_limit=False,
+        max_sentence_length=1 << 16, minloglevel=2)
+    atomic_write(path, lambda f: pathlib.Path(f).write_bytes(model.getvalue()))
+    return Tokenizer(path)
+
+
+# ---- vicuna_v1 / plain templates (CONVENTIONS.md 3.2, 3.3) ----
+
+def tokenize_image(text, tokenizer, bos=True, prefix=True):
+    """LLaVA's tokenizer_image_token: each chunk around `<image>` tokenised on its own, joined by -200."""
+    chunks = text.split("<image>")
+    ids = tokenizer.encode(chunks[0], bos=bos, prefix=prefix)
+    for chunk in chunks[1:]:
+        ids += [IMAGE_TOKEN_INDEX] + tokenizer.encode(chunk, bos=False)
+    return ids
+
+
+def encode_conversation(conversations, tokenizer, template="vicuna_v1"):
+    """LLaVA conversation [{"from": "human"|"gpt", "value"}] -> (input_ids, labels); labels keep only the
+    assistant replies and their </s> (vicuna_v1) or the caption + "\\n" (plain), IGNORE_INDEX elsewhere."""
+    turns = list(conversations)
+    if turns and turns[0]["from"] == "gpt":  # LLaVA drops a leading assistant turn
+        turns = turns[1:]
+    for i, t in enumerate(turns):
+        if t["from"] != ("human", "gpt")[i % 2]:
+            raise ValueError(f"conversation roles must alternate human, gpt; turn {i} is {t['from']!r}")
+    if template == "plain":  # stage 1: <image> + caption + "\n", BOS and image masked, no EOS
+        if len(turns) < 2:
+            raise ValueError("plain template needs a human turn and a caption")
+        head = tokenize_image("<image>" if "<image>" in turns[0]["value"] else "", tokenizer)
+        body = tokenizer.encode(turns[1]["value"] + "\n", bos=False)
+        return head + body, [IGNORE_INDEX] * len(head) + body
+    if template != "vicuna_v1":
+        raise ValueError(f"unknown template {template!r}; choose vicuna_v1 or plain")
+    ids, labels = [], []
+    for i, t in enumerate(turns):
+        text = t["value"]
+        if i % 2 == 0:
+            if "<image>" in text:  # LLaVA's preprocess_multimodal moves the image to the front
+                text = "<image>\n" + text.replace("<image>", "").strip()
+            if i == 0:
+                seg = tokenize_image(f"{SYSTEM_PROMPT} USER: {text} ASSISTANT:", tokenizer)
+            else:  # follows a </s>: no dummy prefix
+                seg = tokenize_image(f"USER: {text} ASSISTANT:", tokenizer, bos=False, prefix=False)
+            ids, labels = ids + seg, labels + [IGNORE_INDEX] * len(seg)
+        else:  # " " + reply + "</s>": the space merges into the first reply token
+            seg = tokenizer.encode(" " + text, bos=False, prefix=False) + [tokenizer.eos_id]
+            ids, labels = ids + seg, labels + seg
+    return ids, labels
+
+
+def encode_prompt(question, tokenizer):
+    """vicuna_v1 inference prompt "<system> USER: <question> ASSISTANT:" (no trailing space) -> ids."""
+    return tokenize_image(f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:", tokenizer)

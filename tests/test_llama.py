@@ -1,0 +1,269 @@
+"""llama.py against transformers' LlamaForCausalLM (tiny random checkpoints) plus cache / LoRA / template invariants."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import llama  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+# fp32 on CPU: both implementations do the same math in a different op order; differences are ~1e-6
+ATOL = 1e-4
+
+
+def hf_model(seed=0, rope_theta=5000.0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rms_norm_eps=1e-5, rope_theta=rope_theta)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1: randomise so a norm-weight mix-up shows
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def hf_logits(m, ids, mask=None):
+    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate; forward uses arange
+    with torch.no_grad():
+        return m(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    m = hf_model()
+    m.save_pretrained(d, max_shard_size="40KB")  # forces several safetensors shards + index
+    return m, d
+
+
+def test_sharded_safetensors_both_config_styles_match_hf(hf_dir, tmp_path):
+    m, d = hf_dir
+    assert os.path.isfile(d / "model.safetensors.index.json")
+    ids = torch.randint(0, 97, (2, 17))
+    ref = hf_logits(m, ids)
+    ours = llama.Llama.from_pretrained(d)
+    assert ours.cfg.rope_theta == 5000.0 and ours.cfg.n_kv_heads == 2
+    torch.testing.assert_close(ours(ids), ref, atol=ATOL, rtol=0)
+    # transformers-4.x style (vicuna-7b-v1.5): no rope_theta key, rope_scaling null -> default theta 10000
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg["rope_scaling"] = None
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in os.listdir(d):
+        if f != "config.json":
+            os.symlink(d / f, old / f)
+    (old / "config.json").write_text(json.dumps(cfg))
+    ours4 = llama.Llama.from_pretrained(old)
+    assert ours4.cfg.rope_theta == 10000.0
+    m4 = hf_model(rope_theta=10000.0)  # same seed, same weights; HF's default theta as the reference
+    torch.testing.assert_close(ours4(ids), hf_logits(m4, ids), atol=ATOL, rtol=0)
+
+
+def test_bin_shards_dtype_and_errors(hf_dir, tmp_path):
+    m, d = hf_dir
+    sd = m.state_dict()
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old exports: must be ignored
+    keys = sorted(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[:len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for f, ks in halves.items():
+        torch.save({k: sd[k].to(torch.bfloat16) for k in ks}, tmp_path / f)
+    index = {"weight_map": {k: f for f, ks in halves.items() for k in ks}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    ours = llama.Llama.from_pretrained(tmp_path, dtype=torch.float32)
+    assert ours.lm_head.weight.dtype == torch.float32
+    ids = torch.randint(0, 97, (1, 9))
+    # weights went through bf16 (8-bit mantissa): compare with HF on the same rounded weights
+    m16 = hf_model()
+    m16.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in m.state_dict().items()})
+    torch.testing.assert_close(ours(ids), hf_logits(m16, ids), atol=ATOL, rtol=0)
+    # one mis-shaped and one missing tensor -> a single error naming both and the file
+    bad = torch.load(tmp_path / "pytorch_model-00002-of-00002.bin", weights_only=True)
+    name = sorted(bad)[0]
+    bad[name] = torch.zeros(3, 3)
+    del bad[sorted(bad)[1]]
+    torch.save(bad, tmp_path / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(ValueError) as e:
+        llama.Llama.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert name in msg and sorted(bad)[1] not in msg.split("missing")[0] and "missing ['" in msg
+    assert "pytorch_model-00002-of-00002.bin" in msg and "\n" not in msg
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        llama.Llama.from_pretrained(tmp_path / "nope")
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    ours = llama.Llama(llama.LlamaConfig.from_preset("tiny", vocab_size=97, max_seq_len=64)).eval()
+    ours.save_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 97, (2, 13))
+    torch.testing.assert_close(ours(ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
+    back = llama.Llama.from_pretrained(tmp_path)
+    assert torch.equal(back(ids), ours(ids))  # bit-identical weights, same code
+    labels = ids.clone()
+    labels[0, :6] = llama.IGNORE_INDEX
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours(ids, labels=labels)[1], ref, atol=ATOL, rtol=0)  # fp32 rounding only
+
+
+def test_padding_mask_matches_hf(hf_dir):
+    m, d = hf_dir
+    ours = llama.Llama.from_pretrained(d)
+    ids = torch.randint(3, 97, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, 9:] = 0  # right padding
+    ref, out = hf_logits(m, ids, mask), ours(ids, attention_mask=mask)
+    real = mask.bool()  # pad positions are garbage in both; compare the real ones
+    assert torch.isfinite(out).all()  # fully masked pad rows must not produce NaN (it would reach the loss)
+    torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=0)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = llama.Llama(llama.LlamaConfig.from_preset("tiny", vocab_size=97, max_seq_len=64, **kw)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def generate_logits(monkeypatch, m, *args, **kw):
+    """Runs m.generate and also returns the (B, V) logits it sampled from at each step, stacked (B, N, V)."""
+    seen, sample = [], llama.sample
+    monkeypatch.setattr(llama, "sample", lambda logits, *a: seen.append(logits.clone()) or sample(logits, *a))
+    out = m.generate(*args, **kw)
+    monkeypatch.undo()
+    return out, torch.stack(seen, 1)
+
+
+def test_kv_cache_equals_full_forward_and_embeds_equal_tokens(monkeypatch):
+    m = tiny()
+    ids = torch.randint(3, 97, (1, 8))
+    (new,), step_logits = generate_logits(monkeypatch, m, ids, max_new_tokens=10, eos_id=-1)
+    full = m(torch.cat([ids, torch.tensor([new])], 1))
+    # cached decoding vs one full forward: same math, different softmax/matmul reduction order (fp32 rounding)
+    torch.testing.assert_close(step_logits, full[:, 7:-1], atol=ATOL, rtol=0)
+    assert full[0, 7:-1].argmax(-1).tolist() == new
+    assert m.generate(input_embeds=m.embed(ids), max_new_tokens=10, eos_id=-1)[0] == new
+    torch.testing.assert_close(m(input_embeds=m.embed(ids)), m(ids), atol=0, rtol=0)  # identical ops
+    fp32_cos = m.rope_cos.clone()
+    assert torch.equal(m.to(torch.bfloat16).rope_cos, fp32_cos)  # RoPE tables stay fp32 in a bf16 model
+
+
+def test_left_padded_batch_equals_single_and_eos_stop(monkeypatch):
+    m = tiny(1)
+    prompts = [torch.randint(3, 97, (n,)).tolist() for n in (3, 9, 6)]
+    runs = [generate_logits(monkeypatch, m, torch.tensor([p]), max_new_tokens=8, eos_id=-1) for p in prompts]
+    single = [out[0] for out, _ in runs]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    batch, logits = generate_logits(monkeypatch, m, ids, attention_mask=mask, max_new_tokens=8, eos_id=-1)
+    assert batch == single
+    # padded keys are masked out exactly; only the matmul shapes differ (fp32 rounding)
+    torch.testing.assert_close(logits, torch.cat([lg for _, lg in runs]), atol=ATOL, rtol=0)
+    eos = single[1][3]  # make a token of sequence 1 the EOS: it stops there, EOS excluded
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=8, eos_id=eos)
+    assert out[1] == single[1][:single[1].index(eos)]
+    g = torch.Generator().manual_seed(0)
+    s = m.generate(ids, attention_mask=mask, max_new_tokens=8, temperature=1.0, top_p=0.9, eos_id=-1, generator=g)
+    assert [len(x) for x in s] == [8, 8, 8] and s != single
+    # a nucleus that keeps only the top token is greedy
+    assert m.generate(ids, attention_mask=mask, max_new_tokens=8, temperature=1.0, top_p=1e-6, eos_id=-1) == single
+    with pytest.raises(ValueError, match="exceeds the context"):
+        m.generate(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_lora_identity_merge_save_load_and_frozen_base(tmp_path):
+    m = tiny()
+    ids = torch.randint(3, 97, (2, 10))
+    base = m(ids)
+    assert llama.apply_lora(m, rank=4, alpha=8) == 2 * 7
+    torch.testing.assert_close(m(ids), base, atol=0, rtol=0)  # B = 0: exactly the base model
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    m(ids, labels=ids)[1].backward()
+    plain = [p.grad.clone() for p in opt.param_groups[0]["params"]]
+    opt.zero_grad()
+    m.gradient_checkpointing = True
+    m(ids, labels=ids)[1].backward()
+    for a, p in zip(plain, opt.param_groups[0]["params"]):  # recomputation runs the same ops: same grads
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=0)
+    assert all(p.grad is None for n, p in m.named_parameters() if "lora_" not in n)
+    assert all(p.grad is not None for n, p in m.named_parameters() if "lora_" in n)
+    opt.step()
+    m.eval()
+    unmerged = m(ids)
+    assert not torch.allclose(unmerged, base)
+    before = m.model.layers[0].self_attn.q_proj.weight.clone()
+    llama.merge_lora(m)
+    llama.merge_lora(m)  # idempotent
+    # merged W + BA vs W x + B A x: fp32 reassociation only
+    torch.testing.assert_close(m(ids), unmerged, atol=ATOL, rtol=0)
+    llama.unmerge_lora(m)
+    llama.unmerge_lora(m)
+    torch.testing.assert_close(m.model.layers[0].self_attn.q_proj.weight, before, atol=1e-6, rtol=0)  # fp32 add/sub
+    llama.save_lora(m, tmp_path / "lora.safetensors")
+    m2 = tiny()
+    llama.apply_lora(m2, rank=4, alpha=8)
+    llama.load_lora(m2, tmp_path / "lora.safetensors")
+    torch.testing.assert_close(m2(ids), unmerged, atol=0, rtol=0)  # same tensors, same ops
+    sd = llama.lora_state_dict(m)
+    sd.pop(next(iter(sd)))
+    with pytest.raises(ValueError, match="missing"):
+        llama.load_lora_state_dict(m2, sd)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = ["The quick brown fox jumps over the lazy dog.", "What is in the image? A red square.",
+             llama.SYSTEM_PROMPT, "USER: ASSISTANT:", "Answer with the option's letter 12345."] * 4
+    return llama.train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "t.model"), 400), texts
+
+
+def test_tokenizer_roundtrip_eos_and_determinism(tok, tmp_path):
+    t, texts = tok
+    assert (t.bos_id, t.eos_id, t.pad_id) == (1, 2, 0)
+    for s in ["The lazy fox.\nÜber 42 ünïcode ✓", "  two spaces"]:
+        assert t.decode(t.encode(s)) == s
+    ids = t.encode("hi</s>there")
+    assert ids.count(2) == 1 and ids[0] == 1
+    t2 = llama.train_tokenizer(texts, str(tmp_path / "t2.model"), 400)
+    assert open(t2.sp.serialized_model_proto and tmp_path / "t2.model", "rb").read() == t.sp.serialized_model_proto()
+
+
+def pieces(t, ids):
+    return "".join("<image>" if i == llama.IMAGE_TOKEN_INDEX else t.sp.id_to_piece(i) for i in ids)
+
+
+def test_vicuna_template_labels(tok):
+    t, _ = tok
+    conv = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A red square."},
+            {"from": "human", "value": "And the fox?"}, {"from": "gpt", "value": "It jumps."}]
+    ids, labels = llama.encode_conversation(conv, t)
+    assert len(ids) == len(labels) and ids.count(llama.IMAGE_TOKEN_INDEX) == 1 and ids[0] == t.bos_id
+    kept = [i for i, l in zip(ids, labels) if l != llama.IGNORE_INDEX]
+    assert all(l in (llama.IGNORE_INDEX, i) for i, l in zip(ids, labels))
+    assert pieces(t, kept) == "▁A▁red▁square.</s>▁It▁jumps.</s>"
+    # chunk-wise around the image: the chunk after it gets its own dummy prefix "▁" (as LLaVA), and no
+    # dummy prefix after </s> (HF legacy=False)
+    rendered = (f"{llama.SYSTEM_PROMPT} USER: <image>▁<0x0A>What is this? ASSISTANT: A red square.</s>"
+                f"USER: And the fox? ASSISTANT: It jumps.</s>")
+    assert pieces(t, ids) == "<s>▁" + rendered.replace(" ", "▁")
+    p = llama.encode_prompt("<image>\nWhat is this?", t)
+    assert ids[:len(p)] == p  # the inference prompt is the training prefix up to "ASSISTANT:"
+    pid, plab = llama.encode_conversation(conv[:2], t, "plain")
+    assert pid[:2] == [t.bos_id, llama.IMAGE_TOKEN_INDEX] and plab[:2] == [-100, -100] and plab[2:] == pid[2:]
+    assert t.decode(pid[2:]) == "A red square.\n" and t.eos_id not in pid
