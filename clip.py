@@ -1,0 +1,190 @@
+"""CLIP vision tower: open_clip's `VisionTransformer`, LLaVA's feature choice, and the SliceRestore Adapter hook.
+
+Must match:
+- open_clip `open_clip.transformer.VisionTransformer` (ViT-L-14-336 'openai', QuickGELU) -- we build that very class
+  and load its weights strictly; we never edit it.
+- LLaVA's `mm_vision_select_layer=-2`, `mm_vision_select_feature='patch'`: the output of the second-to-last block,
+  CLS dropped, no ln_post/proj -> (B, h*w, D), equal to open_clip's
+  `forward_intermediates(indices=[L-2], intermediates_only=True, output_fmt='NLC')` (tests check this).
+- HiRes-LLaVA (arXiv 2407.08706) section 3.1: SliceRestore Adapters run inside chosen blocks as a branch parallel to
+  self-attention, x <- x + Attn(LN(x)) + SRA(LN(x)), over the slices of one image together (grid m x n known).
+
+Notation: B images, L = h*w patch tokens (CLS excluded), D ViT width, m rows and n cols of slices.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock, VisionTransformer
+
+# OpenAI CLIP preprocessing (open_clip constants OPENAI_DATASET_MEAN/STD); images are RGB in [0, 1] before this.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+WEIGHTS_HELP = (
+    "download the open_clip 'openai' ViT-L-14-336 weights, e.g. "
+    "`huggingface-cli download timm/vit_large_patch14_clip_336.openai open_clip_model.safetensors` "
+    "(or open_clip_pytorch_model.bin), and pass that file's path")
+
+
+@dataclass
+class CLIPConfig:
+    image_size: int = 336      # S, the base resolution of the overview and of every slice
+    patch_size: int = 14
+    width: int = 1024          # D
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    output_dim: int = 768      # visual.proj; unused by LLaVA's features but part of the checkpoint we load strictly
+    quick_gelu: bool = True    # OpenAI weights were trained with QuickGELU; nn.GELU would be subtly wrong
+    pretrained: bool = True    # True: weights file required, never a random init
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.layers < 3:
+            raise ValueError("need >= 3 layers: features come from block L-2 and adapters sit before it")
+        self.grid = self.image_size // self.patch_size  # h = w tokens per side
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        presets = {
+            "vit-l-14-336": dict(),
+            # random tower for tests and the tiny preset: 64 px, 8 x 8 patches of 8 px, runs in ms on CPU
+            "tiny": dict(image_size=64, patch_size=8, width=64, layers=6, heads=4, output_dim=32,
+                         quick_gelu=True, pretrained=False),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown CLIP preset {name!r}; choose from {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+
+def default_adapter_layers(n_layers):
+    """The paper's SRA layers 19-22 (1-indexed) of 24, i.e. the 4 blocks before the feature block (L-2), scaled:
+    n = round(L/6) blocks ending at L-3. 24 -> [18, 19, 20, 21]; 6 -> [3] (design choice for small configs)."""
+    n = max(1, round(n_layers / 6))
+    return list(range(n_layers - 2 - n, n_layers - 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building and loading
+
+def build_vision_tower(cfg, weights=None):
+    """open_clip VisionTransformer for cfg; weights: a local open_clip checkpoint (full CLIP with `visual.` keys, or
+    visual-only), safetensors or .bin (read with weights_only=True). Loaded strictly."""
+    vit = VisionTransformer(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
+        heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.output_dim,
+        act_layer=QuickGELU if cfg.quick_gelu else nn.GELU, norm_layer=LayerNorm)
+    if weights:
+        vit.load_state_dict(read_vision_state_dict(weights, vit), strict=True)
+    elif cfg.pretrained:
+        raise FileNotFoundError(f"CLIP vision weights are required for this preset (no random init): {WEIGHTS_HELP}")
+    return vit
+
+
+def read_vision_state_dict(path, vit):
+    """Read a checkpoint file, keep the vision tower's tensors, and check them against vit's key set and shapes."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: CLIP weights file not found; {WEIGHTS_HELP}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, TorchScript archive, pickle with code...
+        raise ValueError(f"{path}: cannot read CLIP weights ({type(e).__name__}: {str(e)[:200]}); "
+                         f"expected an open_clip state dict (.safetensors or .bin); {WEIGHTS_HELP}") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a state dict; {WEIGHTS_HELP}")
+    if any(k.startswith("visual.") for k in sd):  # full CLIP checkpoint: the text tower sits at the top level
+        sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    expected = vit.state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: CLIP weights do not fit this config: missing {missing[:4]}"
+                         f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{'...' if len(unexpected) > 4 else ''}")
+    for k, v in expected.items():
+        if sd[k].shape != v.shape:
+            raise ValueError(f"{path}: CLIP weight {k} has shape {tuple(sd[k].shape)}, config needs {tuple(v.shape)}")
+    return sd
+
+
+def save_vision_tower(vit, path):
+    """Write vit as a full-CLIP-style safetensors file (`visual.` keys), the format read_vision_state_dict reads."""
+    from safetensors.torch import save_file
+    sd = {"visual." + k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(sd, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA features with the adapter hook
+
+class VisionTower(nn.Module):
+    """Frozen CLIP ViT returning LLaVA features; adapters (block index -> module) run inside their blocks."""
+
+    def __init__(self, cfg, weights=None):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = build_vision_tower(cfg, weights)
+        self.vit.requires_grad_(False)
+        self.vit.eval()
+        blocks = self.vit.transformer.resblocks
+        # the hook below re-uses the block's own submodules; it relies on open_clip's default block layout
+        assert self.vit.transformer.batch_first and all(type(b) is ResidualAttentionBlock for b in blocks)
+        self.feature_layer = cfg.layers - 2  # LLaVA: output of the penultimate block
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vit.eval()  # frozen: always eval (no dropout anywhere, but keep it explicit)
+        return self
+
+    def forward(self, pixels, groups=None, adapters=None):
+        """pixels (N, 3, S, S) normalised; groups: list of (m, n) or None, consecutive runs of images (m*n images for
+        a grid, 1 for None) -- the adapters see a grid's slices together, None passes through unadapted;
+        adapters: dict block index -> module(p (m*n, L, D), (m, n)) -> (m*n, L, D). Returns (N, L, D)."""
+        adapters = adapters or {}
+        if groups is None:
+            groups = [None] * pixels.shape[0]
+        sizes = [1 if g is None else g[0] * g[1] for g in groups]
+        if sum(sizes) != pixels.shape[0]:
+            raise ValueError(f"groups cover {sum(sizes)} images, pixels hold {pixels.shape[0]}")
+        trains_adapter = torch.is_grad_enabled() and any(
+            p.requires_grad for a in adapters.values() for p in a.parameters())
+        first_grad = min(adapters) if trains_adapter else self.feature_layer + 1
+        with torch.no_grad():  # everything before the first trainable adapter needs no graph
+            x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))  # (N, 1+L, D)
+            x = self._blocks(x, 0, first_grad, groups, sizes, adapters)
+        x = self._blocks(x, first_grad, self.feature_layer + 1, groups, sizes, adapters)
+        return x[:, 1:]  # (N, L, D), CLS dropped
+
+    def _blocks(self, x, start, stop, groups, sizes, adapters):
+        for i in range(start, stop):
+            blk = self.vit.transformer.resblocks[i]
+            x = blk(x) if i not in adapters else adapted_block(blk, x, adapters[i], groups, sizes)
+        return x
+
+
+def adapted_block(blk, x, adapter, groups, sizes):
+    """open_clip ResidualAttentionBlock with the SRA branch parallel to attention (paper 3.1):
+    x + ls_1(Attn(ln_1 x)) + SRA(ln_1 x), then x + ls_2(MLP(ln_2 x)). CLS and ungrouped images get no SRA term."""
+    y = blk.ln_1(x)                                               # (N, 1+L, D)
+    x = x + blk.ls_1(blk.attention(q_x=y))
+    parts = []
+    for g, part in zip(groups, torch.split(y, sizes)):
+        if g is None:
+            parts.append(torch.zeros_like(part))
+        else:
+            sra = adapter(part[:, 1:], g)                         # (m*n, L, D)
+            parts.append(torch.cat([torch.zeros_like(part[:, :1]), sra], dim=1))  # (m*n, 1+L, D)
+    x = x + torch.cat(parts)
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+

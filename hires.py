@@ -1,0 +1,567 @@
+"""HiRes-LLaVA (arXiv 2407.08706): dynamic slicing, SliceRestore Adapter, Self-Mining Sampler, and the full model.
+
+Paper sections: 3.3 dynamic high-resolution slicing, 3.1 SliceRestore Adapter (SRA), 3.2 Self-Mining Sampler (SMS),
+Fig. 2a pipeline. Details the published text lost are our reconstruction and marked "(design choice)"; they are
+named constants or HiResConfig flags. Notation: m rows, n cols of slices; S base resolution; h = w tokens per side of
+one ViT image; L = h*w; D ViT width; C LLM width; k sampler kernel.
+"""
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from clip import CLIP_MEAN, CLIP_STD, CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, \
+    save_vision_tower
+from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenizer, apply_lora, encode_prompt,
+                   train_tokenizer)
+
+OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
+# separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD; HIRES_LLAVA.md 2.6)
+SEP_OVERVIEW = "\n"   # (a) between the overview and the slices
+SEP_SLICE = ","       # (b) between two slices of a row
+SEP_ROW = "\n"        # (c) at the end of each row of slices
+SRA_KERNEL = 3        # depthwise conv of the local fusion (design choice)
+SAMPLERS = ("sms", "qformer", "avgpool")
+
+
+@dataclass
+class HiResConfig:
+    clip_preset: str = "vit-l-14-336"
+    clip_weights: str = ""          # open_clip checkpoint file (see clip.WEIGHTS_HELP)
+    llm_path: str = ""              # HF directory of the LLM (Vicuna-7B-v1.5)
+    tokenizer_path: str = ""        # sentencepiece .model; default <llm_path>/tokenizer.model
+    max_slices: int = 16            # N
+    upscale: bool = True            # double (m, n) when 4mn <= N (paper 3.3; off for EntityGrid-QA evaluation)
+    slices: bool = True             # False: overview only (the no-slicing baseline)
+    overview: bool = True           # False: slices only
+    sra: bool = True                # SliceRestore Adapter on/off
+    sra_layers: list = None         # 0-based ViT blocks; default: paper's 19-22 of 24, scaled (clip.py)
+    sampler: str = "sms"            # "sms" | "qformer" | "avgpool"
+    kernel: int = 2                 # k: (h/k)*(w/k) tokens per image
+    sms_window: bool = False        # restrict each SMS query to its own k x k window (design choice, off)
+    sample_overview: bool = True    # the overview also goes through the sampler (design choice)
+    max_length: int = 4096          # LLM context the spliced sequence is truncated to (Vicuna's 4096)
+    lora_rank: int = 128            # paper 4.1: rank 128, alpha 256; 0 disables LoRA
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.05      # LLaVA's LoRA dropout (design choice)
+
+    def __post_init__(self):
+        layers = CLIPConfig.from_preset(self.clip_preset).layers
+        if self.sra_layers is None:
+            self.sra_layers = default_adapter_layers(layers)
+        self.sra_layers = sorted(int(i) for i in self.sra_layers)
+        if any(not 0 <= i < layers - 2 for i in self.sra_layers):
+            raise ValueError(f"sra_layers {self.sra_layers} must lie before the feature block {layers - 2}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} not in {SAMPLERS}")
+        if self.kernel < 1 or CLIPConfig.from_preset(self.clip_preset).grid % self.kernel:
+            raise ValueError(f"kernel {self.kernel} must divide the ViT token grid")
+        if not (self.slices or self.overview):
+            raise ValueError("at least one of slices and overview must be on")
+        if self.max_slices < 1 or self.lora_rank < 0:
+            raise ValueError("max_slices must be >= 1 and lora_rank >= 0")
+        if not self.tokenizer_path and self.llm_path:
+            self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images: loading and dynamic slicing (paper 3.3)
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file and the problem."""
+
+
+def load_image(path):
+    """Open an image file as RGB; ImageError naming the file if missing, empty, corrupt or unsupported."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: image file not found")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{path}: empty (0-byte) image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image or unsupported image format") from None
+    except Exception as e:  # truncated data, decompression bomb, codec errors...
+        raise ImageError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB. Integer/float modes are scaled to 8 bits (I;16 by /257, I and F min-max stretched),
+    transparency is composited over white (design choices; LLaVA's plain convert('RGB') turns it black)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        if img.mode.startswith("I;16"):
+            a = a / 257.0
+        else:
+            lo, hi = a.min(), a.max()
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(a.clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
+
+
+def slice_grid(width, height, base=336, max_slices=16, upscale=True):
+    """(rows m, cols n) for a width x height image (paper 3.3): m = ceil(H/S), n = ceil(W/S); doubled when
+    4mn <= N and upscale; if mn > N, the grid with mn <= N closest in log aspect ratio, ties to the larger mn
+    (design choice)."""
+    if width < 1 or height < 1 or max_slices < 1:
+        raise ValueError(f"bad size {width}x{height} or max_slices {max_slices}")
+    m, n = math.ceil(height / base), math.ceil(width / base)
+    if upscale and 4 * m * n <= max_slices:
+        m, n = 2 * m, 2 * n
+    if m * n > max_slices:
+        aspect = math.log(width / height)
+        grids = [(r, c) for r in range(1, max_slices + 1) for c in range(1, max_slices // r + 1)]
+        m, n = min(grids, key=lambda g: (abs(math.log(g[1] / g[0]) - aspect), -g[0] * g[1], g[0]))
+    return m, n
+
+
+def to_tensor(img):
+    """RGB PIL image -> CLIP-normalised (3, H, W) float32."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def make_overview(img, base):
+    """Pad to a square with the CLIP mean colour and resize to S x S (LLaVA 'pad'). We resize first, then pad, so a
+    10000 x 100 image never allocates a 10000^2 canvas (design choice; differs from LLaVA only at the border)."""
+    w, h = img.size
+    scale = base / max(w, h)
+    small = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    canvas = Image.new("RGB", (base, base), OVERVIEW_PAD)
+    canvas.paste(small, ((base - small.width) // 2, (base - small.height) // 2))
+    return canvas
+
+
+def preprocess_image(img, base=336, max_slices=16, upscale=True, slices=True):
+    """PIL image (any mode) -> (overview (3,S,S), slices (m*n,3,S,S) row-major, (m, n)); with slices=False the
+    slices tensor is empty and the grid (0, 0)."""
+    img = to_rgb(img)
+    overview = to_tensor(make_overview(img, base))                          # (3, S, S)
+    if not slices:
+        return overview, overview.new_zeros(0, 3, base, base), (0, 0)
+    m, n = slice_grid(img.width, img.height, base, max_slices, upscale)
+    # resize to (n*S, m*S), aspect preserved as far as the grid allows, no padding (design choice)
+    full = to_tensor(img.resize((n * base, m * base), Image.BICUBIC))      # (3, m*S, n*S)
+    tiles = full.view(3, m, base, n, base).permute(1, 3, 0, 2, 4)          # (m, n, 3, S, S)
+    return overview, tiles.reshape(m * n, 3, base, base), (m, n)
+
+
+def image_token_count(rows, cols, per_image, overview=True, sep_lens=(1, 1, 1)):
+    """LLM tokens one image takes: overview, separator (a), slices with (b) between and (c) after each row."""
+    n_sl = rows * cols
+    return (per_image + sep_lens[0] * (n_sl > 0) if overview else 0) + n_sl * per_image \
+        + rows * (cols - 1) * sep_lens[1] + rows * sep_lens[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SliceRestore Adapter (paper 3.1)
+
+class Attention(nn.Module):
+    """Multi-head (cross-)attention with separate q/k/v/o projections, via scaled_dot_product_attention."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, ctx=None, mask=None):
+        ctx = x if ctx is None else ctx
+        B, Q, D = x.shape
+        nh, hs = self.heads, D // self.heads
+        q = self.q(x).view(B, Q, nh, hs).transpose(1, 2)                    # (B, nh, Q, hs)
+        k = self.k(ctx).view(B, -1, nh, hs).transpose(1, 2)                 # (B, nh, K, hs)
+        v = self.v(ctx).view(B, -1, nh, hs).transpose(1, 2)                 # (B, nh, K, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)         # (B, nh, Q, hs)
+        return self.o(y.transpose(1, 2).reshape(B, Q, D))                   # (B, Q, D)
+
+
+def merge(p, m, n, h, w):
+    """Slices (m*n, h*w, D), row-major, -> one feature map (1, D, m*h, n*w) with the slices on their grid."""
+    D = p.shape[-1]
+    f = p.view(m, n, h, w, D).permute(4, 0, 2, 1, 3)                        # (D, m, h, n, w)
+    return f.reshape(1, D, m * h, n * w)
+
+
+def split(f, m, n, h, w):
+    """Inverse of merge: (1, D, m*h, n*w) -> (m*n, h*w, D)."""
+    D = f.shape[1]
+    p = f.view(D, m, h, n, w).permute(1, 3, 2, 4, 0)                        # (m, n, h, w, D)
+    return p.reshape(m * n, h * w, D)
+
+
+class SliceRestoreAdapter(nn.Module):
+    """Merge the slices of one image, fuse locally (depthwise conv) + globally (pool to (h, w), self-attention,
+    bilinear upsample), split back (paper 3.1). The output projection is zero-initialised (design choice) so an
+    untrained adapter leaves the frozen ViT exactly unchanged."""
+
+    def __init__(self, dim, heads, grid):
+        super().__init__()
+        self.grid = grid  # h = w of one slice
+        self.local = nn.Conv2d(dim, dim, SRA_KERNEL, padding=SRA_KERNEL // 2, groups=dim)
+        self.attn = Attention(dim, heads)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, p, mn):
+        """p (m*n, L, D) -> (m*n, L, D), the SRA term added beside the block's attention."""
+        (m, n), h = mn, self.grid
+        f = merge(p, m, n, h, h)                                            # (1, D, m*h, n*w)
+        g = F.adaptive_avg_pool2d(f, (h, h))                                # (1, D, h1, w1) = (h, w) (design choice)
+        g = self.attn(g.flatten(2).transpose(1, 2))                         # (1, h*w, D)
+        g = g.transpose(1, 2).reshape(1, -1, h, h)                          # (1, D, h, w)
+        g = F.interpolate(g, size=f.shape[-2:], mode="bilinear", align_corners=False)  # (1, D, m*h, n*w)
+        return self.proj(split(self.local(f) + g, m, n, h, h))             # (m*n, L, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# samplers (paper 3.2) and projector
+
+class SelfMiningSampler(nn.Module):
+    """Average-pooled tokens (k x k, stride k) query their own image's tokens: (N, L, D) -> (N, L/k^2, D).
+    Pre-norm cross-attention + residual, then a pre-norm FFN + residual (design choice)."""
+
+    def __init__(self, dim, heads, grid, kernel=2, window=False):
+        super().__init__()
+        self.grid, self.kernel = grid, kernel
+        self.norm_q, self.norm_kv, self.norm_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.register_buffer("mask", window_mask(grid, kernel) if window else None, persistent=False)
+
+    def queries(self, p):
+        N, L, D = p.shape
+        f = p.transpose(1, 2).reshape(N, D, self.grid, self.grid)            # (N, D, h, w)
+        return F.avg_pool2d(f, self.kernel).flatten(2).transpose(1, 2)        # (N, L/k^2, D)
+
+    def forward(self, p):
+        q = self.queries(p)                                                  # (N, L/k^2, D)
+        x = q + self.attn(self.norm_q(q), self.norm_kv(p), mask=self.mask)
+        return x + self.ffn(self.norm_ffn(x))
+
+
+def window_mask(grid, kernel):
+    """(L/k^2, L) bool: query j may attend only to the tokens of its own k x k window."""
+    rows = torch.arange(grid)[:, None].expand(grid, grid) // kernel
+    cols = torch.arange(grid)[None, :].expand(grid, grid) // kernel
+    window = (rows * (grid // kernel) + cols).flatten()                     # (L,) window index of every token
+    return window[None, :] == torch.arange((grid // kernel) ** 2)[:, None]
+
+
+class QFormerSampler(SelfMiningSampler):
+    """Ablation baseline: the same block, but fixed learned queries (as many as SMS outputs), no position kept."""
+
+    def __init__(self, dim, heads, grid, kernel=2):
+        super().__init__(dim, heads, grid, kernel)
+        self.query = nn.Parameter(0.02 * torch.randn((grid // kernel) ** 2, dim))
+
+    def queries(self, p):
+        return self.query.expand(p.shape[0], -1, -1)                         # (N, L/k^2, D)
+
+
+class AvgPoolSampler(nn.Module):
+    """Ablation baseline: plain k x k average pooling."""
+
+    def __init__(self, grid, kernel=2):
+        super().__init__()
+        self.grid, self.kernel = grid, kernel
+
+    queries = SelfMiningSampler.queries
+
+    def forward(self, p):
+        return self.queries(p)                                               # (N, L/k^2, D)
+
+
+def make_sampler(kind, dim, heads, grid, kernel, window):
+    if kind == "sms":
+        return SelfMiningSampler(dim, heads, grid, kernel, window)
+    if kind == "qformer":
+        return QFormerSampler(dim, heads, grid, kernel)
+    return AvgPoolSampler(grid, kernel)
+
+
+def separator_ids(tokenizer, text):
+    """Token ids of a separator as it reads mid-text: encode('\\n' + text) minus encode('\\n'), so sentencepiece's
+    dummy-prefix space is not part of it."""
+    head = tokenizer.encode("\n", bos=False)
+    full = tokenizer.encode("\n" + text, bos=False)
+    if full[:len(head)] != head or len(full) == len(head):
+        raise ValueError(f"cannot tokenise separator {text!r} on its own with this tokenizer")
+    return full[len(head):]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model (paper Fig. 2a)
+
+class HiResLLaVA(nn.Module):
+    """Frozen CLIP ViT (+ SRA) -> sampler -> projector -> spliced into the frozen LLM (+ LoRA)."""
+
+    def __init__(self, cfg, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        clip_cfg = CLIPConfig.from_preset(cfg.clip_preset)
+        if not cfg.llm_path:
+            raise ValueError("HiResConfig.llm_path is required (an HF LLaMA directory)")
+        self.vision = VisionTower(clip_cfg, cfg.clip_weights or None)
+        self.llm = Llama.from_pretrained(cfg.llm_path, dtype=dtype, device=device)
+        self.tokenizer = Tokenizer(cfg.tokenizer_path)
+        D, heads, h = clip_cfg.width, clip_cfg.heads, clip_cfg.grid
+        C = self.llm.model.embed_tokens.weight.shape[1]
+        self.sra = nn.ModuleDict({str(i): SliceRestoreAdapter(D, heads, h) for i in cfg.sra_layers}) \
+            if cfg.sra and cfg.slices else None
+        self.sampler = make_sampler(cfg.sampler, D, heads, h, cfg.kernel, cfg.sms_window)
+        self.projector = nn.Sequential(nn.Linear(D, C), nn.GELU(), nn.Linear(C, C))  # LLaVA mlp2x_gelu
+        if cfg.lora_rank > 0:
+            apply_lora(self.llm, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        self.seps = [separator_ids(self.tokenizer, t) for t in (SEP_OVERVIEW, SEP_SLICE, SEP_ROW)]
+        self.to(device=device, dtype=dtype)
+        self.set_stage(1)
+
+    # --- stages and trainable tensors (paper 4.1)
+    def _is_adapter(self, name):
+        return name.startswith(("sra.", "sampler.", "projector.")) or (name.startswith("llm.") and "lora_" in name)
+
+    def set_stage(self, stage):
+        """Stage 1: sampler + projector train. Stage 2: SRA + sampler + projector + LoRA. ViT and LLM base frozen."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.stage = stage
+        for name, p in self.named_parameters():
+            trains = name.startswith(("sampler.", "projector."))
+            trains |= stage == 2 and self._is_adapter(name)
+            p.requires_grad_(trains)
+
+    def trainable_state_dict(self):
+        """Every tensor either stage trains (same key set in both stages, so stage 1 -> 2 loads strictly)."""
+        return {k: p.detach() for k, p in self.named_parameters() if self._is_adapter(k)}
+
+    def load_trainable_state_dict(self, sd):
+        own = dict((k, p) for k, p in self.named_parameters() if self._is_adapter(k))
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match this model config: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{'...' if len(unexpected) > 5 else ''}")
+        bad = [k for k in own if own[k].shape != sd[k].shape]
+        if bad:
+            raise ValueError(f"checkpoint shapes do not match this model config: {bad[:5]}")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(sd[k])
+
+    # --- images to LLM embeddings
+    def preprocess(self, img):
+        """PIL image -> (overview (3,S,S), slices (m*n,3,S,S), (m, n)); cheap, for DataLoader workers."""
+        c = self.cfg
+        return preprocess_image(img, self.vision.cfg.image_size, c.max_slices, c.upscale, c.slices)
+
+    def encode_images(self, images):
+        """List of preprocess() tuples -> list of (T_i, C) embeddings: overview, (a), slices row-major with (b)
+        between slices and (c) at each row end (paper Fig. 2a). All images of the batch go through one ViT call."""
+        cfg, device = self.cfg, self.llm.model.embed_tokens.weight.device
+        pixels, groups = [], []
+        for overview, slices, grid in images:
+            if cfg.overview:
+                pixels.append(overview[None])
+                groups.append(None)  # the overview passes the plain ViT (paper 2.4)
+            if cfg.slices:
+                pixels.append(slices)
+                groups.append(tuple(grid))
+        adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
+        feats = self.vision(torch.cat(pixels).to(device), groups, adapters)      # (N, L, D)
+        is_overview = torch.tensor([g is None for g in groups for _ in range(1 if g is None else g[0] * g[1])],
+                                   device=device)
+        if cfg.sample_overview:
+            tokens = list(self.projector(self.sampler(feats)))                   # N x (L/k^2, C)
+        else:
+            sampled = iter(self.projector(self.sampler(feats[~is_overview])))
+            raw = iter(self.projector(feats[is_overview]))
+            tokens = [next(raw) if o else next(sampled) for o in is_overview.tolist()]
+        sep_a, sep_b, sep_c = (self.llm.embed(torch.tensor([s], device=device))[0] for s in self.seps)  # (k_i, C)
+        out, i = [], 0
+        for _, _, (m, n) in images:
+            parts = []
+            if cfg.overview:
+                parts += [tokens[i]] + ([sep_a] if cfg.slices else [])
+                i += 1
+            for r in range(m if cfg.slices else 0):
+                for c in range(n):
+                    parts += [tokens[i], sep_b if c < n - 1 else sep_c]
+                    i += 1
+            out.append(torch.cat(parts))                                         # (T_i, C)
+        return out
+
+    def splice(self, ids, labels, image):
+        """Text ids (with IMAGE_TOKEN_INDEX once if image is not None) -> (embeds (T, C), labels (T,))."""
+        n_img = ids.count(IMAGE_TOKEN_INDEX)
+        if n_img != (image is not None):
+            raise ValueError(f"sample has {n_img} <image> placeholders but {'an' if image is not None else 'no'} "
+                             f"image; need exactly one per image sample and none otherwise")
+        device = self.llm.model.embed_tokens.weight.device
+        text = torch.tensor([[max(t, 0) for t in ids]], device=device)
+        emb = self.llm.embed(text)[0]                                            # (T, C)
+        lab = torch.tensor(labels if labels is not None else [IGNORE_INDEX] * len(ids), device=device)
+        if image is None:
+            return emb, lab
+        j = ids.index(IMAGE_TOKEN_INDEX)
+        ignore = lab.new_full((image.shape[0],), IGNORE_INDEX)
+        return torch.cat([emb[:j], image.to(emb.dtype), emb[j + 1:]]), torch.cat([lab[:j], ignore, lab[j + 1:]])
+
+    def _embed_batch(self, input_ids, labels, images):
+        encoded = iter(self.encode_images([im for im in images if im is not None]) if any(
+            im is not None for im in images) else [])
+        return [self.splice(ids, lab, next(encoded) if im is not None else None)
+                for ids, lab, im in zip(input_ids, labels, images)]
+
+    def forward(self, input_ids, labels, images):
+        """Batch of token lists, label lists and preprocess() tuples (or None) -> mean next-token loss."""
+        seqs = self._embed_batch(input_ids, labels, images)
+        T = min(max(len(e) for e, _ in seqs), self.cfg.max_length, self.llm.cfg.max_seq_len)
+        E = seqs[0][0].new_zeros(len(seqs), T, seqs[0][0].shape[1])               # (B, T, C), right-padded
+        Lb = torch.full((len(seqs), T), IGNORE_INDEX, device=E.device)
+        M = torch.zeros(len(seqs), T, dtype=torch.long, device=E.device)
+        for b, (e, lab) in enumerate(seqs):
+            t = min(len(e), T)
+            E[b, :t], Lb[b, :t], M[b, :t] = e[:t], lab[:t], 1
+        _, loss = self.llm(input_embeds=E, attention_mask=M, labels=Lb)
+        return loss
+
+    @torch.no_grad()
+    def generate(self, images, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0):
+        """PIL images (or None) and user texts -> answers; vicuna_v1 prompt, left-padded batched generation."""
+        pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
+        ids = [encode_prompt(p if im is None or "<image>" in p else "<image>\n" + p, self.tokenizer)
+               for p, im in zip(prompts, pre)]
+        seqs = self._embed_batch(ids, [None] * len(ids), pre)
+        T = max(len(e) for e, _ in seqs)
+        E = seqs[0][0].new_zeros(len(seqs), T, seqs[0][0].shape[1])               # (B, T, C), left-padded
+        M = torch.zeros(len(seqs), T, dtype=torch.long, device=E.device)
+        for b, (e, _) in enumerate(seqs):
+            E[b, T - len(e):], M[b, T - len(e):] = e, 1
+        out = self.llm.generate(input_embeds=E, attention_mask=M, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id)
+        return [self.tokenizer.decode(o).strip() for o in out]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints and the tiny preset
+
+def _atomic_write(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, path):
+    """Directory with config.json (HiResConfig) and model.safetensors (trainable tensors only), each atomic."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    _atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
+
+    def write_json(p):
+        with open(p, "w") as f:
+            json.dump(asdict(model.cfg), f, indent=2)
+    _atomic_write(os.path.join(path, "config.json"), write_json)
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32, **overrides):
+    """HiResLLaVA from a save_checkpoint directory; overrides replace config fields (e.g. moved backbone paths)."""
+    from safetensors.torch import load_file
+    files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: checkpoint file not found")
+    try:
+        with open(files[0]) as f:
+            d = json.load(f)
+        sd = load_file(files[1])
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    names = {f.name for f in fields(HiResConfig)}
+    if set(d) - names:
+        raise ValueError(f"{files[0]}: unknown config keys {sorted(set(d) - names)}")
+    model = HiResLLaVA(HiResConfig(**{**d, **overrides}), dtype=dtype, device=device)
+    try:
+        model.load_trainable_state_dict(sd)
+    except ValueError as e:
+        raise ValueError(f"{files[1]}: {e}") from None
+    return model
+
+
+def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
+    """Write random tiny backbones (CLIP tower, LLaMA, sentencepiece trained on texts) into path and return a
+    HiResConfig pointing at them, so the tiny preset runs the real loading code."""
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(seed)
+    clip_file = os.path.join(path, "clip_tiny.safetensors")
+    save_vision_tower(build_vision_tower(CLIPConfig.from_preset("tiny")), clip_file)
+    tok_file = os.path.join(path, "tokenizer.model")
+    tok = train_tokenizer(list(texts), tok_file, vocab_size)
+    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(os.path.join(path, "llm"))
+    defaults = dict(clip_preset="tiny", clip_weights=clip_file, llm_path=os.path.join(path, "llm"),
+                    tokenizer_path=tok_file, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
+    return HiResConfig(**{**defaults, **cfg_overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: picture of the slicing
+
+def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=360):
+    """Picture: overview (padded square) beside the resized image with its m x n slice grid and the token count."""
+    img = to_rgb(img)
+    m, n = slice_grid(img.width, img.height, base, max_slices, upscale)
+    per_image = (base // 14 // kernel) ** 2  # ViT-L/14 token grid after the sampler
+    tokens = image_token_count(m, n, per_image)
+    cell = max(8, display // max(m, n))
+    grid = img.resize((n * cell, m * cell), Image.BICUBIC)
+    draw = ImageDraw.Draw(grid)
+    for r in range(1, m):
+        draw.line([(0, r * cell), (n * cell, r * cell)], fill=(255, 0, 0), width=2)
+    for c in range(1, n):
+        draw.line([(c * cell, 0), (c * cell, m * cell)], fill=(255, 0, 0), width=2)
+    ov = make_overview(img, base).resize((cell * 2, cell * 2) if max(m, n) <= 2 else (display // 2,) * 2)
+    pad, text_h = 12, 40
+    out = Image.new("RGB", (ov.width + grid.width + 3 * pad, max(ov.height, grid.height) + 2 * pad + text_h),
+                    "white")
+    out.paste(ov, (pad, pad))
+    out.paste(grid, (2 * pad + ov.width, pad))
+    ImageDraw.Draw(out).text(
+        (pad, out.height - text_h), f"{img.width}x{img.height} -> overview + {m}x{n} slices of {base}px; "
+        f"{tokens} LLM tokens (k={kernel}, {per_image}/image + separators)", fill="black")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid.")
+    ap.add_argument("--show", metavar="IMAGE", required=True, help="image file to slice")
+    ap.add_argument("--png", default="slicing.png", help="output PNG path (default: slicing.png)")
+    ap.add_argument("--base", type=int, default=336, help="slice / overview resolution S (default 336)")
+    ap.add_argument("--max-slices", type=int, default=16, help="maximum number of slices N (default 16)")
+    ap.add_argument("--no-upscale", action="store_true", help="do not double the grid of small images")
+    ap.add_argument("--kernel", type=int, default=2, help="sampler kernel k, for the token count (default 2)")
+    args = ap.parse_args(argv)
+    try:
+        img = load_image(args.show)
+    except ImageError as e:
+        raise SystemExit(f"error: {e}")
+    draw_slicing(img, args.base, args.max_slices, not args.no_upscale, args.kernel).save(args.png)
+    print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
