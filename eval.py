@@ -1,0 +1,599 @@
+"""Benchmark evaluation of HiRes-LLaVA (HIRES_LLAVA.md section 8) on each benchmark's official released files.
+
+Prompts as LLaVA-1.5 (CONVENTIONS.md 2.10), batched greedy generation; every answer is appended to
+OUT/predictions.partial.jsonl as it comes (--resume continues a killed run), then OUT/predictions.json (submission
+format) and OUT/metrics.json (official normalisation, CONVENTIONS.md 1) are written; --predictions rescores a file.
+A bad image (hires.ImageError) is not fatal: an empty prediction, a warning, and a count in metrics "bad_images".
+"""
+import argparse
+import base64
+import csv
+import glob
+import json
+import os
+import re
+import string
+import tempfile
+from dataclasses import dataclass
+
+
+class EvalError(Exception):
+    """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics (CONVENTIONS.md section 1). Each function scores ONE question; the benchmarks average.
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+def levenshtein(a, b):
+    """Edit distance with unit costs (insert, delete, substitute)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+def anls(prediction, answers, threshold=0.5):
+    """ANLS of one question, exactly as the official RRC script (CONVENTIONS 1.1); a score of exactly 0.5 is kept."""
+    pred, nls = " ".join(prediction.strip().lower().split()), []
+    for answer in answers:
+        length = max(len(answer.upper()), len(prediction.upper()))  # of the raw strings, not the normalised ones
+        nls.append(levenshtein(" ".join(answer.strip().lower().split()), pred) / length if length else 0.0)
+    score = 1.0 - min(nls) if nls else 0.0
+    return 0.0 if score < threshold else score  # the script drops only score < 0.5 (the paper: NL < 0.5)
+
+# The 120-entry VQA/EvalAI contractions table (CONVENTIONS 1.2), kept verbatim with its quirks (identity entries,
+# the reversed somebody'd, capitalised keys that never match after lowercasing).
+CONTRACTIONS = dict(pair.split(":") for pair in """
+aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've
+didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't
+havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's Id've:I'd've
+I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am
+mightnt:mightn't mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've
+neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at
+shant:shan't shed've:she'd've she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't
+shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd somebodyd've:somebody'd've
+somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's someoned:someone'd someoned've:someone'd've
+someone'dve:someone'd've someonell:someone'll someones:someone's somethingd:something'd
+somethingd've:something'd've something'dve:something'd've somethingll:something'll thats:that's thered:there'd
+thered've:there'd've there'dve:there'd've therere:there're theres:there's theyd:they'd theyd've:they'd've
+they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas wasnt:wasn't wed've:we'd've
+we'dve:we'd've weve:we've werent:weren't whatll:what'll whatre:what're whats:what's whatve:what've whens:when's
+whered:where'd wheres:where's whereve:where've whod:who'd whod've:who'd've who'dve:who'd've wholl:who'll
+whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't
+wouldnt've:wouldn't've wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've
+y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've youll:you'll
+youre:you're youve:you've""".split())
+NUMBER_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+              "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+PUNCTUATION = list(';/[]"{}()=+\\_-><@`,?!')  # the official 21 characters
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the official typo: removes every "." not before a digit
+COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+
+def process_punctuation(text):
+    """VQA punctuation step (CONVENTIONS 1.2 step 3) with m4c's digit-comma test; at most 32 periods removed."""
+    out, digit_comma = text, COMMA_STRIP.search(text) is not None
+    for p in PUNCTUATION:  # the tests look at the ORIGINAL text, as the official code does
+        out = out.replace(p, "" if (p + " " in text or " " + p in text or digit_comma) else " ")
+    return PERIOD_STRIP.sub("", out, count=32)  # the original passes re.UNICODE (= 32) as `count`
+
+def evalai_normalize(answer):
+    """The m4c/MMF EvalAIAnswerProcessor that LLaVA's TextVQA scoring applies (CONVENTIONS 1.2)."""
+    answer = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    words = process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()).lower().split()
+    return " ".join(CONTRACTIONS.get(w, w) for w in (NUMBER_MAP.get(w, w) for w in words) if w not in ARTICLES)
+
+def vqa_accuracy(prediction, answers):
+    """Leave-one-out VQA accuracy with the EvalAI normaliser on prediction and answers (CONVENTIONS 1.2)."""
+    gts, pred = [evalai_normalize(a) for a in answers], evalai_normalize(prediction)
+    return mean(min(1.0, sum(gt == pred for j, gt in enumerate(gts) if j != g) / 3) for g in range(len(gts))) or 0.0
+
+def relaxed_accuracy(prediction, answer, tolerance=0.05):
+    """ChartQA relaxed correctness as pix2struct, prediction stripped as VLMEvalKit (CONVENTIONS 1.3)."""
+    def to_float(text):
+        try:
+            return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            return None
+    prediction = prediction.strip()
+    pred, target = to_float(prediction), to_float(answer)
+    if pred is not None and target:
+        return float(abs(pred - target) / abs(target) <= tolerance)
+    return float(prediction.lower() == answer.lower())
+
+def parse_letter_scienceqa(text, n_choices):
+    """Option letter by LLaVA's eval_science_qa.py rule, None if unparsed (CONVENTIONS 1.4)."""
+    options, found = ("A", "B", "C", "D", "E"), re.findall(r"The answer is ([A-Z]).", text)  # "." = any char
+    if text in options:
+        letter = text
+    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        letter = found[0] if len(found) == 1 else None
+    return letter if letter in options[:n_choices] else None
+
+def parse_letter_ai2d(text):
+    """lmms-eval's AI2D answer: X of a leading "X." else the reply, punctuation-free (CONVENTIONS 1.4)."""
+    m = re.match(r"\s*([A-Z])\.", text)
+    return (m.group(1) if m else text).translate(str.maketrans("", "", string.punctuation)).upper()
+
+def parse_letter_mmbench(text, choices):
+    """VLMEvalKit can_infer, exact matching, no LLM judge: letter, "Z" or None (CONVENTIONS 1.4)."""
+    tokens = text.translate(str.maketrans(".()[],:;!*#{}", " " * 13)).split()
+    found = [c for c in choices if c in tokens]
+    if len(found) == 1 and tokens.index(found[0]) > len(tokens) - 5:  # a lone letter among the last 5 tokens
+        return found[0]
+    if not found and "Z" in tokens:
+        return "Z"
+    m = re.search(r"answer is \*\*([A-D])\*\*", text)
+    if m and m.group(1) in choices:
+        return m.group(1)
+    hits = [c for c, v in choices.items() if v.lower() in text.lower()]
+    return hits[0] if len(hits) == 1 and len(text) <= 2 * sum(len(v) for v in choices.values()) else None
+
+def parse_yes_pope(text):
+    """True for yes under the official POPE / LLaVA eval_pope.py rule (CONVENTIONS 1.5)."""
+    return not any(w in ("No", "no", "not") for w in text.split(".")[0].replace(",", "").split(" "))
+
+def parse_yes_no(text):
+    """Offline HallusionBench judge, VLMEvalKit's YOrN_Extraction: yes/no/unknown (CONVENTIONS 1.6)."""
+    words = process_punctuation(text.lower()).split()
+    return "unknown" if ("yes" in words) == ("no" in words) else "yes" if "yes" in words else "no"
+
+def pope_metrics(pred_yes, label_yes):
+    """POPE accuracy, precision, recall, F1 and yes-ratio of the predictions (CONVENTIONS 1.5)."""
+    pairs = list(zip(pred_yes, label_yes))
+    tp, fp, fn = pairs.count((True, True)), pairs.count((True, False)), pairs.count((False, True))
+    # 0.0 where the official script would divide by zero
+    precision, recall = tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": mean(p == l for p, l in pairs), "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": mean(p for p, _ in pairs), "n": len(pairs)}
+
+def all_correct(keys, correct):
+    """{group key: every member correct} -- MMBench circular groups, HallusionBench figures and question pairs."""
+    groups = {}
+    for key, ok in zip(keys, correct):
+        groups[key] = groups.get(key, True) and bool(ok)
+    return groups
+
+def circular_accuracy(rows):
+    """MMBench CircularEval (CONVENTIONS 1.4): {question: every present copy correct} from (index, ok)."""
+    rows = list(rows)
+    return all_correct([i % 1_000_000 for i, _ in rows], [ok for _, ok in rows])
+
+def hallusion_metrics(items, correct):
+    """aAcc, fAcc, qAcc of HallusionBench (CONVENTIONS 1.6). items: the official dicts; correct: parallel bools."""
+    key = lambda q, *ks: tuple(str(q[k]) for k in ("category", "subcategory", "set_id") + ks)
+    with_figure = [(key(q, "figure_id"), ok) for q, ok in zip(items, correct)
+                   if not (q["category"] == "VS" and str(q["figure_id"]) == "0")]  # fAcc leaves out VS figure 0
+    figures = all_correct([k for k, _ in with_figure], [ok for _, ok in with_figure])
+    pairs = all_correct([key(q, "question_id") for q in items], correct)
+    return {"aAcc": mean(correct), "fAcc": mean(figures.values()), "qAcc": mean(pairs.values()), "n": len(items),
+            "n_figures": len(figures), "n_question_pairs": len(pairs)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmarks: official files in (CONVENTIONS 2), LLaVA-1.5's prompts (CONVENTIONS 2.10), submission files out.
+
+SHORT = "\nAnswer the question using a single word or phrase."
+LETTER = "\nAnswer with the option's letter from the given choices directly."
+BENCHES = {}
+
+@dataclass
+class Sample:
+    record: dict          # official fields the submission repeats; the id fields among them key the question
+    prompt: str           # user text; hires puts "<image>\n" in front when there is an image
+    image: object = None  # image path, image bytes (MMBench), or None (text-only question)
+    gt: dict = None       # what the scorer needs; None when the split's answers are hidden
+    qid: str = ""         # the question's key (Bench.qid of record), set by run()
+
+@dataclass
+class Bench:
+    name: str
+    load: object          # (data_dir, split) -> list[Sample]
+    score: object         # (samples, answers: list[str]) -> metrics dict
+    files: str            # the expected layout (errors, --help)
+    source: str           # where to get it, and where hidden-answer splits are scored
+    id_keys: tuple        # record fields that identify a question
+    answer_key: str       # record field the submission holds the model's text in
+    split: str
+    max_new_tokens: int   # LLaVA-1.5's (or lmms-eval's) generation length for the benchmark
+
+    def qid(self, record):
+        return "/".join(str(record[k]) for k in self.id_keys)
+
+def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128):
+    """Decorator: adds a loader (data_dir, split) -> list[Sample] to BENCHES under `name`."""
+    def add(load):
+        BENCHES[name] = Bench(name, load, score, files, source, id_keys, answer_key, split, max_new_tokens)
+        return load
+    return add
+
+def need(path, bench):
+    """`path` if it exists, else a one-line error naming the expected files and where to get them."""
+    if not os.path.exists(path):
+        raise EvalError(f"{path} not found: {bench} expects {BENCHES[bench].files} "
+                        f"(get it from {BENCHES[bench].source})")
+    return path
+
+def load_json(path, bench, lines=False):
+    """A JSON file, or a JSON-lines file (lines=True); one-line errors when missing or malformed."""
+    try:
+        with open(need(path, bench), encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: not valid JSON ({e})") from None
+
+def options_text(options):
+    return "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(options))
+
+def scorer(metric, per_question):
+    """score function averaging per_question(sample, answer) into {metric: mean}."""
+    return lambda samples, answers: {metric: mean(per_question(s, a) for s, a in zip(samples, answers))}
+
+def add_anls_bench(name, file, image_key, folder, id_key, source, split):
+    """DocVQA / InfographicVQA / ST-VQA: {"data": [...]} files (2.1) scored with ANLS (1.1)."""
+    @register(name, scorer("anls", lambda s, a: anls(a, s.gt["answers"])), f"DIR/{file} and the images under "
+              f"DIR/{folder}", source, (id_key,), split=split, max_new_tokens=32)
+    def load(data, split):
+        return [Sample({id_key: q[id_key]}, q["question"] + SHORT, os.path.join(data, folder, q[image_key]),
+                       {"answers": q["answers"]} if "answers" in q else None)
+                for q in load_json(os.path.join(data, file.format(split=split)), name)["data"]]
+
+add_anls_bench("docvqa", "{split}_v1.0.json", "image", "", "questionId", "https://rrc.cvc.uab.es/?ch=17 (Task 1)",
+               "val")
+add_anls_bench("infovqa", "infographicsVQA_{split}_v1.0.json", "image_local_name",
+               "infographicsvqa_images", "questionId", "https://rrc.cvc.uab.es/?ch=17 (Task 3)", "val")
+# ST-VQA's annotation field names are [UNVERIFIED] (CONVENTIONS 2.1): task-3 files with question_id and file_path.
+add_anls_bench("stvqa", "{split}_task_3.json", "file_path", "", "question_id", "https://rrc.cvc.uab.es/?ch=11",
+               "test")
+
+@register("textvqa", scorer("accuracy", lambda s, a: vqa_accuracy(a, s.gt["answers"])),
+          "DIR/TextVQA_0.5.1_<split>.json, DIR/train_images/<image_id>.jpg, optionally "
+          "DIR/TextVQA_Rosetta_OCR_v0.2_<split>.json", "https://textvqa.org/dataset (test: EvalAI)", ("question_id",),
+          split="val")
+def load_textvqa(data, split):
+    """TextVQA_0.5.1_<split>.json (2.2) with LLaVA's prompt: the Rosetta OCR tokens when the OCR file is there."""
+    ocr_path, ocr = os.path.join(data, f"TextVQA_Rosetta_OCR_v0.2_{split}.json"), None
+    if os.path.exists(ocr_path):  # OCR file fields [UNVERIFIED]: {"data": [{"image_id", "ocr_tokens"}]}
+        ocr = {o["image_id"]: o["ocr_tokens"] for o in load_json(ocr_path, "textvqa")["data"]}
+    else:
+        print(f"warning: {ocr_path} not found: prompting without OCR tokens (not comparable with LLaVA-1.5)")
+    folder = "test_images" if split == "test" else "train_images"  # val images ship in train_images
+    samples = []
+    for q in load_json(os.path.join(data, f"TextVQA_0.5.1_{split}.json"), "textvqa")["data"]:
+        tokens = "" if ocr is None else "\nReference OCR token: " + ", ".join(ocr.get(q["image_id"], []))
+        samples.append(Sample({"question_id": q["question_id"]}, q["question"] + tokens + SHORT,
+                              os.path.join(data, folder, q["image_id"] + ".jpg"),
+                              {"answers": q["answers"]} if "answers" in q else None))
+    return samples
+
+def score_chartqa(samples, answers):
+    ok = [(s.gt["part"], relaxed_accuracy(a, s.gt["label"])) for s, a in zip(samples, answers)]
+    return {"relaxed_overall": mean(x for _, x in ok), "relaxed_human_split": mean(x for p, x in ok if p == "human"),
+            "relaxed_augmented_split": mean(x for p, x in ok if p == "augmented")}
+
+@register("chartqa", score_chartqa, "DIR/<split>_human.json, DIR/<split>_augmented.json and DIR/png/ (the "
+          "'ChartQA Dataset/test' folder)", "https://github.com/vis-nlp/ChartQA", ("id",), max_new_tokens=16)
+def load_chartqa(data, split):
+    """ChartQA <split>_human.json + <split>_augmented.json + png/ (2.4), lmms-eval's prompt."""
+    return [Sample({"id": f"{part}-{i}", "imgname": q["imgname"], "query": q["query"]},
+                   q["query"] + "\nAnswer the question with a single word.", os.path.join(data, "png", q["imgname"]),
+                   {"label": q["label"], "part": part})
+            for part in ("human", "augmented")
+            for i, q in enumerate(load_json(os.path.join(data, f"{split}_{part}.json"), "chartqa"))]
+
+@register("ai2d", scorer("accuracy", lambda s, a: parse_letter_ai2d(a) == s.gt["answer"]),
+          "DIR/questions/*.json, DIR/images/ and DIR/ai2d_test_ids.csv (split 'all' needs no id list)",
+          "https://allenai.org/data/diagrams (ai2d-all.zip) + ai2d_test_ids.csv", ("questionId",), max_new_tokens=16)
+def load_ai2d(data, split):
+    """Original AI2D release (2.7, layout [UNVERIFIED]); split test keeps ai2d_test_ids.csv, all keeps all."""
+    keep = None
+    if split == "test":
+        with open(need(os.path.join(data, "ai2d_test_ids.csv"), "ai2d")) as f:
+            keep = {line.strip().split(",")[0] for line in f if line.strip()}
+    samples = []
+    for path in sorted(glob.glob(os.path.join(need(os.path.join(data, "questions"), "ai2d"), "*.json"))):
+        entry = load_json(path, "ai2d")
+        if keep is None or entry["imageName"].rsplit(".", 1)[0] in keep:
+            image = os.path.join(data, "images", entry["imageName"])
+            samples += [Sample({"questionId": q["questionId"]}, text + options_text(q["answerTexts"]) + LETTER, image,
+                               {"answer": chr(65 + q["correctAnswer"])}) for text, q in entry["questions"].items()]
+    return samples
+
+def score_scienceqa(samples, answers):
+    ok = [parse_letter_scienceqa(a, s.gt["n_choices"]) == s.gt["answer"] for s, a in zip(samples, answers)]
+    return {"accuracy": mean(ok), "img_accuracy": mean(o for o, s in zip(ok, samples) if s.image is not None),
+            "n_img": sum(s.image is not None for s in samples)}
+
+@register("scienceqa", score_scienceqa, "DIR/problems.json, DIR/pid_splits.json and DIR/images/<split>/<pid>/"
+          "image.png", "https://github.com/lupantech/ScienceQA (data/scienceqa)", ("question_id",), "text",
+          max_new_tokens=1024)
+def load_scienceqa(data, split):
+    """ScienceQA problems.json + pid_splits.json + images/ (2.6), LLaVA's prompt and answer-file format."""
+    problems, samples = load_json(os.path.join(data, "problems.json"), "scienceqa"), []
+    for pid in load_json(os.path.join(data, "pid_splits.json"), "scienceqa")[split]:
+        p = problems[pid]
+        samples.append(Sample({"question_id": pid}, (f"Context: {p['hint']}\n" if p.get("hint") else "") +
+                              p["question"] + options_text(p["choices"]) + LETTER,
+                              os.path.join(data, "images", split, pid, p["image"]) if p.get("image") else None,
+                              {"answer": chr(65 + p["answer"]), "n_choices": len(p["choices"])}))
+    return samples
+
+MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category")  # LLaVA's
+
+def score_mmbench(samples, answers):
+    index = [int(s.record["index"]) for s in samples]
+    ok = {i: parse_letter_mmbench(a, s.gt["choices"]) == s.gt["answer"] for i, s, a in zip(index, samples, answers)}
+    groups = circular_accuracy(ok.items())
+    main = [(i, s.record["category"]) for i, s in zip(index, samples) if i < 1_000_000]  # copies: + k * 10**6
+    return {"circular_accuracy": mean(groups[i] for i, _ in main), "n_questions": len(main),
+            "single_pass_accuracy": mean(ok[i] for i, _ in main),
+            "per_category": {c: mean(groups[i] for i, k in main if k == c) for c in sorted({k for _, k in main})}}
+
+@register("mmbench", score_mmbench, "DIR/<the one MMBench *.tsv whose name contains the split, e.g. "
+          "mmbench_dev_20230712.tsv>", "https://github.com/open-compass/MMBench (test: the OpenCompass server, "
+          "as .xlsx)", ("index",), "prediction", "dev", max_new_tokens=1024)
+def load_mmbench(data, split):
+    """The MMBench TSV whose name contains the split (2.8), read with csv, base64 images, LLaVA's prompt."""
+    tsvs = [p for p in glob.glob(os.path.join(data, "*.tsv")) if split.lower() in os.path.basename(p).lower()]
+    if len(tsvs) != 1:
+        raise EvalError(f"{data}: {len(tsvs)} *.tsv files with '{split}' in the name, need exactly one: mmbench "
+                        f"expects {BENCHES['mmbench'].files} (get it from {BENCHES['mmbench'].source})")
+    csv.field_size_limit(2**31 - 1)  # base64 image cells are far above csv's 128 KiB default
+    present = lambda v: v is not None and v.strip().lower() not in ("", "nan", "none")
+    samples = []
+    with open(tsvs[0], newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            choices = {}
+            for letter in "ABCD":  # as LLaVA: A-D up to the first empty option
+                if not present(row.get(letter)):
+                    break
+                choices[letter] = row[letter]
+            try:
+                image = base64.b64decode(row["image"])  # bytes: open_image goes through a temporary file
+            except ValueError:
+                image = b""  # a bad image (hires.ImageError) once it is opened
+            hint = row["hint"] + "\n" if present(row.get("hint")) else ""
+            gt = {"choices": choices, "answer": row["answer"]} if present(row.get("answer")) else None
+            samples.append(Sample({k: row.get(k) for k in MMBENCH_COLUMNS}, hint + row["question"] +
+                                  options_text(choices.values()) + LETTER, image, gt))
+    return samples
+
+POPE_CATEGORIES = ("adversarial", "popular", "random")
+
+def score_pope(samples, answers):
+    out = {}
+    for cat in POPE_CATEGORIES:
+        sub = [(s, a) for s, a in zip(samples, answers) if s.record["category"] == cat]
+        if sub:
+            out[cat] = pope_metrics([parse_yes_pope(a) for _, a in sub], [s.gt["label"] == "yes" for s, _ in sub])
+    out["mean_over_categories"] = {k: mean(m[k] for m in out.values()) for k in ("accuracy", "f1", "yes_ratio")}
+    return out
+
+@register("pope", score_pope, "DIR/coco_pope_{adversarial,popular,random}.json and the COCO val2014 images in "
+          "DIR/val2014/", "https://github.com/AoiDragon/POPE (output/coco) + https://cocodataset.org (val2014)",
+          ("category", "question_id"), "text", "all")
+def load_pope(data, split):
+    """POPE coco_pope_<category>.json, JSON lines despite the name (2.5); "all": each category present."""
+    cats = [c for c in POPE_CATEGORIES if os.path.exists(os.path.join(data, f"coco_pope_{c}.json"))]
+    return [Sample({"question_id": q["question_id"], "category": cat}, q["text"] + SHORT,
+                   os.path.join(data, "val2014", q["image"]), {"label": q["label"]})
+            for cat in ((cats or POPE_CATEGORIES[:1]) if split == "all" else (split,))
+            for q in load_json(os.path.join(data, f"coco_pope_{cat}.json"), "pope", lines=True)]
+
+def score_hallusion(samples, answers):
+    """aAcc/fAcc/qAcc with the offline judge standing in for GPT-4 (CONVENTIONS 1.6)."""
+    correct = []
+    for s, a in zip(samples, answers):
+        q, said = s.record, parse_yes_no(a)
+        # "unknown" plays the judge's "unclear", which the official rule counts correct for VS figure 0 only
+        unclear_ok = said == "unknown" and q["category"] == "VS" and str(q["figure_id"]) == "0"
+        correct.append(said == ("yes" if str(q["gt_answer"]) == "1" else "no") or unclear_ok)
+    return {**hallusion_metrics([s.record for s in samples], correct),
+            "judge": "offline yes/no extraction (VLMEvalKit YOrN_Extraction), not the official GPT-4 judge"}
+
+@register("hallusionbench", score_hallusion, "DIR/HallusionBench.json and the images of hallusion_bench.zip "
+          "unpacked in DIR", "https://github.com/tianyi-lab/HallusionBench",
+          ("category", "subcategory", "set_id", "figure_id", "question_id"), "model_prediction", "all")
+def load_hallusion(data, split):
+    """HallusionBench.json (2.9): filename relative to DIR (null: no image); submission adds model_prediction."""
+    return [Sample(q, q["question"], os.path.normpath(os.path.join(data, q["filename"])) if q.get("filename") else None,
+                   {}) for q in load_json(os.path.join(data, "HallusionBench.json"), "hallusionbench")]
+
+@register("llava-w", lambda samples, answers: {"score": None, "note": "LLaVA-Bench is scored only by a GPT-4 judge: "
+          "run LLaVA's llava/eval/eval_gpt_review_bench.py --answer-list answers_gpt4.jsonl OUT/answers.jsonl, "
+          "then summarize_gpt_review.py"}, "DIR/questions.jsonl and DIR/images/",
+          "https://huggingface.co/datasets/liuhaotian/llava-bench-in-the-wild", ("question_id",), "text", "all", 1024)
+def load_llava_w(data, split):
+    """LLaVA-Bench questions.jsonl + images/ (LLaVA model_vqa.py); records in LLaVA's answer-file format."""
+    return [Sample({"question_id": q["question_id"], "prompt": q["text"], "answer_id": f"hires-{q['question_id']}",
+                    "model_id": "hires-llava", "metadata": {}}, q["text"], os.path.join(data, "images", q["image"]),
+                   {}) for q in load_json(os.path.join(data, "questions.jsonl"), "llava-w", lines=True)]
+
+def score_entitygrid(samples, answers):
+    import entitygrid
+    return entitygrid.score([s.gt for s in samples], {s.gt["id"]: a for s, a in zip(samples, answers)})
+
+@register("entitygrid", score_entitygrid, "DIR/questions.jsonl and its images (written by `python entitygrid.py`)",
+          "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16)
+def load_entitygrid(data, split):
+    """EntityGrid-QA (HIRES_LLAVA.md section 7) through entitygrid.py's own reader, prompt and score."""
+    import entitygrid
+    need(os.path.join(data, "questions.jsonl"), "entitygrid")
+    return [Sample({"id": q["id"]}, entitygrid.format_question(q), os.path.join(data, q["image"]), q)
+            for q in entitygrid.load_questions(data)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
+
+def write_json(path, obj):
+    """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+
+def read_partial(path):
+    """{qid: record} from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    records, good = {}, 0
+    for line in data.split(b"\n")[:-1]:  # what follows the last newline is incomplete by construction
+        try:
+            records[json.loads(line)["qid"]] = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        good += len(line) + 1
+    if good != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return records
+
+def load_model(ckpt, device="cpu"):
+    """hires.load_checkpoint in eval mode, with one-line errors for a missing or non-fitting checkpoint."""
+    import hires
+    import torch
+    if not ckpt:
+        raise EvalError("--ckpt is required unless --predictions is given")
+    if not os.path.isdir(ckpt):
+        raise EvalError(f"{ckpt}: checkpoint folder not found (train.py writes one)")
+    try:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        return hires.load_checkpoint(ckpt, device=device, dtype=dtype).eval()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
+
+def open_image(sample, tmp):
+    """The sample's PIL image via hires.load_image (image bytes go through a temporary file); None: no image."""
+    import hires
+    if not isinstance(sample.image, bytes):
+        return None if sample.image is None else hires.load_image(sample.image)
+    path = os.path.join(tmp, sample.qid)  # one file per question: images of a batch stay apart
+    with open(path, "wb") as f:
+        f.write(sample.image)
+    return hires.load_image(path)
+
+def generate_all(bench, samples, args, partial):
+    """Answers parallel to samples and the number of bad images; continues from `partial` with --resume."""
+    import hires
+    import torch
+    from tqdm import tqdm
+    if os.path.exists(partial) and not args.resume:
+        raise EvalError(f"{partial} exists from an earlier run: pass --resume to continue it, or delete it")
+    done = read_partial(partial) if os.path.exists(partial) else {}
+    todo = [s for s in samples if s.qid not in done]
+    if todo:
+        model = load_model(args.ckpt, args.device)
+        with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
+                tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
+            for i in range(0, len(todo), args.batch_size):
+                batch, ask = todo[i:i + args.batch_size], []
+                for s in batch:
+                    try:
+                        ask.append((s, open_image(s, tmp)))
+                    except hires.ImageError as e:  # documented choice: an empty prediction and a warning
+                        tqdm.write(f"warning: {e}: empty prediction for question {s.qid}")
+                        done[s.qid] = {"qid": s.qid, "text": "", "error": str(e)}
+                if ask:
+                    with torch.inference_mode():
+                        texts = model.generate([img for _, img in ask], [s.prompt for s, _ in ask],
+                                               max_new_tokens=args.max_new_tokens or bench.max_new_tokens,
+                                               temperature=0.0)
+                    done.update({s.qid: {"qid": s.qid, "text": t.strip()} for (s, _), t in zip(ask, texts)})
+                f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
+                f.flush()
+                os.fsync(f.fileno())  # an answer on disk is never generated again
+                bar.update(len(batch))
+    return [done[s.qid]["text"] for s in samples], sum("error" in done[s.qid] for s in samples)
+
+def read_predictions(path, bench, samples):
+    """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            preds = {bench.qid(e): str(e[bench.answer_key]) for e in json.load(f)}
+    except FileNotFoundError:
+        raise EvalError(f"{path}: predictions file not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise EvalError(f"{path}: not a {bench.name} predictions file ({type(e).__name__}: {e})") from None
+    missing = [s.qid for s in samples if s.qid not in preds]
+    if missing:
+        raise EvalError(f"{path}: no prediction for {len(missing)} of {len(samples)} questions (first: {missing[0]});"
+                        " use the same --split/--limit as the run that wrote it")
+    return [preds[s.qid] for s in samples]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
+                    "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json.",
+        epilog="benchmarks: default --split, default --max-new-tokens, expected files in --data DIR:\n" +
+               "\n".join(f"  {n:15s} {b.split:5s} {b.max_new_tokens:5d}  {b.files}" for n, b in BENCHES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", required=True, choices=list(BENCHES), help="benchmark to run")
+    p.add_argument("--data", required=True, help="folder holding the benchmark's released files (see below)")
+    p.add_argument("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
+    p.add_argument("--out", help="output folder (default: runs/eval/<bench>)")
+    p.add_argument("--split", help="split to read (default: the benchmark's, listed below)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (bfloat16 there, float32 on cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions generated together (default 8)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N questions (quick checks)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/predictions.partial.jsonl (without it, an existing "
+                        "partial file is an error)")
+    p.add_argument("--max-new-tokens", type=int, help="generation length cap (default: LLaVA-1.5's for the "
+                   "benchmark, listed below)")
+    p.add_argument("--predictions", help="score this existing predictions.json instead of running a model")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--batch-size and --limit must be >= 1")
+    return args
+
+def run(args):
+    bench = BENCHES[args.bench]
+    split, out = args.split or bench.split, args.out or os.path.join("runs", "eval", args.bench)
+    try:
+        samples = bench.load(need(args.data, args.bench), split)[:args.limit]
+    except KeyError as e:
+        raise EvalError(f"{args.data}: {args.bench} files lack the field or split {e} ({bench.files})") from None
+    if not samples:
+        raise EvalError(f"{args.data}: no {args.bench} questions for split '{split}'")
+    for s in samples:
+        s.qid = bench.qid(s.record)
+    os.makedirs(out, exist_ok=True)
+    if args.predictions:
+        answers, bad = read_predictions(args.predictions, bench, samples), 0
+    else:
+        answers, bad = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
+        submission = [{**s.record, bench.answer_key: a} for s, a in zip(samples, answers)]
+        write_json(os.path.join(out, "predictions.json"), submission)
+        if args.bench == "llava-w":  # LLaVA's judge reads JSON lines
+            with open(os.path.join(out, "answers.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in submission)
+    scores = ({"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
+              if any(s.gt is None for s in samples) else bench.score(samples, answers))
+    metrics = {"bench": args.bench, "split": split, "n": len(samples), **scores, "bad_images": bad}
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        metrics = run(args)
+    except EvalError as e:
+        raise SystemExit(f"eval.py: error: {e}") from None
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+if __name__ == "__main__":
+    main()

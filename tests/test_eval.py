@@ -1,0 +1,402 @@
+"""eval.py end to end: every benchmark in its official file layout (CONVENTIONS.md section 2, built here with tiny
+PNGs), scored from known predictions (--predictions) and run with the tiny model; resume; one-line errors."""
+import base64
+import csv
+import io
+import json
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as ev  # noqa: E402
+from test_metrics import HB_EXPECTED, HB_ITEMS, HB_PREDS  # noqa: E402
+
+
+def png(path, color=(200, 30, 30), size=(40, 28)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def dump(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# Each builder writes the official layout under d and returns (known predictions in the submission format, the
+# metrics they must give). Expected numbers are worked out by hand in the comments.
+
+def make_docvqa(d):
+    item = dict(docId=1, ucsf_document_id="x", ucsf_document_page_no="1", data_split="val")
+    dump(f"{d}/val_v1.0.json", {"dataset_name": "docvqa", "dataset_version": "1.0", "dataset_split": "val", "data": [
+        {**item, "questionId": 7, "question": "Title?", "image": "documents/a.png", "answers": ["Hello World", "HW"]},
+        {**item, "questionId": 9, "question": "Code?", "image": "documents/b.png", "answers": ["abcd"]}]})
+    png(f"{d}/documents/a.png"), png(f"{d}/documents/b.png", (0, 0, 255))
+    # "hello  world": 1.0 (whitespace collapsed); "abxy" vs "abcd": 1 - 2/4 = 0.5 (kept) -> 0.75
+    return [{"questionId": 7, "answer": "hello  world"}, {"questionId": 9, "answer": "abxy"}], {"anls": 0.75}
+
+
+def make_infovqa(d):
+    dump(f"{d}/infographicsVQA_val_v1.0.json", {"dataset_name": "infographicsvqa", "data": [
+        {"questionId": 1, "question": "Q1?", "image_local_name": "1.jpeg", "ocr_output_file": "1.json",
+         "answers": ["ac"]},
+        {"questionId": 2, "question": "Q2?", "image_local_name": "2.jpeg", "ocr_output_file": "2.json",
+         "answers": ["yes", "y"]}]})
+    for i in (1, 2):
+        os.makedirs(f"{d}/infographicsvqa_images", exist_ok=True)
+        Image.new("RGB", (30, 50), (i * 50, 0, 0)).save(f"{d}/infographicsvqa_images/{i}.jpeg")
+    return [{"questionId": 1, "answer": "ab"}, {"questionId": 2, "answer": "no"}], {"anls": 0.25}  # (0.5 + 0) / 2
+
+
+def make_stvqa(d):  # the test split: answers hidden, so there is nothing to score
+    dump(f"{d}/test_task_3.json", {"dataset_name": "ST-VQA", "data": [
+        {"question_id": 3, "question": "Brand?", "file_path": "coco-text/c1.png", "dataset": "coco-text"},
+        {"question_id": 4, "question": "Word?", "file_path": "coco-text/c2.png", "dataset": "coco-text"}]})
+    png(f"{d}/coco-text/c1.png"), png(f"{d}/coco-text/c2.png")
+    return [{"question_id": 3, "answer": "a"}, {"question_id": 4, "answer": "b"}], {"score": None, "n": 2}
+
+
+def make_textvqa(d):
+    rows = [{"question": "How many?", "question_id": 10, "image_id": "ab12", "answers": ["2"] * 3 + ["3"] * 7},
+            {"question": "Is it red?", "question_id": 11, "image_id": "cd34", "answers": ["yes"] * 10}]
+    dump(f"{d}/TextVQA_0.5.1_val.json", {"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1",
+                                         "data": [{**r, "question_tokens": [], "set_name": "val"} for r in rows]})
+    dump(f"{d}/TextVQA_Rosetta_OCR_v0.2_val.json", {"data": [{"image_id": "ab12", "ocr_tokens": ["STOP", "2"]}]})
+    for r in rows:
+        os.makedirs(f"{d}/train_images", exist_ok=True)
+        Image.new("RGB", (32, 32), (9, 9, 9)).save(f"{d}/train_images/{r['image_id']}.jpg")
+    # "Two" -> "2" matches 3 humans: 0.9; "no" matches none: 0 -> 0.45
+    return [{"question_id": 10, "answer": "Two"}, {"question_id": 11, "answer": "no"}], {"accuracy": 0.45}
+
+
+def make_chartqa(d):
+    dump(f"{d}/test_human.json", [{"imgname": "h1.png", "query": "Share?", "label": "0.5"}])
+    dump(f"{d}/test_augmented.json", [{"imgname": "a1.png", "query": "Min?", "label": "0"},
+                                      {"imgname": "a2.png", "query": "Who?", "label": "Inspired"}])
+    for n in ("h1", "a1", "a2"):
+        png(f"{d}/png/{n}.png")
+    preds = [{"id": "human-0", "answer": "50%"}, {"id": "augmented-0", "answer": "0.0"},
+             {"id": "augmented-1", "answer": " inspired"}]  # 1 ("50%" = 0.5); 0 (target "0": strings); 1 (stripped)
+    return preds, {"relaxed_overall": 2 / 3, "relaxed_human_split": 1.0, "relaxed_augmented_split": 0.5}
+
+
+def make_ai2d(d):
+    q = lambda qid, answer: {"abcLabel": False, "answerTexts": ["sun", "moon", "earth", "mars"],
+                             "correctAnswer": answer, "questionId": qid}
+    dump(f"{d}/questions/0.png.json", {"imageName": "0.png", "questions": {
+        "What is shown?": q("0.png-0", 1), "Which is hot?": q("0.png-1", 0)}})
+    dump(f"{d}/questions/1.png.json", {"imageName": "1.png", "questions": {"Not in test?": q("1.png-0", 2)}})
+    png(f"{d}/images/0.png"), png(f"{d}/images/1.png")
+    with open(f"{d}/ai2d_test_ids.csv", "w") as f:
+        f.write("0\n")
+    # "B." parses to B (correct); "The answer is A" keeps the whole reply (wrong) -> 0.5; image 1 not in test
+    return [{"questionId": "0.png-0", "answer": "B."}, {"questionId": "0.png-1", "answer": "The answer is A"}], \
+        {"accuracy": 0.5}
+
+
+def make_scienceqa(d):
+    base = dict(lecture="", solution="", task="closed choice", grade="grade2", subject="natural science",
+                topic="t", category="c", skill="s")
+    dump(f"{d}/problems.json", {
+        "p1": {**base, "question": "Which?", "choices": ["a", "b", "c"], "answer": 1, "hint": "Look.",
+               "image": "image.png", "split": "test"},
+        "p2": {**base, "question": "Text only?", "choices": ["x", "y"], "answer": 1, "hint": "", "image": None,
+               "split": "test"},
+        "p3": {**base, "question": "Train?", "choices": ["x", "y"], "answer": 0, "hint": "", "image": None,
+               "split": "train"}})
+    dump(f"{d}/pid_splits.json", {"train": ["p3"], "val": [], "test": ["p1", "p2"]})
+    png(f"{d}/images/test/p1/image.png")
+    # p1 "B" correct (image question); p2 "B." fails LLaVA's rule (2 chars) -> accuracy 0.5, IMG accuracy 1.0
+    return [{"question_id": "p1", "text": "B"}, {"question_id": "p2", "text": "B."}], \
+        {"accuracy": 0.5, "img_accuracy": 1.0}
+
+
+def b64png(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def make_mmbench(d):
+    cols = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "source", "l2-category",
+            "comment", "split", "image"]
+    rows = [[0, "Animal?", "", "cat", "dog", "bird", "", "A", "attr", "s", "l2", "", "dev", b64png((1, 2, 3))],
+            [1000000, "Animal?", "", "dog", "bird", "cat", "", "C", "attr", "s", "l2", "", "dev", b64png((1, 2, 3))],
+            [1, "Color?", "A hint.", "red", "blue", "", "", "B", "color", "s", "l2", "", "dev", b64png((0, 0, 255))],
+            [1000001, "Color?", "A hint.", "blue", "red", "", "", "A", "color", "s", "l2", "", "dev",
+             b64png((0, 0, 255))]]
+    os.makedirs(d, exist_ok=True)
+    with open(f"{d}/mmbench_dev_20230712.tsv", "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(cols)
+        w.writerows(rows)
+    answers = {0: "A", 1000000: "The answer is (C).", 1: "B", 1000001: "B"}  # question 1's copy is wrong
+    preds = [dict(zip(cols[:-1], r[:-1]), prediction=answers[r[0]]) for r in rows]
+    return preds, {"circular_accuracy": 0.5, "single_pass_accuracy": 1.0,
+                   "per_category": {"attr": 1.0, "color": 0.0}}
+
+
+def make_pope(d):
+    for cat, labels in (("random", ["yes", "no"]), ("popular", ["yes", "no"])):
+        jsonl(f"{d}/coco_pope_{cat}.json", [{"question_id": i + 1, "image": f"COCO_val2014_00000000000{i}.jpg",
+                                             "text": "Is there a dog in the image?", "label": lab}
+                                            for i, lab in enumerate(labels)])
+    for i in (0, 1):
+        os.makedirs(f"{d}/val2014", exist_ok=True)
+        Image.new("RGB", (20, 20)).save(f"{d}/val2014/COCO_val2014_00000000000{i}.jpg")
+    preds = [{"question_id": 1, "category": "random", "text": "Yes"},
+             {"question_id": 2, "category": "random", "text": "No, there is not."},
+             {"question_id": 1, "category": "popular", "text": "no"},
+             {"question_id": 2, "category": "popular", "text": "NO"}]  # "NO" reads as yes under the official rule
+    return preds, {"random": {"accuracy": 1.0, "f1": 1.0, "yes_ratio": 0.5},
+                   "popular": {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.5},
+                   "mean_over_categories": {"accuracy": 0.5, "f1": 0.5, "yes_ratio": 0.5}}
+
+
+def make_hallusionbench(d):
+    items = []
+    for q in HB_ITEMS:
+        no_image = q["category"] == "VS" and q["figure_id"] == "0"
+        name = None if no_image else f"./hallusion_bench/{q['category']}/{q['subcategory']}/{q['set_id']}_" \
+                                     f"{q['figure_id']}.png"
+        items.append({**q, "visual_input": "0" if no_image else "1", "sample_note": "", "gt_answer_details": "",
+                      "filename": name})
+        if name:
+            png(os.path.normpath(os.path.join(d, name)))
+    dump(f"{d}/HallusionBench.json", items)
+    return [{**q, "model_prediction": p} for q, p in zip(items, HB_PREDS)], HB_EXPECTED
+
+
+def make_llava_w(d):
+    jsonl(f"{d}/questions.jsonl", [{"image": "001.jpg", "text": "Describe the image.", "category": "detail",
+                                    "question_id": 0},
+                                   {"image": "001.jpg", "text": "What color?", "category": "conv",
+                                    "question_id": 1}])
+    os.makedirs(f"{d}/images", exist_ok=True)
+    Image.new("RGB", (30, 30), (0, 200, 0)).save(f"{d}/images/001.jpg")
+    return [{"question_id": 0, "text": "A green square."}, {"question_id": 1, "text": "Green."}], {"score": None}
+
+
+def make_entitygrid(d):
+    import entitygrid
+    qs = entitygrid.generate(d, num=4, seed=0, base=48, split="test")
+    preds = [{"id": q["id"], "answer": q["answer"] if i < 3 else "Z"} for i, q in enumerate(qs)]
+    return preds, {"num": 4, "accuracy": 0.75}
+
+
+BUILDERS = {"docvqa": make_docvqa, "infovqa": make_infovqa, "stvqa": make_stvqa, "textvqa": make_textvqa,
+            "chartqa": make_chartqa, "ai2d": make_ai2d, "scienceqa": make_scienceqa, "mmbench": make_mmbench,
+            "pope": make_pope, "hallusionbench": make_hallusionbench, "llava-w": make_llava_w,
+            "entitygrid": make_entitygrid}
+
+
+def test_every_benchmark_has_a_fixture():
+    assert set(BUILDERS) == set(ev.BENCHES)
+
+
+def check_subset(got, expected):
+    for k, v in expected.items():
+        if isinstance(v, dict):
+            check_subset(got[k], v)
+        elif v is None:
+            assert got[k] is None, k
+        else:
+            assert got[k] == pytest.approx(v), k
+
+
+@pytest.mark.parametrize("bench", list(BUILDERS))
+def test_known_predictions_give_known_scores(bench, tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    preds, expected = BUILDERS[bench](data)
+    dump(str(tmp_path / "predictions.json"), preds)
+    metrics = ev.main(["--bench", bench, "--data", data, "--predictions", str(tmp_path / "predictions.json"),
+                       "--out", out])
+    check_subset(metrics, expected)
+    with open(f"{out}/metrics.json") as f:
+        assert json.load(f) == json.loads(json.dumps(metrics))
+    assert not os.path.exists(f"{out}/predictions.json")  # scoring only: no model, no new predictions
+
+
+def test_prompts_follow_llava(tmp_path):
+    """CONVENTIONS 2.10: the user text of each benchmark, as LLaVA-1.5 (or lmms-eval where LLaVA has none) asks it."""
+    d = str(tmp_path)
+    make_textvqa(f"{d}/t"), make_scienceqa(f"{d}/s"), make_mmbench(f"{d}/m"), make_pope(f"{d}/p")
+    make_docvqa(f"{d}/d"), make_chartqa(f"{d}/c")
+    short = "\nAnswer the question using a single word or phrase."
+    letter = "\nAnswer with the option's letter from the given choices directly."
+    assert ev.BENCHES["textvqa"].load(f"{d}/t", "val")[0].prompt == \
+        "How many?\nReference OCR token: STOP, 2" + short
+    assert ev.BENCHES["textvqa"].load(f"{d}/t", "val")[1].prompt == "Is it red?\nReference OCR token: " + short
+    s = ev.BENCHES["scienceqa"].load(f"{d}/s", "test")
+    assert s[0].prompt == "Context: Look.\nWhich?\nA. a\nB. b\nC. c" + letter and s[0].image.endswith("p1/image.png")
+    assert s[1].prompt == "Text only?\nA. x\nB. y" + letter and s[1].image is None
+    m = ev.BENCHES["mmbench"].load(f"{d}/m", "dev")
+    assert m[0].prompt == "Animal?\nA. cat\nB. dog\nC. bird" + letter         # stops at the first empty option
+    assert m[2].prompt == "A hint.\nColor?\nA. red\nB. blue" + letter
+    assert ev.BENCHES["pope"].load(f"{d}/p", "all")[0].prompt == "Is there a dog in the image?" + short
+    assert ev.BENCHES["docvqa"].load(f"{d}/d", "val")[0].prompt == "Title?" + short
+    assert ev.BENCHES["chartqa"].load(f"{d}/c", "test")[0].prompt == "Share?\nAnswer the question with a single word."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors (one line, naming the file and where to get it)
+
+def test_unknown_bench_lists_known_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--bench", "vqav3", "--data", str(tmp_path), "--ckpt", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "vqav3" in err and all(b in err for b in ev.BENCHES)
+
+
+@pytest.mark.parametrize("bench, missing", [("docvqa", "val_v1.0.json"), ("scienceqa", "problems.json"),
+                                             ("pope", "coco_pope_adversarial.json"), ("mmbench", ".tsv"),
+                                             ("hallusionbench", "HallusionBench.json")])
+def test_missing_data_file_is_named(bench, missing, tmp_path):
+    with pytest.raises(SystemExit, match=f"eval.py: error: .*{missing}.*{bench}.*get it from"):
+        ev.main(["--bench", bench, "--data", str(tmp_path), "--ckpt", str(tmp_path)])
+
+
+def test_predictions_missing_questions_is_an_error(tmp_path):
+    preds, _ = make_docvqa(str(tmp_path / "d"))
+    dump(str(tmp_path / "p.json"), preds[:1])
+    with pytest.raises(SystemExit, match="no prediction for 1 of 2 questions"):
+        ev.main(["--bench", "docvqa", "--data", str(tmp_path / "d"), "--predictions", str(tmp_path / "p.json"),
+                 "--out", str(tmp_path / "o")])
+    dump(str(tmp_path / "p.json"), {"not": "a list"})
+    with pytest.raises(SystemExit, match="not a docvqa predictions file"):
+        ev.main(["--bench", "docvqa", "--data", str(tmp_path / "d"), "--predictions", str(tmp_path / "p.json"),
+                 "--out", str(tmp_path / "o")])
+
+
+def test_partial_jsonl_torn_line_is_cut(tmp_path):
+    path = str(tmp_path / "p.jsonl")
+    with open(path, "w") as f:
+        f.write('{"qid": "1", "text": "a"}\n{"qid": "2", "text": "b"}\n{"qid": "3", "te')
+    assert list(ev.read_partial(path)) == ["1", "2"]
+    with open(path) as f:
+        assert f.read() == '{"qid": "1", "text": "a"}\n{"qid": "2", "text": "b"}\n'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With the tiny model (built once per session)
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """Random tiny CLIP + LLaMA + tokenizer (hires.make_tiny_backbones), saved as a checkpoint once per module."""
+    import hires
+    root = tmp_path_factory.mktemp("tiny")
+    texts = ["Is there a dog in the image? Answer the question using a single word or phrase. yes no A B C D"] * 4
+    cfg = hires.make_tiny_backbones(str(root / "base"), texts, seed=0, vocab_size=300, max_slices=4)
+    hires.save_checkpoint(hires.HiResLLaVA(cfg), str(root / "ckpt"))
+    return str(root / "ckpt")
+
+
+class Recorder:
+    """Wraps the real model's generate and records what eval.py asks."""
+
+    def __init__(self, model, calls):
+        self.model, self.calls = model, calls
+
+    def generate(self, images, prompts, **kw):
+        self.calls.append((images, prompts, kw))
+        return self.model.generate(images, prompts, **kw)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls, load = [], ev.load_model
+    monkeypatch.setattr(ev, "load_model", lambda *a: Recorder(load(*a), calls))
+    return calls
+
+
+def run_tiny(bench, data, out, ckpt, *extra):
+    return ev.main(["--bench", bench, "--data", data, "--ckpt", ckpt, "--out", out, "--batch-size", "2",
+                    "--max-new-tokens", "3", *extra])
+
+
+@pytest.mark.parametrize("bench", list(BUILDERS))
+def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    known, _ = BUILDERS[bench](data)
+    b = ev.BENCHES[bench]
+    metrics = run_tiny(bench, data, out, tiny_ckpt)
+    samples = b.load(data, b.split)
+    # the model saw every question once, greedy, with its LLaVA prompt and its image (None only for text-only ones)
+    asked = [(img, p) for images, prompts, kw in recorded for img, p in zip(images, prompts)]
+    assert [p for _, p in asked] == [s.prompt for s in samples]
+    assert all(kw == {"max_new_tokens": 3, "temperature": 0.0} for _, _, kw in recorded)
+    assert all(len(images) <= 2 for images, _, _ in recorded)
+    assert [img is None for img, _ in asked] == [s.image is None for s in samples]
+    assert all(img.mode == "RGB" for img, _ in asked if img is not None)
+    # predictions.json: the official records in the official order, the model's text in the answer field
+    with open(f"{out}/predictions.json") as f:
+        sub = json.load(f)
+    assert [b.qid(e) for e in sub] == [b.qid(s.record) for s in samples]
+    assert sorted(b.qid(e) for e in sub) == sorted(b.qid(e) for e in known)
+    assert all(isinstance(e[b.answer_key], str) for e in sub)
+    with open(f"{out}/predictions.partial.jsonl") as f:
+        assert len(f.readlines()) == len(sub)
+    # scoring the written file reproduces the run's metrics
+    again = ev.main(["--bench", bench, "--data", data, "--predictions", f"{out}/predictions.json",
+                     "--out", str(tmp_path / "rescored")])
+    assert again == metrics and metrics["bad_images"] == 0 and metrics["n"] == len(known)
+    if bench == "llava-w":
+        with open(f"{out}/answers.jsonl") as f:
+            assert [json.loads(line) for line in f] == sub
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_ckpt, recorded):
+    data = str(tmp_path / "data")
+    make_pope(data)  # 4 questions
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    run_tiny("pope", data, full, tiny_ckpt, "--batch-size", "1")
+    run_tiny("pope", data, cut, tiny_ckpt, "--batch-size", "1", "--limit", "2")  # stopped after 2 answers ...
+    with open(f"{cut}/predictions.partial.jsonl", "a") as f:
+        f.write('{"qid": "popular/1", "te')                                       # ... killed mid-write
+    with pytest.raises(SystemExit, match="pass --resume"):
+        run_tiny("pope", data, cut, tiny_ckpt)
+    recorded.clear()
+    run_tiny("pope", data, cut, tiny_ckpt, "--batch-size", "1", "--resume")
+    assert [p for _, prompts, _ in recorded for p in prompts] == ["Is there a dog in the image?" + ev.SHORT] * 2
+    for name in ("predictions.json", "metrics.json", "predictions.partial.jsonl"):
+        with open(f"{full}/{name}") as a, open(f"{cut}/{name}") as b:
+            assert a.read() == b.read(), name
+
+
+def test_bad_image_gives_empty_prediction_and_warning(tmp_path, tiny_ckpt, capsys):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    make_docvqa(data)
+    open(f"{data}/documents/b.png", "wb").close()  # 0-byte image
+    metrics = run_tiny("docvqa", data, out, tiny_ckpt)
+    assert metrics["bad_images"] == 1
+    with open(f"{out}/predictions.json") as f:
+        assert json.load(f)[1] == {"questionId": 9, "answer": ""}
+    printed = capsys.readouterr()
+    assert "warning" in printed.out + printed.err and "b.png" in printed.out + printed.err
+
+
+def test_unfit_checkpoint_is_a_one_line_error(tmp_path, tiny_ckpt):
+    data = str(tmp_path / "data")
+    make_docvqa(data)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(tiny_ckpt):
+        with open(os.path.join(tiny_ckpt, name), "rb") as src, open(bad / name, "wb") as dst:
+            dst.write(src.read())
+    from safetensors.torch import save_file
+    import torch
+    save_file({"not.a.parameter": torch.zeros(3)}, str(bad / "model.safetensors"))
+    with pytest.raises(SystemExit, match="checkpoint does not fit the model"):
+        run_tiny("docvqa", data, str(tmp_path / "o1"), str(bad))
+    with pytest.raises(SystemExit, match="checkpoint folder not found"):
+        run_tiny("docvqa", data, str(tmp_path / "o2"), str(tmp_path / "nowhere"))
