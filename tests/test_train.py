@@ -1,0 +1,162 @@
+"""train.py on the tiny preset: end-to-end stages, schedule, optimizer groups, kill -9 + resume, NaN stop, bad data,
+1 vs 2 processes. CPU, small generated EntityGrid-QA."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import hires  # noqa: E402
+import train  # noqa: E402
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("entitygrid"))
+    return d
+
+
+def tiny_args(out, data_dir, *extra):
+    """Small, fast settings: 48 samples, batch 8 in micro-batches of 4, a small vocabulary."""
+    return ["--out", str(out), "--data-dir", data_dir, "--train-size", "48", "--test-size", "27",
+            "--vocab-size", "400", "--batch1", "8", "--batch2", "8", "--micro-batch", "4", "--threads", "2",
+            "--log-every", "1", *extra]
+
+
+def history(out, stage):
+    with open(os.path.join(out, f"stage{stage}", "history.json")) as f:
+        return [h["loss"] for h in json.load(f)]
+
+
+def test_schedule_matches_hf_cosine_with_warmup():
+    from transformers import get_cosine_schedule_with_warmup
+    total = 100  # warm-up ceil(0.03 * 100) = 3 steps
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=total)
+    hf = []
+    for _ in range(total):
+        hf.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [train.lr_factor(s, total) for s in range(total)]
+    assert ours == pytest.approx(hf, abs=1e-12)
+    assert ours[:4] == pytest.approx([0, 1 / 3, 2 / 3, 1.0])
+    assert train.lr_factor(3 + 97 // 2, total) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(
+        torch.pi * 48 / 97)).item()))
+
+
+def test_stage1_then_stage2_loads_stage1_weights(tmp_path, data_dir):
+    out1, out2 = tmp_path / "s1", tmp_path / "s2"
+    train.main(tiny_args(out1, data_dir, "--stage", "1", "--steps1", "2"))
+    assert len(history(out1, 1)) == 2 and os.path.isfile(out1 / "stage1" / "loss.png")
+    s1 = load_file(out1 / "stage1" / "model.safetensors")
+    # stage 2 with learning rates 0 (and another seed, so a fresh init would differ): it saves what it started from
+    train.main(tiny_args(out2, data_dir, "--stage", "2", "--init", str(out1 / "stage1"), "--steps2", "2",
+                         "--lr2", "0", "--lora-lr", "0", "--seed", "1"))
+    s2 = load_file(out2 / "stage2" / "model.safetensors")
+    assert set(s1) == set(s2) and any("lora_" in k for k in s2) and any(k.startswith("sra.") for k in s2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert len(history(out2, 2)) == 2
+
+
+def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir):
+    args = train.parse_args(tiny_args(tmp_path, data_dir))
+    train.prepare_tiny(args)
+    model = hires.HiResLLaVA(train.model_config(args))
+    for stage in (1, 2):
+        model.set_stage(stage)
+        opt = train.make_optimizer(model, lr=1e-3, lora_lr=5e-4)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        in_opt = [by_id[id(p)] for g in opt.param_groups for p in g["params"]]
+        assert sorted(in_opt) == sorted(trainable)
+        for g in opt.param_groups:
+            names = [by_id[id(p)] for p in g["params"]]
+            assert g["lr"] == (5e-4 if g["name"] == "lora" else 1e-3) and g["weight_decay"] == 0.0
+            assert all(("lora_" in n) == (g["name"] == "lora") for n in names)
+            assert g["betas"] == (0.9, 0.98)
+        assert any("lora_" in n for n in trainable) == (stage == 2)
+
+
+def test_kill9_then_resume_matches_uninterrupted(tmp_path, data_dir):
+    common = ["--stage", "1", "--steps1", "6", "--save-every", "1"]
+    train.main(tiny_args(tmp_path / "full", data_dir, *common))  # also generates the data for the subprocess
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), *tiny_args(killed, data_dir, *common)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "stage1" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not (latest.exists() and latest.read_text() >= "step-0000003") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() < "step-0000006", "the run finished before it was killed"
+    (killed / "stage1" / "checkpoints" / "step-0000009.tmp").mkdir()  # a save cut short: must be ignored
+    train.main(tiny_args(killed, data_dir, *common, "--resume"))
+    assert history(killed, 1) == pytest.approx(history(tmp_path / "full", 1), rel=1e-5)  # float: same ops, same order
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    forward, calls = hires.HiResLLaVA.forward, []
+
+    def poisoned(self, *a, **k):  # steps 1-2 fine (2 micro-batches each), NaN from step 3 on
+        calls.append(1)
+        loss = forward(self, *a, **k)
+        return loss * float("nan") if len(calls) > 4 else loss
+    monkeypatch.setattr(hires.HiResLLaVA, "forward", poisoned)
+    with pytest.raises(SystemExit, match="loss is nan at step 3"):
+        train.main(tiny_args(tmp_path, data_dir, "--stage", "1", "--steps1", "5", "--save-every", "1"))
+    assert (tmp_path / "stage1" / "checkpoints" / "latest").read_text() == "step-0000002"
+
+
+def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
+    args = train.parse_args(tiny_args(tmp_path, data_dir))
+    train.prepare_tiny(args)
+    model = hires.HiResLLaVA(train.model_config(args))
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    good = {"id": "g", "image": "ok.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+    bad = [{"id": 1, "image": "nope.png", "conversations": good["conversations"]},
+           {"id": 2, "image": "corrupt.png", "conversations": good["conversations"]},
+           {"id": 3, "image": "ok.png", "conversations": []},
+           {"id": 4, "conversations": good["conversations"]},
+           {"id": 5, "image": "ok.png", "conversations": [
+               {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "red"}]},
+           {"id": 6, "image": "ok.png", "conversations": [
+               {"from": "human", "value": "<image>\n" + "word " * 400}, {"from": "gpt", "value": "red"}]},
+           {"id": 7, "image": "ok.png", "conversations": [
+               {"from": "human", "value": "<image>\nWhy?"}, {"from": "gpt", "value": "red " * 400}]}]
+    items = [x for b in bad for x in (b, good)]  # each bad sample is followed by a good one
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(items))
+    data = train.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, max_len=256)
+    batch = train.collate([data[i] for i in range(len(data))])
+    assert dict(batch["skipped"]) == {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
+                                      "<image> without an image": 1, "image without <image> (prepended)": 1,
+                                      "too long (truncated)": 2}
+    assert all(len(ids) <= 256 for ids in batch["input_ids"])
+    assert len(batch["input_ids"]) == len(items)  # every bad one was replaced, so batches keep their size
+    loss = model(batch["input_ids"], batch["labels"], batch["images"])
+    assert torch.isfinite(loss)
+
+
+def test_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
+    common = ["--stage", "1", "--steps1", "3", "--threads", "1"]
+    train.main(tiny_args(tmp_path / "one", data_dir, *common))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    os.path.join(ROOT, "train.py"), *tiny_args(tmp_path / "two", data_dir, *common)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    # same micro-batches, gradients averaged in a different order: equal up to float rounding
+    assert history(tmp_path / "two", 1) == pytest.approx(history(tmp_path / "one", 1), rel=1e-4)

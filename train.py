@@ -1,0 +1,584 @@
+"""Two-stage HiRes-LLaVA training (HIRES_LLAVA.md 6) on LLaVA's data format, single process or torchrun DDP.
+
+Stage 1 trains the Self-Mining Sampler and projector on captions (LLaVA's `plain` template); stage 2 trains the
+SliceRestore Adapter, sampler, projector and LoRA on instructions (`vicuna_v1`), starting from a stage-1 checkpoint.
+AdamW, warm-up over the first 3% of steps then cosine, no weight decay, gradient accumulation to a global batch.
+Checkpoints hold the trainable tensors only (hires.save_checkpoint) plus optimizer moments, step and RNG states, all
+safetensors/JSON, written atomically; --resume continues from the last complete one.
+
+`python train.py` (no arguments) runs the tiny preset on CPU end to end: generates EntityGrid-QA, trains both stages,
+evaluates on the test split and writes metrics.json. `torchrun --nproc_per_node N train.py ...` runs DDP.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections import Counter
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import clip
+import entitygrid
+import hires
+import llama
+
+ADAM_BETAS = (0.9, 0.98)  # design choice: the paper's betas are lost in our copy (HIRES_LLAVA.md 6)
+PRESETS = {  # every value is a command-line default; see --help
+    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=64, lora_alpha=64, max_len=512,
+                 lr1=1e-3, lr2=1e-3, lora_lr=1e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=2,
+                 train_size=1536, test_size=540, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0),
+    "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=2048,
+                  lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=16, epochs1=1, epochs2=1,
+                  train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4),
+}
+SKIP_REASONS = ("missing image", "bad image", "empty or malformed conversation", "<image> without an image",
+                "image without <image> (prepended)", "too long (truncated)")
+
+
+class TrainError(Exception):
+    """A one-line, user-facing problem that stops the run (bad flag, missing file, non-finite loss)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: LLaVA's JSON (CONVENTIONS.md 3.1) -> token ids + labels (llama.encode_conversation) + preprocessed image
+
+class LlavaData(torch.utils.data.Dataset):
+    """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
+    is counted under its SKIP_REASONS entry and replaced by the next usable one, so batches keep their size."""
+
+    def __init__(self, path, folder, tokenizer, template, preprocess, max_len):
+        try:
+            with open(path) as f:
+                self.items = json.load(f)
+        except (OSError, ValueError) as e:
+            raise TrainError(f"{path}: cannot read LLaVA training data ({e})") from None
+        if not isinstance(self.items, list) or not self.items:
+            raise TrainError(f"{path}: expected a non-empty JSON list of {{id, image, conversations}} samples")
+        self.folder, self.tokenizer, self.template = folder, tokenizer, template
+        self.preprocess, self.max_len = preprocess, max_len
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        skipped = []
+        for j in range(i, i + len(self.items)):
+            sample, reason = self.encode(self.items[j % len(self.items)])
+            if reason:
+                skipped.append(reason)
+            if sample is not None:
+                return sample, skipped
+        raise TrainError(f"no usable sample in the training data (reasons: {Counter(skipped)})")
+
+    def encode(self, item):
+        """-> ((input_ids, labels, image or None), None | reason); a reason with a sample means it was repaired."""
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                                  for t in turns):
+            return None, "empty or malformed conversation"
+        if turns and turns[0].get("from") == "gpt":
+            turns = turns[1:]  # LLaVA drops a leading assistant turn
+        if not any(t.get("from") == "gpt" and t["value"].strip() for t in turns):
+            return None, "empty or malformed conversation"
+        n_image_tokens = sum(t["value"].count("<image>") for t in turns)
+        reason = None
+        if "image" in item and n_image_tokens == 0:
+            reason = "image without <image> (prepended)"
+        elif "image" not in item and n_image_tokens:
+            return None, "<image> without an image"
+        if "image" in item:  # LLaVA's preprocess_multimodal: one "<image>\n" at the start of the first human turn
+            first = turns[0]["value"].replace("<image>", "").strip()
+            turns = [{"from": "human", "value": "<image>\n" + first}] + [
+                {"from": t["from"], "value": t["value"].replace("<image>", "")} for t in turns[1:]]
+        try:
+            ids, labels = llama.encode_conversation(turns, self.tokenizer, self.template)
+        except ValueError:  # roles not alternating human, gpt
+            return None, "empty or malformed conversation"
+        if len(ids) > self.max_len:  # text alone beyond the context: truncate; the model truncates after images too
+            ids, labels, reason = ids[:self.max_len], labels[:self.max_len], "too long (truncated)"
+            if all(x == llama.IGNORE_INDEX for x in labels):
+                return None, "too long (truncated)"
+        image = None
+        if "image" in item:
+            path = os.path.join(self.folder, str(item["image"]))
+            if not os.path.exists(path):
+                return None, "missing image"
+            try:
+                image = self.preprocess(hires.load_image(path))
+            except hires.ImageError as e:
+                warnings.warn(str(e))
+                return None, "bad image"
+        return (ids, labels, image), reason
+
+
+def collate(batch):
+    """[(sample, skipped reasons)] -> dict of lists for HiResLLaVA.forward plus the skip counts."""
+    samples = [s for s, _ in batch]
+    return dict(input_ids=[s[0] for s in samples], labels=[s[1] for s in samples], images=[s[2] for s in samples],
+                skipped=Counter(r for _, reasons in batch for r in reasons))
+
+
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches, step by step, from a seeded per-epoch permutation shared by all ranks.
+
+    Like DistributedSampler it shards one permutation by rank, but at micro-batch granularity: step s takes the
+    next `global_batch` indices, cut into micro-batches; micro-batch j goes to rank j % world. A global batch is thus
+    the same micro-batches whatever the number of processes, so 1 and 2 processes give the same gradients.
+    """
+
+    def __init__(self, n, global_batch, micro_batch, rank, world, seed, start_step=0):
+        self.n, self.gb, self.mb, self.rank, self.world = n, global_batch, micro_batch, rank, world
+        self.seed, self.start_step = seed, start_step
+        self.steps_per_epoch = n // global_batch
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            batch = perm[k * self.gb:(k + 1) * self.gb]
+            for j in range(self.rank, self.gb // self.mb, self.world):
+                yield batch[j * self.mb:(j + 1) * self.mb]
+            step += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedule, optimizer, checkpoints
+
+def lr_factor(step, total_steps, warmup_ratio=0.03):
+    """Linear warm-up over the first warmup_ratio of the steps, then cosine to 0 (HF get_cosine_schedule_with_warmup,
+    as LLaVA uses it): step 0 has factor 0."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, lr, lora_lr):
+    """AdamW over the trainable parameters only: LoRA (names with 'lora_') at lora_lr, the rest at lr, no decay."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [dict(params=[p for n, p in named if "lora_" in n], lr=lora_lr, base_lr=lora_lr, name="lora"),
+              dict(params=[p for n, p in named if "lora_" not in n], lr=lr, base_lr=lr, name="other")]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=ADAM_BETAS, weight_decay=0.0)
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
+    """ckpt_dir/step-N/: hires checkpoint + optimizer.safetensors + rng.safetensors + trainer.json, built in a temp
+    dir and renamed; then the `latest` pointer is replaced; then old checkpoints beyond `keep` are removed."""
+    name = f"step-{step:07d}"
+    final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hires.save_checkpoint(model, tmp)
+    index = {id(p): n for n, p in model.named_parameters()}
+    moments = {f"{index[id(p)]}.{k}": v.detach().cpu().contiguous()
+               for p, state in opt.state.items() for k, v in state.items()}
+    save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+    save_file(rng_states, os.path.join(tmp, "rng.safetensors"))
+    write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(dict(trainer, step=step), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(os.path.join(ckpt_dir, "latest"), name)  # written last: it names only complete checkpoints
+    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp"))
+    for old in done[:-keep] + [d for d in os.listdir(ckpt_dir) if d.endswith(".tmp")]:  # .tmp: cut-short saves
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def load_state(ckpt_dir, model, opt):
+    """Restore the `latest` checkpoint into model and opt -> (trainer dict, rng tensors); None if there is none."""
+    pointer = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(ckpt_dir, f.read().strip())
+    model.load_trainable_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    moments = load_file(os.path.join(path, "optimizer.safetensors"))
+    for n, p in model.named_parameters():
+        if p.requires_grad and f"{n}.step" in moments:
+            opt.state[p] = {k: moments[f"{n}.{k}"].to(p.device) if k != "step" else moments[f"{n}.{k}"]
+                            for k in ("step", "exp_avg", "exp_avg_sq")}
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f), load_file(os.path.join(path, "rng.safetensors"))
+
+
+def draw_loss_curve(losses, png, title):
+    """Loss per step as a PNG drawn with Pillow (matplotlib is not a dependency)."""
+    from PIL import Image, ImageDraw
+    W, H, pad = 640, 360, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle((pad, pad, W - pad, H - pad), outline=(160, 160, 160))
+    lo, hi = min(losses), max(losses)
+    x = lambda i: pad + (W - 2 * pad) * i / max(1, len(losses) - 1)
+    y = lambda v: H - pad - (H - 2 * pad) * (v - lo) / max(1e-9, hi - lo)
+    d.line([(x(i), y(v)) for i, v in enumerate(losses)], fill=(30, 70, 210), width=2)
+    d.text((pad, 10), f"{title}: loss per step (last {losses[-1]:.4f})", fill="black")
+    d.text((4, pad), f"{hi:.3f}", fill="black"), d.text((4, H - pad - 10), f"{lo:.3f}", fill="black")
+    d.text((W - pad - 40, H - pad + 8), f"{len(losses)} steps", fill="black")
+    img.save(png)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one training stage
+
+def train_stage(args, stage, model, data, out_dir, ctx):
+    """Train `model` (already at its starting weights) for one stage; checkpoints under out_dir/checkpoints, the
+    final trainable weights in out_dir (a hires checkpoint). Returns the per-step history."""
+    rank, world, device, master = ctx["rank"], ctx["world"], ctx["device"], ctx["master"]
+    lr, global_batch, epochs, steps = (args.lr1, args.batch1, args.epochs1, args.steps1) if stage == 1 else \
+        (args.lr2, args.batch2, args.epochs2, args.steps2)
+    if global_batch % (args.micro_batch * world):
+        raise TrainError(f"global batch {global_batch} is not a multiple of micro batch {args.micro_batch} x "
+                         f"{world} processes")
+    accum = global_batch // (args.micro_batch * world)
+    if len(data) < global_batch:
+        raise TrainError(f"stage {stage}: {len(data)} samples, fewer than one global batch of {global_batch}")
+    total = steps or epochs * (len(data) // global_batch)
+    model.set_stage(stage)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(model, lr, args.lora_lr)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    start, history, skipped = 0, [], Counter()
+    resumed = load_state(ckpt_dir, model, opt) if args.resume else None
+    if resumed:
+        trainer, rng = resumed
+        start, history = trainer["step"], trainer["history"]
+        skipped = Counter(trainer["skipped"] if master else {})  # a sum over ranks: restored once
+        if f"cpu.rank{rank}" in rng:
+            torch.set_rng_state(rng[f"cpu.rank{rank}"])
+        if master:
+            print(f"stage {stage}: resumed from step {start} ({ckpt_dir})")
+    n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    if master:
+        print(f"stage {stage}: {len(data)} samples, {total} steps of {global_batch} (micro {args.micro_batch} x "
+              f"{accum} accum x {world} proc), trainable {n_train:,} / {n_total:,} params")
+    net = model
+    if world > 1:  # only the trainable tensors take part in DDP: frozen weights are neither broadcast nor reduced
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    sampler = MicroBatchSampler(len(data), global_batch, args.micro_batch, rank, world, args.seed, start)
+    loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
+                                              num_workers=args.num_workers))
+    scaler = torch.amp.GradScaler(enabled=ctx["dtype"] == torch.float16)
+    model.train()
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {stage}", disable=not master)
+    for step in bar:
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, total, args.warmup_ratio)
+        stats = torch.zeros(3, device=device)  # loss, text tokens, samples
+        for micro in range(accum):
+            batch = next(loader)
+            with net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():
+                with autocast(ctx):
+                    loss = net(batch["input_ids"], batch["labels"], batch["images"])
+                scaler.scale(loss / accum).backward()
+            stats += torch.tensor([loss.item() / accum, sum(map(len, batch["input_ids"])), len(batch["labels"])],
+                                  device=device)
+            skipped += batch["skipped"]
+        if world > 1:
+            dist.all_reduce(stats)
+            stats[0] /= world
+        loss = stats[0].item()
+        if not math.isfinite(loss):
+            raise TrainError(f"stage {stage}: loss is {loss} at step {step + 1}; stopped. The last good checkpoint is "
+                             f"kept in {ckpt_dir} (resume with --resume, e.g. with a lower learning rate)")
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        history.append(dict(step=step + 1, loss=loss, lr=opt.param_groups[-1]["lr"], grad_norm=grad_norm,
+                            samples_per_s=stats[2].item() / dt, tokens_per_s=stats[1].item() / dt))
+        if master:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if (step + 1) % args.log_every == 0 or step + 1 == total:
+                h = history[-1]
+                tqdm.write(f"stage {stage} step {step + 1}/{total} loss {loss:.4f} lr {h['lr']:.2e} "
+                           f"grad {grad_norm:.3f} {h['samples_per_s']:.1f} samples/s "
+                           f"{h['tokens_per_s']:.0f} text tok/s")
+        if (step + 1) % args.save_every == 0 or step + 1 == total:
+            skipped_all = reduce_counts(skipped, world, device)
+            rng = gather_rng(world, device)
+            if master:
+                trainer = dict(stage=stage, total_steps=total, world=world, history=history, skipped=skipped_all,
+                               lr_schedule=dict(warmup_ratio=args.warmup_ratio, total_steps=total))
+                save_state(ckpt_dir, model, opt, step + 1, trainer, rng, args.keep)
+                draw_loss_curve([h["loss"] for h in history], os.path.join(out_dir, "loss.png"), f"stage {stage}")
+    bar.close()
+    skipped_all = reduce_counts(skipped, world, device)
+    if master:
+        hires.save_checkpoint(model, out_dir)
+        write_atomic(os.path.join(out_dir, "history.json"), json.dumps(history))
+        print(f"stage {stage}: done, weights in {out_dir}; skipped/repaired samples: "
+              f"{dict(skipped_all) or 'none'} (sum over all samples drawn)")
+    return history, skipped_all
+
+
+def reduce_counts(counter, world, device):
+    """Sum the per-rank skip counters (a fixed vector of SKIP_REASONS) -> dict."""
+    v = torch.tensor([counter[r] for r in SKIP_REASONS], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(v)
+    return {r: int(c) for r, c in zip(SKIP_REASONS, v.tolist()) if c}
+
+
+def gather_rng(world, device):
+    """Every rank's torch CPU RNG state as tensors {cpu.rank<r>: uint8}, gathered to all ranks."""
+    state = torch.get_rng_state()
+    if world == 1:
+        return {"cpu.rank0": state}
+    states = [torch.empty_like(state, device=device) for _ in range(world)]
+    dist.all_gather(states, state.to(device))
+    return {f"cpu.rank{r}": s.cpu() for r, s in enumerate(states)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiny preset: generated data and random base models written in their real formats
+
+def entitygrid_captions(questions):
+    """Stage-1 captions for EntityGrid-QA images (plain template): each entity's name and its cell."""
+    return [{"id": q["id"], "image": q["image"], "conversations": [
+        {"from": "human", "value": "<image>"},
+        {"from": "gpt", "value": ", ".join(f"{e} in cell {c}" for e, c in zip(q["entities"], q["positions"]))}]}
+        for q in questions]
+
+
+def prepare_tiny(args):
+    """Generate EntityGrid-QA train/test under args.data_dir when missing, stage-1 captions, a sentencepiece model
+    trained on the training text, a random tiny CLIP tower and tiny LLaMA under args.out/base. Master only."""
+    for split, num in (("train", args.train_size), ("test", args.test_size)):
+        d = os.path.join(args.data_dir, split)
+        if not os.path.isfile(os.path.join(d, "llava.json")):
+            entitygrid.generate(d, num, args.seed, base=clip.CLIPConfig.from_preset("tiny").image_size, split=split)
+    train_dir = os.path.join(args.data_dir, "train")
+    captions = os.path.join(train_dir, "captions.json")
+    if not os.path.isfile(captions):
+        write_atomic(captions, json.dumps(entitygrid_captions(entitygrid.load_questions(train_dir))))
+    base = os.path.join(args.out, "base")
+    if not os.path.isfile(os.path.join(base, "hires_config.json")):  # written last: the backbones are complete
+        with open(os.path.join(train_dir, "llava.json")) as f:
+            texts = [t["value"] for item in json.load(f) for t in item["conversations"]]
+        with open(captions) as f:
+            texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
+        cfg = hires.make_tiny_backbones(base, texts + [llama.SYSTEM_PROMPT] * 10, args.seed, args.vocab_size)
+        write_atomic(os.path.join(base, "hires_config.json"), json.dumps(dataclasses.asdict(cfg)))
+
+
+def model_config(args):
+    """HiResConfig: the tiny backbones written by prepare_tiny, or --clip/--llm for the paper preset."""
+    if args.preset == "tiny":
+        with open(os.path.join(args.out, "base", "hires_config.json")) as f:
+            paths = {k: v for k, v in json.load(f).items() if k in ("clip_weights", "llm_path", "tokenizer_path")}
+        paths["clip_preset"] = "tiny"
+    else:
+        paths = dict(clip_preset="vit-l-14-336", clip_weights=args.clip, llm_path=args.llm,
+                     tokenizer_path=args.tokenizer or os.path.join(args.llm, "tokenizer.model"))
+    return hires.HiResConfig(**paths, max_slices=args.max_slices, upscale=args.upscale, sampler=args.sampler,
+                             max_length=args.max_len, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                             lora_dropout=args.lora_dropout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EntityGrid-QA evaluation (tiny preset): all ranks generate their share, rank 0 scores
+
+@torch.no_grad()
+def evaluate_entitygrid(model, test_dir, args, ctx):
+    questions = entitygrid.load_questions(test_dir)
+    mine = questions[ctx["rank"]::ctx["world"]]
+    model.eval()
+    preds = {}
+    for i in tqdm(range(0, len(mine), args.eval_batch), desc="eval EntityGrid-QA", disable=not ctx["master"]):
+        chunk = mine[i:i + args.eval_batch]
+        images = [hires.load_image(os.path.join(test_dir, q["image"])) for q in chunk]
+        with autocast(ctx):
+            out = model.generate(images, [entitygrid.format_question(q) for q in chunk],
+                                 max_new_tokens=args.max_new_tokens)
+        preds.update({q["id"]: o for q, o in zip(chunk, out)})
+    if ctx["world"] > 1:
+        parts = [None] * ctx["world"]
+        dist.all_gather_object(parts, preds)
+        preds = {k: v for p in parts for k, v in p.items()}
+    return entitygrid.score(questions, preds), preds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), help="hyper-parameter defaults: 'tiny' (random tiny ViT + LLaMA, "
+      "EntityGrid-QA, CPU minutes; the default without --clip/--llm) or 'paper' (ViT-L-14-336 + Vicuna-7B)")
+    a("--stage", choices=("1", "2", "all"), default="all", help="1: sampler+projector on captions; 2: SRA+sampler+"
+      "projector+LoRA on instructions (needs --init unless 'all'); all: 1 then 2 (then EntityGrid eval for tiny)")
+    a("--out", default=None, help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
+    a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
+    a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")
+    a("--clip", help="open_clip ViT-L-14-336 weights file (paper preset)")
+    a("--llm", help="Vicuna-7B-v1.5 HF directory (paper preset)")
+    a("--tokenizer", help="sentencepiece model (default LLM/tokenizer.model)")
+    a("--data1", help="stage-1 LLaVA JSON (captions; tiny: generated EntityGrid captions)")
+    a("--data2", help="stage-2 LLaVA JSON (instructions; tiny: generated EntityGrid-QA llava.json)")
+    a("--image-folder", help="folder the JSON's image paths are relative to (tiny: the data dir)")
+    a("--data-dir", default="data/entitygrid", help="tiny: where EntityGrid-QA train/ and test/ are (generated "
+      "when missing)")
+    a("--train-size", type=int, help="tiny: number of EntityGrid-QA training questions to generate")
+    a("--test-size", type=int, help="tiny: number of EntityGrid-QA test questions to generate and evaluate")
+    a("--vocab-size", type=int, help="tiny: sentencepiece vocabulary size trained from the data")
+    a("--max-slices", type=int, help="maximum slices per image N (paper 16)")
+    a("--upscale", action=argparse.BooleanOptionalAction, help="double the grid of small images when 4mn <= N")
+    a("--sampler", default="sms", choices=("sms", "qformer", "avgpool"), help="token sampler (paper: sms)")
+    a("--lora-rank", type=int, help="LoRA rank r (paper 128)")
+    a("--lora-alpha", type=float, help="LoRA alpha; scaling alpha/r (paper 256)")
+    a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
+    a("--max-len", type=int, help="LLM context in tokens; longer samples are truncated (paper 2048)")
+    a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
+    a("--lr2", type=float, help="stage-2 learning rate of SRA, sampler, projector (paper 2e-5)")
+    a("--lora-lr", type=float, help="stage-2 learning rate of LoRA (paper 2e-4)")
+    a("--batch1", type=int, help="stage-1 global batch size over all processes (paper 256)")
+    a("--batch2", type=int, help="stage-2 global batch size over all processes (paper 128)")
+    a("--micro-batch", type=int, help="samples per process per forward; gradients are accumulated up to the batch")
+    a("--epochs1", type=int, help="stage-1 epochs (paper 1)")
+    a("--epochs2", type=int, help="stage-2 epochs (paper 1)")
+    a("--steps1", type=int, default=0, help="stage-1 optimizer steps (0: from --epochs1)")
+    a("--steps2", type=int, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
+    a("--warmup-ratio", type=float, default=0.03, help="fraction of the steps with linear warm-up before cosine")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this value")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype on CUDA (auto: bf16 if "
+      "supported else fp16); CPU always fp32")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing in the LLM (7B)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
+    a("--num-workers", type=int, help="DataLoader worker processes per rank")
+    a("--seed", type=int, default=0, help="seed for init, data order and generation")
+    a("--log-every", type=int, default=10, help="print a log line every N steps")
+    a("--save-every", type=int, default=100, help="write a checkpoint every N steps (and at the end)")
+    a("--keep", type=int, default=2, help="number of checkpoints kept")
+    a("--eval-batch", type=int, default=64, help="EntityGrid-QA evaluation batch size")
+    a("--max-new-tokens", type=int, default=4, help="tokens generated per EntityGrid-QA answer")
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("paper" if args.clip or args.llm else "tiny")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.out = args.out or os.path.join("runs", args.preset)
+    if args.preset == "paper" and not (args.clip and args.llm):
+        p.error("the paper preset needs --clip (open_clip ViT-L-14-336 weights file) and --llm (Vicuna-7B-v1.5 "
+                "directory); without both, run the tiny preset (no weight flags)")
+    for flag, path in (("--clip", args.clip), ("--llm", args.llm)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path}: no such file or directory")
+    if args.preset == "paper" and (args.stage != "1" and not args.data2 or args.stage != "2" and not args.data1):
+        p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
+    if args.stage == "2" and not args.init:
+        p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
+    return args
+
+
+def setup(args):
+    """Process group (torchrun sets RANK/WORLD_SIZE), device, threads, dtype -> ctx dict."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    rank = dist.get_rank() if world > 1 else 0
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    dtype = torch.float32
+    if device.type == "cuda" and args.dtype != "fp32":
+        dtype = torch.bfloat16 if args.dtype == "bf16" or args.dtype == "auto" and torch.cuda.is_bf16_supported() \
+            else torch.float16
+    return dict(rank=rank, world=world, device=device, master=rank == 0, dtype=dtype)
+
+
+def autocast(ctx):
+    """bf16/fp16 autocast on CUDA; CPU runs in fp32."""
+    return torch.autocast(ctx["device"].type, dtype=ctx["dtype"]) if ctx["dtype"] != torch.float32 else nullcontext()
+
+
+def barrier(ctx):
+    if ctx["world"] > 1:
+        dist.barrier()
+
+
+def run(args, ctx):
+    tiny, master = args.preset == "tiny", ctx["master"]
+    if tiny:
+        if master:
+            prepare_tiny(args)
+        barrier(ctx)
+        args.data1 = args.data1 or os.path.join(args.data_dir, "train", "captions.json")
+        args.data2 = args.data2 or os.path.join(args.data_dir, "train", "llava.json")
+        args.image_folder = args.image_folder or os.path.join(args.data_dir, "train")
+    torch.manual_seed(args.seed)  # identical trainable init on every rank
+    model = hires.load_checkpoint(args.init) if args.stage == "2" else hires.HiResLLaVA(model_config(args))
+    model.to(ctx["device"])
+    for m in model.modules():
+        if isinstance(m, llama.Llama):
+            m.gradient_checkpointing = args.grad_ckpt
+    model.set_stage(2)  # stage 2 trains a superset of stage 1; everything else is frozen in both
+    for p in model.parameters():  # frozen weights in the autocast dtype (7B: half the memory); trainable stay fp32
+        if not p.requires_grad and ctx["dtype"] != torch.float32:
+            p.data = p.data.to(ctx["dtype"])
+    torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
+    for stage in ([1, 2] if args.stage == "all" else [int(args.stage)]):
+        template = "plain" if stage == 1 else "vicuna_v1"
+        data = LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "", model.tokenizer,
+                         template, model.preprocess, args.max_len)
+        train_stage(args, stage, model, data, os.path.join(args.out, f"stage{stage}"), ctx)
+    if tiny and args.stage != "1":
+        metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, ctx)
+        if master:
+            write_atomic(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
+            write_atomic(os.path.join(args.out, "predictions.json"), json.dumps(preds, indent=1))
+            pt = metrics["per_task"]
+            print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} "
+                  f"(recognition {pt['recognition']:.3f}, position {pt['position']:.3f}, counting "
+                  f"{pt['counting']:.3f}); edge {metrics['edge_accuracy']:.3f} vs other "
+                  f"{metrics['other_accuracy']:.3f}, Discrepancy {metrics['discrepancy']:.3f} "
+                  f"-> {os.path.join(args.out, 'metrics.json')}")
+        return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = setup(args)
+    t0 = time.time()
+    try:
+        result = run(args, ctx)
+    except (TrainError, hires.ImageError, FileNotFoundError) as e:
+        sys.exit(f"train.py: error: {e}")
+    finally:
+        if ctx["world"] > 1:
+            dist.destroy_process_group()
+    if ctx["master"]:
+        print(f"total wall time {time.time() - t0:.1f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
