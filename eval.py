@@ -3,7 +3,8 @@
 Prompts as LLaVA-1.5 (CONVENTIONS.md 2.10), batched greedy generation; every answer is appended to
 OUT/predictions.partial.jsonl as it comes (--resume continues a killed run), then OUT/predictions.json (submission
 format) and OUT/metrics.json (official normalisation, CONVENTIONS.md 1) are written; --predictions rescores a file.
-A bad image (hires.ImageError) is not fatal: an empty prediction, a warning, and a count in metrics "bad_images".
+A bad image (hires.ImageError) or a prompt longer than the context (hires.PromptTooLong) is not fatal: an empty
+prediction, a warning, and a count in metrics "bad_images" / "too_long".
 """
 import argparse
 import base64
@@ -69,8 +70,8 @@ whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't wouldve:
 wouldnt've:wouldn't've wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've
 y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've youll:you'll
 youre:you're youve:you've""".split())
-NUMBER_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-              "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_MAP = dict(zip("none zero one two three four five six seven eight nine ten".split(),
+                  "0 0 1 2 3 4 5 6 7 8 9 10".split()))
 ARTICLES = {"a", "an", "the"}
 PUNCTUATION = list(';/[]"{}()=+\\_-><@`,?!')  # the official 21 characters
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the official typo: removes every "." not before a digit
@@ -231,8 +232,7 @@ def load_json(path, bench, lines=False):
     except json.JSONDecodeError as e:
         raise EvalError(f"{path}: not valid JSON ({e})") from None
 
-def options_text(options):
-    return "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(options))
+options_text = lambda options: "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(options))  # A. ... B. ...
 
 def scorer(metric, per_question):
     """score function averaging per_question(sample, answer) into {metric: mean}."""
@@ -482,7 +482,7 @@ def open_image(sample, tmp):
     return hires.load_image(path)
 
 def generate_all(bench, samples, args, partial):
-    """Answers parallel to samples and the number of bad images; continues from `partial` with --resume."""
+    """Answers parallel to samples and the counts of bad images and over-long prompts; --resume continues."""
     import hires
     import torch
     from tqdm import tqdm
@@ -501,18 +501,22 @@ def generate_all(bench, samples, args, partial):
                         ask.append((s, open_image(s, tmp)))
                     except hires.ImageError as e:  # documented choice: an empty prediction and a warning
                         tqdm.write(f"warning: {e}: empty prediction for question {s.qid}")
-                        done[s.qid] = {"qid": s.qid, "text": "", "error": str(e)}
-                if ask:
-                    with torch.inference_mode():
-                        texts = model.generate([img for _, img in ask], [s.prompt for s, _ in ask],
-                                               max_new_tokens=args.max_new_tokens or bench.max_new_tokens,
-                                               temperature=0.0)
-                    done.update({s.qid: {"qid": s.qid, "text": t.strip()} for (s, _), t in zip(ask, texts)})
+                        done[s.qid] = {"qid": s.qid, "text": "", "error": str(e), "kind": "bad_images"}
+                with torch.inference_mode():  # a prompt beyond the context gets its PromptTooLong as answer
+                    texts = model.generate([img for _, img in ask], [s.prompt for s, _ in ask], temperature=0.0,
+                                           max_new_tokens=args.max_new_tokens or bench.max_new_tokens,
+                                           too_long="return") if ask else []
+                for (s, _), t in zip(ask, texts):
+                    if isinstance(t, hires.PromptTooLong):
+                        tqdm.write(f"warning: {t}: empty prediction for question {s.qid}")
+                        t = {"qid": s.qid, "text": "", "error": str(t), "kind": "too_long"}
+                    done[s.qid] = t if isinstance(t, dict) else {"qid": s.qid, "text": t.strip()}
                 f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
                 f.flush()
                 os.fsync(f.fileno())  # an answer on disk is never generated again
                 bar.update(len(batch))
-    return [done[s.qid]["text"] for s in samples], sum("error" in done[s.qid] for s in samples)
+    kinds = [done[s.qid].get("kind", "bad_images" if "error" in done[s.qid] else "") for s in samples]
+    return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -540,20 +544,19 @@ def parse_args(argv=None):
         epilog="benchmarks: default --split, default --max-new-tokens, expected files in --data DIR:\n" +
                "\n".join(f"  {n:15s} {b.split:5s} {b.max_new_tokens:5d}  {b.files}" for n, b in BENCHES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", required=True, choices=list(BENCHES), help="benchmark to run")
-    p.add_argument("--data", required=True, help="folder holding the benchmark's released files (see below)")
-    p.add_argument("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
-    p.add_argument("--out", help="output folder (default: runs/eval/<bench>)")
-    p.add_argument("--split", help="split to read (default: the benchmark's, listed below)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (bfloat16 there, float32 on cpu)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions generated together (default 8)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N questions (quick checks)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT/predictions.partial.jsonl (without it, an existing "
-                        "partial file is an error)")
-    p.add_argument("--max-new-tokens", type=int, help="generation length cap (default: LLaVA-1.5's for the "
-                   "benchmark, listed below)")
-    p.add_argument("--predictions", help="score this existing predictions.json instead of running a model")
+    a = p.add_argument
+    a("--bench", required=True, choices=list(BENCHES), help="benchmark to run")
+    a("--data", required=True, help="folder holding the benchmark's released files (see below)")
+    a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
+    a("--out", help="output folder (default: runs/eval/<bench>)")
+    a("--split", help="split to read (default: the benchmark's, listed below)")
+    a("--device", default="cpu", help="torch device, e.g. cuda (bfloat16 there, float32 on cpu)")
+    a("--batch-size", type=int, default=8, help="questions generated together (default 8)")
+    a("--limit", type=int, help="evaluate only the first N questions (quick checks)")
+    a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
+      "(without it, an existing partial file is an error)")
+    a("--max-new-tokens", type=int, help="generation length cap (default: LLaVA-1.5's for the benchmark, below)")
+    a("--predictions", help="score this existing predictions.json instead of running a model")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--batch-size and --limit must be >= 1")
@@ -572,9 +575,9 @@ def run(args):
         s.qid = bench.qid(s.record)
     os.makedirs(out, exist_ok=True)
     if args.predictions:
-        answers, bad = read_predictions(args.predictions, bench, samples), 0
+        answers, errors = read_predictions(args.predictions, bench, samples), {"bad_images": 0, "too_long": 0}
     else:
-        answers, bad = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
+        answers, errors = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
         submission = [{**s.record, bench.answer_key: a} for s, a in zip(samples, answers)]
         write_json(os.path.join(out, "predictions.json"), submission)
         if args.bench == "llava-w":  # LLaVA's judge reads JSON lines
@@ -582,7 +585,7 @@ def run(args):
                 f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in submission)
     scores = ({"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
               if any(s.gt is None for s in samples) else bench.score(samples, answers))
-    metrics = {"bench": args.bench, "split": split, "n": len(samples), **scores, "bad_images": bad}
+    metrics = {"bench": args.bench, "split": split, "n": len(samples), **scores, **errors}
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 

@@ -78,6 +78,10 @@ class ImageError(ValueError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 
+class PromptTooLong(ValueError):
+    """A prompt (text + image tokens) that leaves no room in the LLM context for an answer."""
+
+
 def load_image(path):
     """Open an image file as RGB; ImageError naming the file if missing, empty, corrupt or unsupported."""
     path = os.fspath(path)
@@ -440,20 +444,29 @@ class HiResLLaVA(nn.Module):
         return loss
 
     @torch.no_grad()
-    def generate(self, images, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0):
-        """PIL images (or None) and user texts -> answers; vicuna_v1 prompt, left-padded batched generation."""
+    def generate(self, images, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, too_long="raise"):
+        """PIL images (or None) and user texts -> answers; vicuna_v1 prompt, left-padded batched generation.
+        A prompt that fills the LLM context raises PromptTooLong, or with too_long="return" gets it as its answer."""
         pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
         ids = [encode_prompt(p if im is None or "<image>" in p else "<image>\n" + p, self.tokenizer)
                for p, im in zip(prompts, pre)]
-        seqs = self._embed_batch(ids, [None] * len(ids), pre)
-        T = max(len(e) for e, _ in seqs)
-        E = seqs[0][0].new_zeros(len(seqs), T, seqs[0][0].shape[1])               # (B, T, C), left-padded
-        M = torch.zeros(len(seqs), T, dtype=torch.long, device=E.device)
-        for b, (e, _) in enumerate(seqs):
-            E[b, T - len(e):], M[b, T - len(e):] = e, 1
-        out = self.llm.generate(input_embeds=E, attention_mask=M, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id)
-        return [self.tokenizer.decode(o).strip() for o in out]
+        seqs, ctx = self._embed_batch(ids, [None] * len(ids), pre), self.llm.cfg.max_seq_len
+        answers = [PromptTooLong(f"prompt is {len(e)} tokens with its image; the LLM context holds {ctx}, so no "
+                                 f"answer fits") if len(e) >= ctx else None for e, _ in seqs]
+        errors = [a for a in answers if a is not None]
+        if errors and too_long == "raise":
+            raise errors[0]
+        seqs = [s for s, a in zip(seqs, answers) if a is None]
+        if seqs:
+            T = max(len(e) for e, _ in seqs)
+            E = seqs[0][0].new_zeros(len(seqs), T, seqs[0][0].shape[1])           # (B, T, C), left-padded
+            M = torch.zeros(len(seqs), T, dtype=torch.long, device=E.device)
+            for b, (e, _) in enumerate(seqs):
+                E[b, T - len(e):], M[b, T - len(e):] = e, 1
+            out = iter(self.llm.generate(input_embeds=E, attention_mask=M, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id))
+            answers = [self.tokenizer.decode(next(out)).strip() if a is None else a for a in answers]
+        return answers
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     # the model saw every question once, greedy, with its LLaVA prompt and its image (None only for text-only ones)
     asked = [(img, p) for images, prompts, kw in recorded for img, p in zip(images, prompts)]
     assert [p for _, p in asked] == [s.prompt for s in samples]
-    assert all(kw == {"max_new_tokens": 3, "temperature": 0.0} for _, _, kw in recorded)
+    assert all(kw == {"max_new_tokens": 3, "temperature": 0.0, "too_long": "return"} for _, _, kw in recorded)
     assert all(len(images) <= 2 for images, _, _ in recorded)
     assert [img is None for img, _ in asked] == [s.image is None for s in samples]
     assert all(img.mode == "RGB" for img, _ in asked if img is not None)
@@ -383,6 +383,21 @@ def test_bad_image_gives_empty_prediction_and_warning(tmp_path, tiny_ckpt, capsy
         assert json.load(f)[1] == {"questionId": 9, "answer": ""}
     printed = capsys.readouterr()
     assert "warning" in printed.out + printed.err and "b.png" in printed.out + printed.err
+
+
+def test_prompt_longer_than_context_gives_empty_prediction(tmp_path, tiny_ckpt, capsys):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    make_docvqa(data)
+    with open(f"{data}/val_v1.0.json") as f:
+        released = json.load(f)
+    released["data"][0]["question"] = "Title? " * 2000  # far beyond the tiny LLM's 1024-token context
+    dump(f"{data}/val_v1.0.json", released)
+    metrics = run_tiny("docvqa", data, out, tiny_ckpt)  # batch of 2: the other question is still answered
+    assert metrics["too_long"] == 1 and metrics["bad_images"] == 0
+    with open(f"{out}/predictions.json") as f:
+        assert json.load(f)[0] == {"questionId": 7, "answer": ""}
+    printed = capsys.readouterr()
+    assert "warning: prompt is" in printed.out + printed.err and "context holds 1024" in printed.out + printed.err
 
 
 def test_unfit_checkpoint_is_a_one_line_error(tmp_path, tiny_ckpt):
