@@ -35,3 +35,18 @@ def test_real_preset_without_weights_is_clear(tmp_path):
 
 def test_adapter_layers_default():
     assert clip.default_adapter_layers(24) == [18, 19, 20, 21]  # paper's layers 19-22, 1-indexed
+
+
+def test_vit_l_preset_matches_open_clip_vit_l_14_336():
+    """Our ViT-L-14-336 tower has exactly the tensor names and shapes of open_clip's own model's `visual` (the keys
+    an 'openai' checkpoint is loaded strictly against), and its QuickGELU. Built on the meta device: no memory."""
+    import dataclasses
+    import open_clip
+    with torch.device("meta"):
+        ours = clip.build_vision_tower(dataclasses.replace(clip.CLIPConfig.from_preset("vit-l-14-336"),
+                                                           pretrained=False))
+        mc = open_clip.get_model_config("ViT-L-14-336")  # open_clip's own builder; 'openai' weights use QuickGELU
+        ref = open_clip.model._build_vision_tower(mc["embed_dim"], mc["vision_cfg"], quick_gelu=True)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert ours.image_size == ref.image_size == (336, 336) and ours.patch_size == ref.patch_size == (14, 14)
+    assert isinstance(ours.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
