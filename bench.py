@@ -1,0 +1,313 @@
+"""Speed and memory figures for hires-llava, each measured against its reference in one run on this machine.
+
+  python bench.py llama       llama.py vs transformers' LlamaForCausalLM on the same random ~125M-parameter
+                              LLaMA (GQA, fp32, batch 1): prefill tok/s (512-token prompt) and greedy decode
+                              tok/s with KV cache (128 new tokens). Needs transformers (requirements-test.txt).
+  python bench.py hires       the HiRes-LLaVA vision path (ViT + SliceRestore Adapters + Self-Mining Sampler) vs
+                              the plain sliced ViT on one overview + 16-slice image; one SRA vs full joint
+                              self-attention over all slice tokens at 4, 9, 16 slices; peak RSS of a 16-slice
+                              forward in a fresh process. Random weights, CPU-sized ViT (width 384, 336 px, /14).
+  python bench.py entitygrid  EntityGrid-QA generation speed (samples/s) at base 336, pinned to one CPU core.
+  python bench.py all         the three above, in that order.
+
+Every timing is the median of --repeats runs after one warm-up run; the contestants of a table run interleaved
+(a, b, a, b, ...) so a slow phase of the machine hits both. `python bench.py SUBCOMMAND --help` lists the flags.
+"""
+import argparse
+import contextlib
+import io
+import itertools
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def median_times(fns, repeats):
+    """fns: name -> zero-argument callable. One warm-up call each, then `repeats` interleaved rounds.
+    Returns name -> median seconds."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def print_table(headers, rows):
+    cols = list(zip(*([headers] + [[str(x) for x in r] for r in rows])))
+    widths = [max(len(x) for x in col) for col in cols]
+    for r in [headers] + rows:
+        cells = [str(x) for x in r]
+        print("  " + "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]))
+
+
+def machine(threads):
+    cpu = platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s)"
+
+
+def cpu_busy(seconds=1.0):
+    """Fraction of all cores busy (user+system, from /proc/stat) while this process sleeps: other programs' load."""
+    def ticks():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    if not os.path.isfile("/proc/stat"):
+        return None
+    (t0, i0), _, (t1, i1) = ticks(), time.sleep(seconds), ticks()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def rss_mb(reset_peak=False):
+    """(current, peak) resident set size of this process in MB: VmRSS and VmHWM of /proc/self/status (Linux);
+    reset_peak=True first sets the peak back to the current RSS (clear_refs 5). Not ru_maxrss: a spawned child
+    inherits its parent's peak there (Linux keeps the maximum across fork + exec)."""
+    if reset_peak:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith(("VmRSS", "VmHWM"))}
+    return kb["VmRSS"] / 1024, kb["VmHWM"] / 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# llama: llama.py vs transformers, same weights
+
+def bench_llama(args):
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("bench.py llama needs transformers as the reference: pip install -r requirements-test.txt")
+    from llama import Llama, LlamaConfig
+    transformers.utils.logging.disable_progress_bar()
+    heads = args.dim // 64  # head size 64
+    kv_heads = 4 if heads % 4 == 0 else 1  # grouped-query attention
+    cfg = LlamaConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=heads, n_kv_heads=kv_heads,
+                      hidden_dim=256 * max(1, round(args.dim * 8 / 3 / 256)),
+                      max_seq_len=args.prompt_len + args.new_tokens)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        src = Llama(cfg)  # random weights (std 0.02), written once as an HF checkpoint that both sides load
+        n_params = sum(p.numel() for p in src.parameters())
+        src.save_pretrained(d)
+        del src
+        ours = Llama.from_pretrained(d, dtype=torch.float32).eval()
+        hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").eval()
+    print(f"\n== llama: llama.py vs transformers {transformers.__version__} LlamaForCausalLM")
+    print(f"  config: {n_params / 1e6:.0f}M params, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"{cfg.n_kv_heads} kv heads, MLP {cfg.hidden_dim}, vocab {cfg.vocab_size}, fp32, batch 1, "
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens greedy")
+    ids = torch.randint(3, cfg.vocab_size, (1, args.prompt_len))
+    mask = torch.ones_like(ids)
+
+    def run_ours(n):  # eos_id=-1: never stops early, like min_new_tokens on the HF side
+        return ours.generate(ids, max_new_tokens=n, temperature=0.0, eos_id=-1)[0]
+
+    def run_hf(n):
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          use_cache=True, pad_token_id=cfg.pad_id)
+        return out[0, args.prompt_len:].tolist()
+
+    N = args.new_tokens
+    same = run_ours(N) == run_hf(N)
+    # prefill = generate(1 token): one forward of the prompt (last-position logits) + one greedy pick;
+    # decode = generate(N) - generate(1): the N-1 one-token forwards with the KV cache. Same rule for both.
+    t = median_times({"ours1": lambda: run_ours(1), "oursN": lambda: run_ours(N),
+                      "hf1": lambda: run_hf(1), "hfN": lambda: run_hf(N)}, args.repeats)
+    rows, rates = [], {}
+    for name, key in (("llama.py", "ours"), ("transformers", "hf")):
+        t1, tN = t[key + "1"], t[key + "N"]
+        rates[key] = (args.prompt_len / t1, (N - 1) / (tN - t1))
+        rows.append([name, f"{rates[key][0]:.0f}", f"{rates[key][1]:.1f}", f"{1000 * (tN - t1) / (N - 1):.1f}",
+                     f"{tN:.2f}"])
+    rows.append(["speed ratio llama.py/transformers", f"{rates['ours'][0] / rates['hf'][0]:.2f}",
+                 f"{rates['ours'][1] / rates['hf'][1]:.2f}", "", f"{t['hfN'] / t['oursN']:.2f}"])
+    print_table(["", "prefill tok/s", "decode tok/s", "decode ms/tok", f"generate {N} s"], rows)
+    print(f"  (median of {args.repeats}; ratios > 1: llama.py faster; decode target >= 1.0; "
+          f"identical greedy tokens: {'yes' if same else 'NO'})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hires: vision path overhead, SRA vs joint attention, peak memory
+
+def vit_config(args):
+    from clip import CLIPConfig
+    return CLIPConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
+                      layers=args.vit_layers, heads=args.vit_heads, output_dim=args.vit_width, pretrained=False)
+
+
+def vision_path(cfg):
+    """Random frozen tower, SRAs in the default layers (paper's 19-22 of 24, scaled), and an SMS (k=2)."""
+    from clip import VisionTower, default_adapter_layers
+    from hires import SelfMiningSampler, SliceRestoreAdapter
+    torch.manual_seed(0)
+    tower = VisionTower(cfg).eval()
+    adapters = {i: SliceRestoreAdapter(cfg.width, cfg.heads, cfg.grid).eval()
+                for i in default_adapter_layers(cfg.layers)}
+    return tower, adapters, SelfMiningSampler(cfg.width, cfg.heads, cfg.grid, kernel=2).eval()
+
+
+def one_image(cfg, m, n):
+    """Pixels of one image as HiResLLaVA feeds it (overview + m*n slices) and the tower's groups."""
+    return torch.randn(1 + m * n, 3, cfg.image_size, cfg.image_size), [None, (m, n)]
+
+
+@torch.no_grad()
+def hires_peak_rss(args, with_hires):
+    """Runs in a fresh process: build the vision path, run one 16-slice image -> (RSS before, peak during) MB."""
+    torch.set_num_threads(args.threads)
+    cfg = vit_config(args)
+    tower, adapters, sampler = vision_path(cfg)
+    pixels, groups = one_image(cfg, 4, 4)
+    before, _ = rss_mb(reset_peak=True)
+    if with_hires:
+        sampler(tower(pixels, groups, adapters))
+    else:
+        tower(pixels)
+    return before, rss_mb()[1]
+
+
+@torch.no_grad()
+def bench_hires(args):
+    from hires import Attention
+    cfg = vit_config(args)
+    tower, adapters, sampler = vision_path(cfg)
+    L, D = cfg.grid ** 2, cfg.width
+    print("\n== hires: vision path on CPU, random weights")
+    print(f"  ViT: {cfg.image_size} px, patch {cfg.patch_size} ({L} tokens/image), width {D}, {cfg.layers} layers, "
+          f"{cfg.heads} heads; features from block {tower.feature_layer}; SRA in blocks {sorted(adapters)}; SMS k=2")
+
+    pixels, groups = one_image(cfg, 4, 4)
+    t = median_times({"plain": lambda: tower(pixels),
+                      "hires": lambda: sampler(tower(pixels, groups, adapters))}, args.repeats)
+    print("\n  one image = overview + 4x4 slices (17 ViT passes), forward to LLaVA's features:")
+    print_table(["vision path", "seconds", "vs plain"], [
+        ["plain sliced ViT (no SRA, no sampler)", f"{t['plain']:.3f}", "1.00"],
+        ["ViT + SRA + SMS", f"{t['hires']:.3f}", f"{t['hires'] / t['plain']:.3f}"]])
+    print(f"  (median of {args.repeats}; overhead target <= 1.15)")
+
+    sra = next(iter(adapters.values()))
+    joint = Attention(D, cfg.heads).eval()  # q/k/v/o projections + SDPA, the same width and heads as the SRA
+    rows = []
+    for m in (2, 3, 4):
+        p = torch.randn(m * m, L, D)
+        flat = p.reshape(1, m * m * L, D)
+        t = median_times({"sra": lambda: sra(p, (m, m)), "joint": lambda: joint(flat)}, args.repeats)
+        rows.append([f"{m * m} ({m}x{m})", m * m * L, f"{1000 * t['sra']:.1f}", f"{1000 * t['joint']:.1f}",
+                     f"{t['sra'] / t['joint']:.3f}"])
+    print("\n  one SRA module vs one multi-head self-attention layer over all slice tokens of an image:")
+    print_table(["slices", "tokens", "SRA ms", "joint attn ms", "SRA / joint"], rows)
+
+    if not os.path.isfile("/proc/self/clear_refs"):
+        print("\n  peak memory: skipped (needs Linux /proc/self/status and clear_refs)")
+        return
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name, with_hires in (("plain sliced ViT", False), ("ViT + SRA + SMS", True)):
+        with ctx.Pool(1) as pool:  # a fresh interpreter each: no allocator caches from the timings above
+            before, peak = pool.apply(hires_peak_rss, (args, with_hires))
+        rows.append([name, f"{before:.0f}", f"{peak:.0f}", f"{peak - before:.0f}"])
+    print("\n  peak memory of one 16-slice image forward (17 ViT passes, fp32, no grad), fresh process each:")
+    print_table(["vision path", "RSS before MB", "peak RSS in fwd MB", "fwd growth MB"], rows)
+    print("  (RSS before = python + torch + weights + input; peak = VmHWM, reset just before the forward)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entitygrid: generation speed
+
+def bench_entitygrid(args):
+    import entitygrid
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if cores:
+        os.sched_setaffinity(0, {min(cores)})  # one core, as a DataLoader worker or a parallel job gets
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            runs = itertools.count()
+
+            def run():  # a fresh directory each run; the same seed gives the same images
+                with contextlib.redirect_stderr(io.StringIO()):  # no tqdm bar in the table
+                    entitygrid.generate(os.path.join(d, str(next(runs))), args.samples, seed=0, base=args.base)
+            t = median_times({"gen": run}, args.repeats)["gen"]
+    finally:
+        if cores:
+            os.sched_setaffinity(0, cores)
+    pinned = f"pinned to core {min(cores)}" if cores else "not pinned (no sched_setaffinity here)"
+    print(f"\n== entitygrid: EntityGrid-QA generation, Pillow + numpy, {pinned}")
+    print_table(["samples", "base", "canvas", "seconds", "samples/s"],
+                [[args.samples, args.base, f"{2 * args.base}x{2 * args.base}", f"{t:.2f}", f"{args.samples / t:.0f}"]])
+    print(f"  (median of {args.repeats}; PNGs + questions.jsonl + llava.json written to a temp dir; target >= 200/s)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=cores,
+                        help=f"torch intra-op threads, torch.set_num_threads (default: all {cores} cores)")
+    common.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per measurement, after one warm-up run; the median is reported (default 3)")
+    lm = argparse.ArgumentParser(add_help=False)
+    lm.add_argument("--prompt-len", type=int, default=512, help="llama: random prompt length in tokens (default 512)")
+    lm.add_argument("--new-tokens", type=int, default=128, help="llama: greedy new tokens, >= 2 (default 128)")
+    lm.add_argument("--layers", type=int, default=12, help="llama: decoder layers (default 12)")
+    lm.add_argument("--dim", type=int, default=768,
+                    help="llama: model width, a multiple of 64; heads = dim/64, 4 kv heads (1 if heads %% 4), "
+                         "MLP ~8/3 dim rounded to 256 (default 768 -> 12 heads, MLP 2048)")
+    vit = argparse.ArgumentParser(add_help=False)
+    vit.add_argument("--vit-width", type=int, default=384, help="hires: ViT width D (default 384; ViT-L is 1024)")
+    vit.add_argument("--vit-layers", type=int, default=12, help="hires: ViT blocks (default 12; ViT-L is 24)")
+    vit.add_argument("--vit-heads", type=int, default=6, help="hires: ViT attention heads (default 6)")
+    vit.add_argument("--image-size", type=int, default=336, help="hires: base resolution S of overview and slices "
+                                                                 "(default 336)")
+    vit.add_argument("--patch-size", type=int, default=14, help="hires: ViT patch size (default 14)")
+    eg = argparse.ArgumentParser(add_help=False)
+    eg.add_argument("--samples", type=int, default=300, help="entitygrid: samples generated per run (default 300)")
+    eg.add_argument("--base", type=int, default=336, help="entitygrid: base S; images are 2S x 2S (default 336)")
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="bench", required=True, metavar="{llama,hires,entitygrid,all}")
+    helps = {"llama": ("llama.py vs transformers: prefill and decode tok/s", [common, lm]),
+             "hires": ("vision path overhead of SRA+SMS, SRA vs joint attention, peak RSS", [common, vit]),
+             "entitygrid": ("EntityGrid-QA generation samples/s on one core", [common, eg]),
+             "all": ("llama, hires and entitygrid in turn", [common, lm, vit, eg])}
+    for name, (text, parents) in helps.items():
+        sub.add_parser(name, help=text, description=text, parents=parents)
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        ap.error("--repeats and --threads must be >= 1")
+    if args.bench in ("llama", "all") and (args.new_tokens < 2 or args.dim % 64 or args.prompt_len < 1):
+        ap.error("--new-tokens must be >= 2, --prompt-len >= 1 and --dim a multiple of 64")
+    if args.bench in ("hires", "all"):
+        try:
+            vit_config(args)
+        except ValueError as e:
+            ap.error(f"hires ViT flags: {e}")
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine(args.threads)}")
+    busy = cpu_busy()
+    if busy is not None and busy > 0.1:
+        print(f"WARNING: other processes kept {100 * busy:.0f}% of the CPU busy just before the start; "
+              f"they compete with the benchmark, so every figure below is unreliable")
+    benches = {"llama": [bench_llama], "hires": [bench_hires], "entitygrid": [bench_entitygrid],
+               "all": [bench_llama, bench_hires, bench_entitygrid]}[args.bench]
+    for bench in benches:
+        t0 = time.perf_counter()
+        bench(args)
+        print(f"  [{bench.__name__} wall time {time.perf_counter() - t0:.0f} s]")
+
+
+if __name__ == "__main__":
+    main()
