@@ -534,11 +534,11 @@ def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: picture of the slicing
 
-def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=360):
+def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=360, patch=14):
     """Picture: overview (padded square) beside the resized image with its m x n slice grid and the token count."""
     img = to_rgb(img)
     m, n = slice_grid(img.width, img.height, base, max_slices, upscale)
-    per_image = (base // 14 // kernel) ** 2  # ViT-L/14 token grid after the sampler
+    per_image = (base // patch // kernel) ** 2  # ViT token grid after the sampler
     tokens = image_token_count(m, n, per_image)
     cell = max(8, display // max(m, n))
     grid = img.resize((n * cell, m * cell), Image.BICUBIC)
@@ -567,12 +567,13 @@ def main(argv=None):
     ap.add_argument("--max-slices", type=int, default=16, help="maximum number of slices N (default 16)")
     ap.add_argument("--no-upscale", action="store_true", help="do not double the grid of small images")
     ap.add_argument("--kernel", type=int, default=2, help="sampler kernel k, for the token count (default 2)")
+    ap.add_argument("--patch", type=int, default=14, help="ViT patch size, for the token count (default 14)")
     args = ap.parse_args(argv)
     try:
         img = load_image(args.show)
     except ImageError as e:
         raise SystemExit(f"error: {e}")
-    draw_slicing(img, args.base, args.max_slices, not args.no_upscale, args.kernel).save(args.png)
+    draw_slicing(img, args.base, args.max_slices, not args.no_upscale, args.kernel, patch=args.patch).save(args.png)
     print(f"wrote {args.png}")
 
 

@@ -142,3 +142,14 @@ def test_checkpoint_round_trip_and_mismatch(tiny, tmp_path):
         assert torch.equal(v, loaded.trainable_state_dict()[k]), k
     with pytest.raises(ValueError, match="missing"):
         hires.load_checkpoint(tmp_path / "ck", sampler="avgpool")
+
+
+def test_show_draws_the_slicing_png(tmp_path, capsys):
+    Image.new("RGB", (1280, 720), "white").save(tmp_path / "wide.png")
+    hires.main(["--show", str(tmp_path / "wide.png"), "--png", str(tmp_path / "s.png")])
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.format == "PNG" and im.width > 360
+    assert hires.slice_grid(1280, 720) == (3, 4)  # the grid the picture draws; 144 tokens/image at k=2, /14
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(SystemExit, match="empty.png"):
+        hires.main(["--show", str(tmp_path / "empty.png")])
