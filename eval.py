@@ -21,7 +21,6 @@ from dataclasses import dataclass
 class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics (CONVENTIONS.md section 1). Each function scores ONE question; the benchmarks average.
 
@@ -70,8 +69,8 @@ whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't wouldve:
 wouldnt've:wouldn't've wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've
 y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've youll:you'll
 youre:you're youve:you've""".split())
-NUMBER_MAP = dict(zip("none zero one two three four five six seven eight nine ten".split(),
-                  "0 0 1 2 3 4 5 6 7 8 9 10".split()))
+NUMBER_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+              "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
 PUNCTUATION = list(';/[]"{}()=+\\_-><@`,?!')  # the official 21 characters
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the official typo: removes every "." not before a digit
@@ -178,7 +177,6 @@ def hallusion_metrics(items, correct):
     pairs = all_correct([key(q, "question_id") for q in items], correct)
     return {"aAcc": mean(correct), "fAcc": mean(figures.values()), "qAcc": mean(pairs.values()), "n": len(items),
             "n_figures": len(figures), "n_question_pairs": len(pairs)}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmarks: official files in (CONVENTIONS 2), LLaVA-1.5's prompts (CONVENTIONS 2.10), submission files out.
@@ -431,7 +429,6 @@ def load_entitygrid(data, split):
     return [Sample({"id": q["id"]}, entitygrid.format_question(q), os.path.join(data, q["image"]), q)
             for q in entitygrid.load_questions(data)]
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
 
@@ -532,7 +529,6 @@ def read_predictions(path, bench, samples):
         raise EvalError(f"{path}: no prediction for {len(missing)} of {len(samples)} questions (first: {missing[0]});"
                         " use the same --split/--limit as the run that wrote it")
     return [preds[s.qid] for s in samples]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
