@@ -120,11 +120,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nkv, L, hs)
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves nh/nkv query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, L, hs)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, L, hs)
         causal = mask is None and T > 1  # T == 1 (a decode step with no padding) sees every cached key
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hs)
+        # grouped-query attention: each kv head serves nh/nkv query heads, without copying the cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
