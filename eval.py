@@ -445,9 +445,10 @@ def read_partial(path):
     records, good = {}, 0
     for line in data.split(b"\n")[:-1]:  # what follows the last newline is incomplete by construction
         try:
-            records[json.loads(line)["qid"]] = json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
             break
+        records[record["qid"]] = record
         good += len(line) + 1
     if good != len(data):
         with open(path, "r+b") as f:
@@ -458,8 +459,6 @@ def load_model(ckpt, device="cpu"):
     """hires.load_checkpoint in eval mode, with one-line errors for a missing or non-fitting checkpoint."""
     import hires
     import torch
-    if not ckpt:
-        raise EvalError("--ckpt is required unless --predictions is given")
     if not os.path.isdir(ckpt):
         raise EvalError(f"{ckpt}: checkpoint folder not found (train.py writes one)")
     try:
@@ -483,6 +482,10 @@ def generate_all(bench, samples, args, partial):
     import hires
     import torch
     from tqdm import tqdm
+
+    def failed(s, error, kind):  # documented choice: an empty prediction, a warning, a count under `kind`
+        tqdm.write(f"warning: {error}: empty prediction for question {s.qid}")
+        return {"qid": s.qid, "text": "", "error": str(error), "kind": kind}
     if os.path.exists(partial) and not args.resume:
         raise EvalError(f"{partial} exists from an earlier run: pass --resume to continue it, or delete it")
     done = read_partial(partial) if os.path.exists(partial) else {}
@@ -496,23 +499,20 @@ def generate_all(bench, samples, args, partial):
                 for s in batch:
                     try:
                         ask.append((s, open_image(s, tmp)))
-                    except hires.ImageError as e:  # documented choice: an empty prediction and a warning
-                        tqdm.write(f"warning: {e}: empty prediction for question {s.qid}")
-                        done[s.qid] = {"qid": s.qid, "text": "", "error": str(e), "kind": "bad_images"}
+                    except hires.ImageError as e:
+                        done[s.qid] = failed(s, e, "bad_images")
                 with torch.inference_mode():  # a prompt beyond the context gets its PromptTooLong as answer
                     texts = model.generate([img for _, img in ask], [s.prompt for s, _ in ask], temperature=0.0,
                                            max_new_tokens=args.max_new_tokens or bench.max_new_tokens,
                                            too_long="return") if ask else []
-                for (s, _), t in zip(ask, texts):
-                    if isinstance(t, hires.PromptTooLong):
-                        tqdm.write(f"warning: {t}: empty prediction for question {s.qid}")
-                        t = {"qid": s.qid, "text": "", "error": str(t), "kind": "too_long"}
-                    done[s.qid] = t if isinstance(t, dict) else {"qid": s.qid, "text": t.strip()}
+                for (s, _), t in zip(ask, texts):  # hires.generate returns the answers stripped
+                    done[s.qid] = failed(s, t, "too_long") if isinstance(t, hires.PromptTooLong) else \
+                        {"qid": s.qid, "text": t}
                 f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
                 f.flush()
                 os.fsync(f.fileno())  # an answer on disk is never generated again
                 bar.update(len(batch))
-    kinds = [done[s.qid].get("kind", "bad_images" if "error" in done[s.qid] else "") for s in samples]
+    kinds = [done[s.qid].get("kind") for s in samples]
     return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}
 
 def read_predictions(path, bench, samples):
@@ -556,6 +556,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--batch-size and --limit must be >= 1")
+    if not args.ckpt and not args.predictions:
+        p.error("--ckpt is required unless --predictions is given")
     return args
 
 def run(args):

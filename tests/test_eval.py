@@ -53,8 +53,7 @@ def make_infovqa(d):
         {"questionId": 2, "question": "Q2?", "image_local_name": "2.jpeg", "ocr_output_file": "2.json",
          "answers": ["yes", "y"]}]})
     for i in (1, 2):
-        os.makedirs(f"{d}/infographicsvqa_images", exist_ok=True)
-        Image.new("RGB", (30, 50), (i * 50, 0, 0)).save(f"{d}/infographicsvqa_images/{i}.jpeg")
+        png(f"{d}/infographicsvqa_images/{i}.jpeg", (i * 50, 0, 0), (30, 50))
     return [{"questionId": 1, "answer": "ab"}, {"questionId": 2, "answer": "no"}], {"anls": 0.25}  # (0.5 + 0) / 2
 
 
@@ -73,8 +72,7 @@ def make_textvqa(d):
                                          "data": [{**r, "question_tokens": [], "set_name": "val"} for r in rows]})
     dump(f"{d}/TextVQA_Rosetta_OCR_v0.2_val.json", {"data": [{"image_id": "ab12", "ocr_tokens": ["STOP", "2"]}]})
     for r in rows:
-        os.makedirs(f"{d}/train_images", exist_ok=True)
-        Image.new("RGB", (32, 32), (9, 9, 9)).save(f"{d}/train_images/{r['image_id']}.jpg")
+        png(f"{d}/train_images/{r['image_id']}.jpg", (9, 9, 9), (32, 32))
     # "Two" -> "2" matches 3 humans: 0.9; "no" matches none: 0 -> 0.45
     return [{"question_id": 10, "answer": "Two"}, {"question_id": 11, "answer": "no"}], {"accuracy": 0.45}
 
@@ -152,8 +150,7 @@ def make_pope(d):
                                              "text": "Is there a dog in the image?", "label": lab}
                                             for i, lab in enumerate(labels)])
     for i in (0, 1):
-        os.makedirs(f"{d}/val2014", exist_ok=True)
-        Image.new("RGB", (20, 20)).save(f"{d}/val2014/COCO_val2014_00000000000{i}.jpg")
+        png(f"{d}/val2014/COCO_val2014_00000000000{i}.jpg", (0, 0, 0), (20, 20))
     preds = [{"question_id": 1, "category": "random", "text": "Yes"},
              {"question_id": 2, "category": "random", "text": "No, there is not."},
              {"question_id": 1, "category": "popular", "text": "no"},
@@ -182,8 +179,7 @@ def make_llava_w(d):
                                     "question_id": 0},
                                    {"image": "001.jpg", "text": "What color?", "category": "conv",
                                     "question_id": 1}])
-    os.makedirs(f"{d}/images", exist_ok=True)
-    Image.new("RGB", (30, 30), (0, 200, 0)).save(f"{d}/images/001.jpg")
+    png(f"{d}/images/001.jpg", (0, 200, 0), (30, 30))
     return [{"question_id": 0, "text": "A green square."}, {"question_id": 1, "text": "Green."}], {"score": None}
 
 
@@ -256,6 +252,12 @@ def test_unknown_bench_lists_known_ones(tmp_path, capsys):
         ev.main(["--bench", "vqav3", "--data", str(tmp_path), "--ckpt", str(tmp_path)])
     err = capsys.readouterr().err
     assert "vqav3" in err and all(b in err for b in ev.BENCHES)
+
+
+def test_ckpt_or_predictions_is_required(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # at argument parsing, before any data is read
+        ev.main(["--bench", "docvqa", "--data", str(tmp_path / "nowhere")])
+    assert "--ckpt is required unless --predictions is given" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bench, missing", [("docvqa", "val_v1.0.json"), ("scienceqa", "problems.json"),
@@ -381,8 +383,23 @@ def test_bad_image_gives_empty_prediction_and_warning(tmp_path, tiny_ckpt, capsy
     assert metrics["bad_images"] == 1
     with open(f"{out}/predictions.json") as f:
         assert json.load(f)[1] == {"questionId": 9, "answer": ""}
+    with open(f"{out}/predictions.partial.jsonl") as f:  # recorded too: --resume does not try it again
+        assert [json.loads(line)["qid"] for line in f] == ["7", "9"]
     printed = capsys.readouterr()
     assert "warning" in printed.out + printed.err and "b.png" in printed.out + printed.err
+
+
+def test_default_generation_length_is_the_benchmarks(tmp_path, monkeypatch):
+    calls = []
+
+    class Fixed:  # stands in for the model: only the generation settings matter here
+        def generate(self, images, prompts, **kw):
+            calls.append(kw["max_new_tokens"])
+            return ["0.5"] * len(prompts)
+    monkeypatch.setattr(ev, "load_model", lambda *a: Fixed())
+    make_chartqa(str(tmp_path / "d"))
+    ev.main(["--bench", "chartqa", "--data", str(tmp_path / "d"), "--ckpt", "unused", "--out", str(tmp_path / "o")])
+    assert calls == [16]  # lmms-eval's ChartQA length (Bench.max_new_tokens), no --max-new-tokens given
 
 
 def test_prompt_longer_than_context_gives_empty_prediction(tmp_path, tiny_ckpt, capsys):

@@ -64,6 +64,14 @@ def test_evalai_normalize(raw, normalised):
     assert ev.evalai_normalize(raw) == normalised
 
 
+@pytest.mark.parametrize("raw, out", [
+    ("x-y 1,000", "xy 1000"),  # a digit-comma-digit anywhere: every punctuation mark is deleted
+    ("x-y 1,a", "x y 1 a"),    # none: a mark with no space beside it becomes a space
+])
+def test_process_punctuation_digit_comma(raw, out):
+    assert ev.process_punctuation(raw) == out
+
+
 def test_contractions_table_is_complete():
     assert len(ev.CONTRACTIONS) == 120
     assert ev.CONTRACTIONS["yall'd've"] == "y'all'd've" and ev.CONTRACTIONS["twas"] == "'twas"
