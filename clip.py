@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock, VisionTransformer
 
+from llama import atomic_write
+
 # OpenAI CLIP preprocessing (open_clip constants OPENAI_DATASET_MEAN/STD); images are RGB in [0, 1] before this.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -120,9 +122,7 @@ def save_vision_tower(vit, path):
     """Write vit as a full-CLIP-style safetensors file (`visual.` keys), the format read_vision_state_dict reads."""
     from safetensors.torch import save_file
     sd = {"visual." + k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(sd, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: save_file(sd, f))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 
 from clip import CLIP_MEAN, CLIP_STD, CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, \
     save_vision_tower
-from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenizer, apply_lora, encode_prompt,
-                   train_tokenizer)
+from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenizer, apply_lora, atomic_write,
+                   encode_prompt, train_tokenizer)
 
 OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
 # separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD; HIRES_LLAVA.md 2.6)
@@ -53,7 +53,8 @@ class HiResConfig:
     lora_dropout: float = 0.05      # LLaVA's LoRA dropout (design choice)
 
     def __post_init__(self):
-        layers = CLIPConfig.from_preset(self.clip_preset).layers
+        clip_cfg = CLIPConfig.from_preset(self.clip_preset)
+        layers = clip_cfg.layers
         if self.sra_layers is None:
             self.sra_layers = default_adapter_layers(layers)
         self.sra_layers = sorted(int(i) for i in self.sra_layers)
@@ -61,7 +62,7 @@ class HiResConfig:
             raise ValueError(f"sra_layers {self.sra_layers} must lie before the feature block {layers - 2}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} not in {SAMPLERS}")
-        if self.kernel < 1 or CLIPConfig.from_preset(self.clip_preset).grid % self.kernel:
+        if self.kernel < 1 or clip_cfg.grid % self.kernel:
             raise ValueError(f"kernel {self.kernel} must divide the ViT token grid")
         if not (self.slices or self.overview):
             raise ValueError("at least one of slices and overview must be on")
@@ -163,11 +164,10 @@ def preprocess_image(img, base=336, max_slices=16, upscale=True, slices=True):
     return overview, tiles.reshape(m * n, 3, base, base), (m, n)
 
 
-def image_token_count(rows, cols, per_image, overview=True, sep_lens=(1, 1, 1)):
-    """LLM tokens one image takes: overview, separator (a), slices with (b) between and (c) after each row."""
-    n_sl = rows * cols
-    return (per_image + sep_lens[0] * (n_sl > 0) if overview else 0) + n_sl * per_image \
-        + rows * (cols - 1) * sep_lens[1] + rows * sep_lens[2]
+def image_token_count(rows, cols, per_image):
+    """LLM tokens one image takes: overview, separator (a), slices with (b) between and (c) after each row
+    (one-token separators, as "\n" and "," are for LLaMA's tokenizer)."""
+    return per_image + (rows * cols > 0) + rows * cols * per_image + rows * cols
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ class HiResLLaVA(nn.Module):
         return {k: p.detach() for k, p in self.named_parameters() if self._is_adapter(k)}
 
     def load_trainable_state_dict(self, sd):
-        own = dict((k, p) for k, p in self.named_parameters() if self._is_adapter(k))
+        own = self.trainable_state_dict()  # detached views: copying into them fills the parameters
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match this model config: missing {missing[:5]}"
@@ -362,9 +362,8 @@ class HiResLLaVA(nn.Module):
         bad = [k for k in own if own[k].shape != sd[k].shape]
         if bad:
             raise ValueError(f"checkpoint shapes do not match this model config: {bad[:5]}")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(sd[k])
+        for k, p in own.items():
+            p.copy_(sd[k])
 
     # --- images to LLM embeddings
     def preprocess(self, img):
@@ -376,24 +375,25 @@ class HiResLLaVA(nn.Module):
         """List of preprocess() tuples -> list of (T_i, C) embeddings: overview, (a), slices row-major with (b)
         between slices and (c) at each row end (paper Fig. 2a). All images of the batch go through one ViT call."""
         cfg, device = self.cfg, self.llm.model.embed_tokens.weight.device
-        pixels, groups = [], []
+        pixels, groups, is_overview = [], [], []
         for overview, slices, grid in images:
             if cfg.overview:
                 pixels.append(overview[None])
                 groups.append(None)  # the overview passes the plain ViT (paper 2.4)
+                is_overview.append(True)
             if cfg.slices:
                 pixels.append(slices)
                 groups.append(tuple(grid))
+                is_overview += [False] * len(slices)
         adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
         feats = self.vision(torch.cat(pixels).to(device), groups, adapters)      # (N, L, D)
-        is_overview = torch.tensor([g is None for g in groups for _ in range(1 if g is None else g[0] * g[1])],
-                                   device=device)
         if cfg.sample_overview:
             tokens = list(self.projector(self.sampler(feats)))                   # N x (L/k^2, C)
         else:
-            sampled = iter(self.projector(self.sampler(feats[~is_overview])))
-            raw = iter(self.projector(feats[is_overview]))
-            tokens = [next(raw) if o else next(sampled) for o in is_overview.tolist()]
+            ov = torch.tensor(is_overview, device=device)
+            sampled = iter(self.projector(self.sampler(feats[~ov])))
+            raw = iter(self.projector(feats[ov]))
+            tokens = [next(raw) if o else next(sampled) for o in is_overview]
         sep_a, sep_b, sep_c = (self.llm.embed(torch.tensor([s], device=device))[0] for s in self.seps)  # (k_i, C)
         out, i = [], 0
         for _, _, (m, n) in images:
@@ -434,12 +434,7 @@ class HiResLLaVA(nn.Module):
         """Batch of token lists, label lists and preprocess() tuples (or None) -> mean next-token loss."""
         seqs = self._embed_batch(input_ids, labels, images)
         T = min(max(len(e) for e, _ in seqs), self.cfg.max_length, self.llm.cfg.max_seq_len)
-        E = seqs[0][0].new_zeros(len(seqs), T, seqs[0][0].shape[1])               # (B, T, C), right-padded
-        Lb = torch.full((len(seqs), T), IGNORE_INDEX, device=E.device)
-        M = torch.zeros(len(seqs), T, dtype=torch.long, device=E.device)
-        for b, (e, lab) in enumerate(seqs):
-            t = min(len(e), T)
-            E[b, :t], Lb[b, :t], M[b, :t] = e[:t], lab[:t], 1
+        E, Lb, M = pad_batch(seqs, T)
         _, loss = self.llm(input_embeds=E, attention_mask=M, labels=Lb)
         return loss
 
@@ -458,37 +453,41 @@ class HiResLLaVA(nn.Module):
             raise errors[0]
         seqs = [s for s, a in zip(seqs, answers) if a is None]
         if seqs:
-            T = max(len(e) for e, _ in seqs)
-            E = seqs[0][0].new_zeros(len(seqs), T, seqs[0][0].shape[1])           # (B, T, C), left-padded
-            M = torch.zeros(len(seqs), T, dtype=torch.long, device=E.device)
-            for b, (e, _) in enumerate(seqs):
-                E[b, T - len(e):], M[b, T - len(e):] = e, 1
+            E, _, M = pad_batch(seqs, max(len(e) for e, _ in seqs), left=True)
             out = iter(self.llm.generate(input_embeds=E, attention_mask=M, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id))
             answers = [self.tokenizer.decode(next(out)).strip() if a is None else a for a in answers]
         return answers
 
 
+def pad_batch(seqs, T, left=False):
+    """[(embeds (t, C), labels (t,))] -> embeds (B, T, C), labels (B, T), mask (B, T); each cut to its first T
+    tokens and right-padded (training), or left-padded (generation)."""
+    e0 = seqs[0][0]
+    E = e0.new_zeros(len(seqs), T, e0.shape[1])
+    Lb = torch.full((len(seqs), T), IGNORE_INDEX, device=e0.device)
+    M = torch.zeros(len(seqs), T, dtype=torch.long, device=e0.device)
+    for b, (e, lab) in enumerate(seqs):
+        t = min(len(e), T)
+        at = slice(T - t, T) if left else slice(0, t)
+        E[b, at], Lb[b, at], M[b, at] = e[:t], lab[:t], 1
+    return E, Lb, M
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints and the tiny preset
-
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def save_checkpoint(model, path):
     """Directory with config.json (HiResConfig) and model.safetensors (trainable tensors only), each atomic."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}
-    _atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
+    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
 
     def write_json(p):
         with open(p, "w") as f:
             json.dump(asdict(model.cfg), f, indent=2)
-    _atomic_write(os.path.join(path, "config.json"), write_json)
+    atomic_write(os.path.join(path, "config.json"), write_json)
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, **overrides):

@@ -50,3 +50,27 @@ def test_vit_l_preset_matches_open_clip_vit_l_14_336():
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert ours.image_size == ref.image_size == (336, 336) and ours.patch_size == ref.patch_size == (14, 14)
     assert isinstance(ours.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+@torch.no_grad()
+def test_adapter_sees_ln1_of_its_grid_only():
+    """The SRA branch gets ln_1 of the block input, CLS dropped, for the grid's slices only; a zero branch changes
+    nothing."""
+    torch.manual_seed(0)
+    cfg = clip.CLIPConfig.from_preset("tiny")
+    tower = clip.VisionTower(cfg)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, p, mn):
+            seen.append((p.clone(), mn))
+            return torch.zeros_like(p)
+
+    x = torch.randn(3, 3, cfg.image_size, cfg.image_size)
+    out = tower(x, [None, (1, 2)], {3: Recorder()})
+    h = tower.vit._embeds(x)
+    for blk in tower.vit.transformer.resblocks[:3]:
+        h = blk(h)
+    (p, mn), = seen
+    assert mn == (1, 2) and torch.equal(p, tower.vit.transformer.resblocks[3].ln_1(h)[1:, 1:])
+    assert torch.equal(out, tower(x))

@@ -16,6 +16,8 @@ def test_slice_grid_properties():
     assert hires.slice_grid(2 * S, 2 * S, S, 16, upscale=False) == (2, 2)
     assert hires.slice_grid(2 * S, 2 * S, S, 16, upscale=True) == (4, 4)
     assert hires.slice_grid(1, 1, S) == (2, 2)
+    assert hires.slice_grid(5000, 5000, S, 16) == (4, 4)  # shrunk; equal aspect: the larger grid wins the tie
+    assert hires.slice_grid(10000, 100, S, 16) == (1, 16)
     for w in (1, 7, 335, 336, 337, 1000, 3000, 10000):
         for h in (1, 100, 336, 999, 5000):
             m, n = hires.slice_grid(w, h, S, 16)
@@ -44,9 +46,15 @@ def test_bad_images(tmp_path):
     assert hires.load_image(tmp_path / "ok.png").mode == "RGB"
 
 
-def test_merge_split_identity():
-    p = torch.randn(6, 16, 5)
-    assert torch.equal(hires.split(hires.merge(p, 2, 3, 4, 4), 2, 3, 4, 4), p)
+def test_tiles_and_merge_are_row_major():
+    """merge puts preprocess's slices back where they were cut: pixels as 'tokens' give the resized image back."""
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 48, 3), dtype=np.uint8))
+    _, sl, (m, n) = hires.preprocess_image(img, base=16, max_slices=6, upscale=False)
+    assert (m, n) == (2, 3)
+    p = sl.flatten(2).transpose(1, 2)                                       # (m*n, S*S, 3)
+    full = hires.to_tensor(img.resize((3 * 16, 2 * 16), Image.BICUBIC))    # (3, m*S, n*S)
+    assert torch.equal(hires.merge(p, m, n, 16, 16)[0], full)
+    assert torch.equal(hires.split(hires.merge(p, m, n, 16, 16), m, n, 16, 16), p)
 
 
 def _slice_features(tower, sra, x, grid):
@@ -77,13 +85,18 @@ def test_sms_tokens_and_locality():
         p = torch.randn(1, g * g, D, requires_grad=True)
         out = sms(p)
         assert out.shape == (1, (g // k) ** 2, D)
-        j = 5  # window row 1, col 1 -> tokens (2..3, 2..3)
+        j = 6  # window row 1, col 2 -> tokens (2..3, 4..5)
         (grad,) = torch.autograd.grad(out[0, j].sum(), p)
         mass = grad[0].abs().sum(-1).view(g, g)
-        own = mass[2:4, 2:4].sum()
+        own = mass[2:4, 4:6].sum()
         assert own > 0.5 * mass.sum()
         if window:
             assert own == mass.sum()
+    # the queries (and the avgpool baseline) are the k x k window means, row-major
+    p = torch.randn(2, g * g, D)
+    means = p.view(2, g // k, k, g // k, k, D).mean((2, 4)).flatten(1, 2)
+    assert torch.allclose(hires.SelfMiningSampler(D, 4, g, k).queries(p), means, atol=1e-6)
+    assert torch.allclose(hires.AvgPoolSampler(g, k)(p), means, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -115,19 +128,69 @@ def test_model_stages_grads_generate(tiny, sampler):
         assert torch.isfinite(loss)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable == {n for n, p in model.named_parameters() if p.grad is not None}
-        assert not any(n.startswith("vision.") for n in trainable)
+        allowed = ("sampler.", "projector.") + (("sra.",) if stage == 2 else ())
+        assert all(n.startswith(allowed) or (stage == 2 and "lora_" in n) for n in trainable)  # no ViT, no LLM base
         assert any(n.startswith("sra.") for n in trainable) == (stage == 2)
     out = model.generate([Image.new("RGB", (200, 50)), None], ["what is this?", "hi"], max_new_tokens=3)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
 
 
-def test_token_count_matches_encoding(tiny):
-    cfg, _ = tiny
-    model = hires.HiResLLaVA(cfg)
+@pytest.fixture(scope="module")
+def model(tiny):
+    torch.manual_seed(0)
+    return hires.HiResLLaVA(tiny[0])
+
+
+@torch.no_grad()
+def test_token_layout_and_separators(model):
     im = model.preprocess(Image.new("RGB", (100, 40)))
-    per = (clip.CLIPConfig.from_preset("tiny").grid // cfg.kernel) ** 2
-    m, n = im[2]
-    assert model.encode_images([im])[0].shape[0] == hires.image_token_count(m, n, per)
+    L = clip.CLIPConfig.from_preset("tiny").grid ** 2
+    per, (m, n) = L // model.cfg.kernel ** 2, im[2]
+    assert m > 1 and n > 1
+    out = model.encode_images([im])[0]
+    assert out.shape[0] == hires.image_token_count(m, n, per)
+    a, b, c = (model.llm.embed(torch.tensor([s]))[0] for s in model.seps)
+    assert len(a) == len(b) == len(c) == 1 and not torch.equal(b, c)
+    ends = [per] + [per + 1 + (r * n + j + 1) * (per + 1) - 1 for r in range(m) for j in range(n)]
+    seps = [a] + [b if j < n - 1 else c for r in range(m) for j in range(n)]  # (a), then (b) in a row, (c) at its end
+    for e, sep in zip(ends, seps):
+        assert torch.equal(out[e:e + 1], sep)
+    model.cfg.sample_overview = False  # the overview keeps all L tokens
+    try:
+        assert model.encode_images([im])[0].shape[0] == hires.image_token_count(m, n, per) - per + L
+    finally:
+        model.cfg.sample_overview = True
+
+
+@torch.no_grad()
+def test_sra_changes_the_slices_not_the_overview(model):
+    im = model.preprocess(Image.new("RGB", (100, 40), "red"))
+    per = (clip.CLIPConfig.from_preset("tiny").grid // model.cfg.kernel) ** 2
+    sra, model.sra = model.sra, None
+    try:
+        off = model.encode_images([im])[0]
+    finally:
+        model.sra = sra
+    saved = {k: v.clone() for k, v in sra.state_dict().items()}
+    try:
+        for a in sra.values():
+            torch.nn.init.normal_(a.proj.weight, std=0.1)
+        on = model.encode_images([im])[0]
+    finally:
+        sra.load_state_dict(saved)
+    assert torch.allclose(on[:per], off[:per], atol=1e-6)  # overview: plain ViT (paper 2.4)
+    assert not torch.allclose(on[per + 1:], off[per + 1:], atol=1e-3)
+
+
+def test_splice_places_image_and_masks_its_labels(model):
+    C = model.llm.model.embed_tokens.weight.shape[1]
+    image = torch.randn(7, C)
+    emb, lab = model.splice([1, 5, IMAGE_TOKEN_INDEX, 6, 7], [IGNORE_INDEX, 5, IGNORE_INDEX, 6, 7], image)
+    text = model.llm.embed(torch.tensor([[1, 5, 6, 7]]))[0]
+    assert torch.equal(emb, torch.cat([text[:2], image, text[2:]]))
+    assert lab.tolist() == [IGNORE_INDEX, 5] + [IGNORE_INDEX] * 7 + [6, 7]
+    with pytest.raises(ValueError, match="placeholders"):
+        model.splice([1, 5, 6], None, image)
 
 
 def test_checkpoint_round_trip_and_mismatch(tiny, tmp_path):
