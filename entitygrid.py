@@ -30,7 +30,7 @@ from tqdm import tqdm
 TASKS = ("recognition", "position", "counting")
 CELLS = tuple(range(1, 10))
 EDGE_CELLS = (2, 4, 5, 6, 8)   # crossed by a 2 x 2 slice border (5 by both)
-OTHER_CELLS = (1, 3, 7, 9)     # inside one slice
+OTHER_CELLS = tuple(c for c in CELLS if c not in EDGE_CELLS)  # 1, 3, 7, 9: inside one slice
 LETTERS = "ABCD"
 MC_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's multiple-choice prompt
 MIN_BASE, MAX_BASE = 48, 2048  # a cell of 2*base/3 >= 32 px keeps a 6-letter word ~8 px high
@@ -286,14 +286,20 @@ def schedule(rng, num):
     return [(t, c, letter) for (t, c), letter in zip(pairs[:num], letters[:num])]
 
 
-def generate(out_dir, num, seed, base=336, split="train"):
-    """Write out_dir/images/*.png, questions.jsonl and llava.json; return the question dicts."""
+def check_options(num, base, split):
+    """ValueError naming the first bad generate() argument (the CLI shows it as --name ...)."""
     if num <= 0:
         raise ValueError(f"num must be a positive integer, got {num}")
     if not MIN_BASE <= base <= MAX_BASE:
-        raise ValueError(f"base must be an integer in [{MIN_BASE}, {MAX_BASE}] (a cell is 2*base/3 px), got {base}")
+        raise ValueError(f"base must be in [{MIN_BASE}, {MAX_BASE}] (a 3 x 3 cell of 2*base/3 px must hold a legible "
+                         f"entity), got {base}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def generate(out_dir, num, seed, base=336, split="train"):
+    """Write out_dir/images/*.png, questions.jsonl and llava.json; return the question dicts."""
+    check_options(num, base, split)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = random.Random(f"entitygrid/{split}/{seed}")
     seen, questions = set(), []
@@ -349,12 +355,9 @@ def parse_letter(text):
 
 
 def mean(xs):
+    """Mean of the values that are not None; None if there are none."""
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
-
-
-def mean_of_all(bools):
-    return sum(bools) / len(bools) if bools else None
 
 
 def discrepancy(acc_by_cell):
@@ -376,14 +379,13 @@ def score(questions, predictions):
     hits = {(t, i): [] for t in TASKS for i in CELLS}
     for q in questions:
         hits[q["task"], q["cell"]].append(parse_letter(predictions.get(q["id"], "")) == q["answer"])
-    acc = {k: (sum(v) / len(v) if v else None) for k, v in hits.items()}
+    acc = {k: mean(v) for k, v in hits.items()}
     per_task_position = {t: {i: acc[t, i] for i in CELLS} for t in TASKS}
     per_position = {i: mean(acc[t, i] for t in TASKS) for i in CELLS}
     edge, other, disc = discrepancy(per_position)
-    n_ok = sum(sum(v) for v in hits.values())
     return {
-        "num": len(questions), "accuracy": n_ok / len(questions) if questions else None,
-        "per_task": {t: mean_of_all([x for i in CELLS for x in hits[t, i]]) for t in TASKS},
+        "num": len(questions), "accuracy": mean(x for v in hits.values() for x in v),
+        "per_task": {t: mean(x for i in CELLS for x in hits[t, i]) for t in TASKS},
         "per_position": per_position, "per_task_position": per_task_position,
         "edge_accuracy": edge, "other_accuracy": other, "discrepancy": disc,
         "per_task_discrepancy": {t: discrepancy(per_task_position[t])[2] for t in TASKS}}
@@ -453,11 +455,10 @@ def main(argv=None):
         except OSError as e:
             p.error(f"--png {args.png}: cannot write the contact sheet ({e.strerror or e})")
         return
-    if args.num <= 0:
-        p.error(f"--num must be a positive integer, got {args.num}")
-    if not MIN_BASE <= args.base <= MAX_BASE:
-        p.error(f"--base must be in [{MIN_BASE}, {MAX_BASE}] (a 3 x 3 cell of 2*base/3 px must hold a legible entity), "
-                f"got {args.base}")
+    try:
+        check_options(args.num, args.base, args.split)
+    except ValueError as e:
+        p.error(f"--{e}")
     try:
         questions = generate(args.out, args.num, args.seed, args.base, args.split)
     except OSError as e:

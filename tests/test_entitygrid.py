@@ -85,11 +85,13 @@ def test_answers_recomputed_from_positions_and_names(which, request):
         elif q["task"] == "position":
             assert len(pos) == 2 and names[0] != names[1]
             assert correct == expected_relation(pos[0], pos[1]), q
-            assert q["question"].index(names[0]) < q["question"].index(names[1])
-            assert re.fullmatch(r"Where is the .+ relative to the .+ in the image\?", q["question"])
+            a, b = (f"the number {n}" if re.fullmatch(r"\d\.\d{3}", n) else f'the word "{n}"' if n in eg.WORDS
+                    else f"the {n}" for n in names)
+            assert q["question"] == f"Where is {a} relative to {b} in the image?"
         else:
             assert q["task"] == "counting" and correct == str(len(pos)) and len(set(names)) == 1
-            assert q["question"].startswith("How many") and names[0].split()[-1] in q["question"]
+            thing = re.fullmatch(r"How many (.+) are there in the image\?", q["question"]).group(1)
+            assert thing.startswith(names[0].split()[0]) and thing.endswith("s")  # plural: "red stars", "cars"
             assert len({p in EDGE for p in pos}) == 1  # all copies share the questioned cell's edge/other class
     assert {q["task"] for q in questions} == {"recognition", "position", "counting"}
 
@@ -138,6 +140,44 @@ def test_train_and_test_never_share_an_image(tmp_path, monkeypatch):
     assert not images["train"] & images["test"]
 
 
+def test_a_scene_drawn_twice_in_a_run_is_drawn_again(tmp_path, monkeypatch):
+    calls = []  # the first two scenes get the same digest: the second must be rejected and resampled
+    monkeypatch.setattr(eg, "scene_split", lambda ents, base: calls.append(1) or
+                        ("train", "same" if len(calls) <= 2 else str(len(calls))))
+    eg.generate(str(tmp_path), 3, seed=0, base=48)
+    assert len(calls) == 4
+
+
+def test_entities_are_jittered_within_a_quarter_of_their_extent_and_solid_in_their_colour(full):
+    d, questions = full
+    offsets = []
+    for q in questions:
+        if q["task"] != "recognition":
+            continue
+        rgb = np.asarray(Image.open(d / q["image"]).convert("RGB"))
+        ys, xs = np.nonzero((rgb != 255).any(-1))
+        w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        r, c = (q["cell"] - 1) // 3, (q["cell"] - 1) % 3
+        dx, dy = (xs.min() + xs.max() + 1) / 2 - (c + 0.5) * 224, (ys.min() + ys.max() + 1) / 2 - (r + 0.5) * 224
+        assert abs(dx) <= w / 4 + 1 and abs(dy) <= h / 4 + 1, (q["id"], dx, dy, w, h)
+        offsets.append((abs(dx), abs(dy)))
+        name = q["entities"][0]
+        if name.split()[-1] in eg.SHAPES:  # "red star": its most common pixel is exactly the colour's RGB
+            colors, counts = np.unique(rgb[ys, xs], axis=0, return_counts=True)
+            assert tuple(colors[counts.argmax()]) == eg.COLORS[name.split()[0]], q["id"]
+    assert len(offsets) == 18 and min(np.max(offsets, axis=0)) > 4, offsets  # jittered along both axes
+
+
+def test_generate_rejects_bad_arguments(tmp_path):
+    for args, message in (((0, 64, "test"), "num must be a positive integer"), ((2, 47, "test"), "base must be in"),
+                          ((2, 2049, "test"), "base must be in"), ((2, 64, "val"), "split must be")):
+        with pytest.raises(ValueError, match=message):
+            eg.check_options(*args)
+    with pytest.raises(ValueError, match="num must be"):  # generate() checks before it writes anything
+        eg.generate(str(tmp_path / "o"), 0, seed=0)
+    assert not (tmp_path / "o").exists()
+
+
 def test_cells_tasks_and_letters_are_balanced(small, full):
     _, questions = small  # 108 = 4 blocks of 27 (task, cell) pairs and 27 blocks of 4 letters: exact balance
     assert Counter((q["task"], q["cell"]) for q in questions) == {(t, c): 4 for t in eg.TASKS for c in range(1, 10)}
@@ -145,13 +185,17 @@ def test_cells_tasks_and_letters_are_balanced(small, full):
     _, questions = full  # 54: 2 blocks of 27, letters 13 or 14 each
     assert Counter(q["cell"] for q in questions) == {c: 6 for c in range(1, 10)}
     assert all(13 <= n <= 14 for n in Counter(q["answer"] for q in questions).values())
+    counts = Counter(q["options"]["ABCD".index(q["answer"])] for _, qs in (small, full) for q in qs
+                     if q["task"] == "counting")
+    assert set(counts) == {"1", "2", "3", "4"}  # every count occurs
     everything = Counter(p for _, qs in (small, full) for q in qs for p in q["positions"])
     assert max(everything.values()) < 1.6 * min(everything.values())  # all drawn entities spread over the cells
 
 
 @pytest.mark.parametrize("text,letter", [
     ("B", "B"), ("b", "B"), (" B.\n", "B"), ("(B)", "B"), ("B) 2", "B"), ("B. stop sign", "B"), ("B: left", "B"),
-    ("(D) tree", "D"), ("E", None), ("A stop sign", None), ("The answer is B", None), ("", None), ("BC", None)])
+    ("(D) tree", "D"), ("E", None), ("E.", None), ("(E)", None), ("b) 2", None), ("A stop sign", None),
+    ("The answer is B", None), ("The answer is B.", None), ("", None), ("BC", None)])
 def test_parse_letter(text, letter):
     assert eg.parse_letter(text) == letter
 
