@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import shutil
 import sys
 import time
@@ -174,10 +175,7 @@ def make_optimizer(model, lr, lora_lr):
 
 
 def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    llama.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
@@ -252,8 +250,8 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         raise TrainError(f"stage {stage}: {len(data)} samples, fewer than one global batch of {global_batch}")
     total = steps or epochs * (len(data) // global_batch)
     model.set_stage(stage)
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, lr, args.lora_lr)
+    params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     start, history, skipped = 0, [], Counter()
@@ -264,6 +262,8 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         skipped = Counter(trainer["skipped"] if master else {})  # a sum over ranks: restored once
         if f"cpu.rank{rank}" in rng:
             torch.set_rng_state(rng[f"cpu.rank{rank}"])
+        if f"cuda.rank{rank}" in rng and device.type == "cuda":  # LoRA dropout on the GPU
+            torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
         if master:
             print(f"stage {stage}: resumed from step {start} ({ckpt_dir})")
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
@@ -276,8 +276,9 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     sampler = MicroBatchSampler(len(data), global_batch, args.micro_batch, rank, world, args.seed, start)
+    # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
-                                              num_workers=args.num_workers))
+                                              num_workers=args.num_workers, generator=torch.Generator()))
     scaler = torch.amp.GradScaler(enabled=ctx["dtype"] == torch.float16)
     model.train()
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {stage}", disable=not master)
@@ -285,15 +286,16 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, args.warmup_ratio)
-        stats = torch.zeros(3, device=device)  # loss, text tokens, samples
+        stats = torch.zeros(3, device=device)  # loss, text tokens, samples; no .item() (a GPU sync) per micro-batch
         for micro in range(accum):
             batch = next(loader)
             with net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():
                 with autocast(ctx):
                     loss = net(batch["input_ids"], batch["labels"], batch["images"])
                 scaler.scale(loss / accum).backward()
-            stats += torch.tensor([loss.item() / accum, sum(map(len, batch["input_ids"])), len(batch["labels"])],
-                                  device=device)
+            stats[0] += loss.detach() / accum
+            stats[1] += sum(map(len, batch["input_ids"]))
+            stats[2] += len(batch["labels"])
             skipped += batch["skipped"]
         if world > 1:
             dist.all_reduce(stats)
@@ -321,8 +323,8 @@ def train_stage(args, stage, model, data, out_dir, ctx):
             skipped_all = reduce_counts(skipped, world, device)
             rng = gather_rng(world, device)
             if master:
-                trainer = dict(stage=stage, total_steps=total, world=world, history=history, skipped=skipped_all,
-                               lr_schedule=dict(warmup_ratio=args.warmup_ratio, total_steps=total))
+                trainer = dict(stage=stage, total_steps=total, warmup_ratio=args.warmup_ratio, world=world,
+                               history=history, skipped=skipped_all)
                 save_state(ckpt_dir, model, opt, step + 1, trainer, rng, args.keep)
                 draw_loss_curve([h["loss"] for h in history], os.path.join(out_dir, "loss.png"), f"stage {stage}")
     bar.close()
@@ -344,13 +346,19 @@ def reduce_counts(counter, world, device):
 
 
 def gather_rng(world, device):
-    """Every rank's torch CPU RNG state as tensors {cpu.rank<r>: uint8}, gathered to all ranks."""
-    state = torch.get_rng_state()
-    if world == 1:
-        return {"cpu.rank0": state}
-    states = [torch.empty_like(state, device=device) for _ in range(world)]
-    dist.all_gather(states, state.to(device))
-    return {f"cpu.rank{r}": s.cpu() for r, s in enumerate(states)}
+    """Every rank's torch RNG states, CPU and (training on a GPU) CUDA, as tensors {cpu.rank<r>, cuda.rank<r>: uint8},
+    gathered to all ranks."""
+    states = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for kind, state in states.items():
+        parts = [state]
+        if world > 1:
+            parts = [torch.empty_like(state, device=device) for _ in range(world)]
+            dist.all_gather(parts, state.to(device))
+        out.update({f"{kind}.rank{r}": s.cpu() for r, s in enumerate(parts)})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,9 +545,7 @@ def run(args, ctx):
     torch.manual_seed(args.seed)  # identical trainable init on every rank
     model = hires.load_checkpoint(args.init) if args.stage == "2" else hires.HiResLLaVA(model_config(args))
     model.to(ctx["device"])
-    for m in model.modules():
-        if isinstance(m, llama.Llama):
-            m.gradient_checkpointing = args.grad_ckpt
+    model.llm.gradient_checkpointing = args.grad_ckpt
     model.set_stage(2)  # stage 2 trains a superset of stage 1; everything else is frozen in both
     for p in model.parameters():  # frozen weights in the autocast dtype (7B: half the memory); trainable stay fp32
         if not p.requires_grad and ctx["dtype"] != torch.float32:

@@ -33,9 +33,9 @@ def tiny_args(out, data_dir, *extra):
             "--log-every", "1", *extra]
 
 
-def history(out, stage):
+def history(out, stage, key="loss"):
     with open(os.path.join(out, f"stage{stage}", "history.json")) as f:
-        return [h["loss"] for h in json.load(f)]
+        return [h[key] for h in json.load(f)]
 
 
 def test_schedule_matches_hf_cosine_with_warmup():
@@ -59,6 +59,7 @@ def test_stage1_then_stage2_loads_stage1_weights(tmp_path, data_dir):
     out1, out2 = tmp_path / "s1", tmp_path / "s2"
     train.main(tiny_args(out1, data_dir, "--stage", "1", "--steps1", "2"))
     assert len(history(out1, 1)) == 2 and os.path.isfile(out1 / "stage1" / "loss.png")
+    assert history(out1, 1, "lr") == [0.0, 1e-3]  # the schedule is applied: warm-up ceil(0.03 * 2) = 1 step
     s1 = load_file(out1 / "stage1" / "model.safetensors")
     # stage 2 with learning rates 0 (and another seed, so a fresh init would differ): it saves what it started from
     train.main(tiny_args(out2, data_dir, "--stage", "2", "--init", str(out1 / "stage1"), "--steps2", "2",
@@ -82,7 +83,7 @@ def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir):
         assert sorted(in_opt) == sorted(trainable)
         for g in opt.param_groups:
             names = [by_id[id(p)] for p in g["params"]]
-            assert g["lr"] == (5e-4 if g["name"] == "lora" else 1e-3) and g["weight_decay"] == 0.0
+            assert g["lr"] == g["base_lr"] == (5e-4 if g["name"] == "lora" else 1e-3) and g["weight_decay"] == 0.0
             assert all(("lora_" in n) == (g["name"] == "lora") for n in names)
             assert g["betas"] == (0.9, 0.98)
         assert any("lora_" in n for n in trainable) == (stage == 2)
@@ -104,6 +105,29 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path, data_dir):
     (killed / "stage1" / "checkpoints" / "step-0000009.tmp").mkdir()  # a save cut short: must be ignored
     train.main(tiny_args(killed, data_dir, *common, "--resume"))
     assert history(killed, 1) == pytest.approx(history(tmp_path / "full", 1), rel=1e-5)  # float: same ops, same order
+
+
+def test_save_cut_short_keeps_last_checkpoint_and_resume_restores_rng(tmp_path, data_dir, monkeypatch):
+    forward = hires.HiResLLaVA.forward
+    monkeypatch.setattr(hires.HiResLLaVA, "forward",  # random like dropout: the losses depend on the RNG state
+                        lambda self, *a, **k: forward(self, *a, **k) * (1 + 0.1 * torch.rand(())))
+    common = ["--stage", "1", "--steps1", "3", "--save-every", "1"]
+    train.main(tiny_args(tmp_path / "full", data_dir, *common))
+    save_file, rng_saves = train.save_file, []
+
+    def dies_in_second_save(tensors, path):  # after step 2's model and optimizer files are written
+        rng_saves.append(path.endswith("rng.safetensors"))
+        if sum(rng_saves) == 2:
+            raise OSError("disk full")
+        save_file(tensors, path)
+    monkeypatch.setattr(train, "save_file", dies_in_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        train.main(tiny_args(tmp_path / "cut", data_dir, *common))
+    ckpt = tmp_path / "cut" / "stage1" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step-0000001" and not (ckpt / "step-0000002").exists()
+    monkeypatch.setattr(train, "save_file", save_file)
+    train.main(tiny_args(tmp_path / "cut", data_dir, *common, "--resume"))  # from step 1: RNG, data, moments
+    assert history(tmp_path / "cut", 1) == pytest.approx(history(tmp_path / "full", 1), rel=1e-5)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
@@ -142,21 +166,41 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     path.write_text(json.dumps(items))
     data = train.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, max_len=256)
     batch = train.collate([data[i] for i in range(len(data))])
-    assert dict(batch["skipped"]) == {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
-                                      "<image> without an image": 1, "image without <image> (prepended)": 1,
-                                      "too long (truncated)": 2}
+    expected = {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
+                "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 2}
+    assert dict(batch["skipped"]) == expected
     assert all(len(ids) <= 256 for ids in batch["input_ids"])
     assert len(batch["input_ids"]) == len(items)  # every bad one was replaced, so batches keep their size
     loss = model(batch["input_ids"], batch["labels"], batch["images"])
     assert torch.isfinite(loss)
+    # one training step over all 14 items (each drawn once): the counts reach the report and the checkpoint
+    args = train.parse_args(tiny_args(tmp_path, data_dir, "--batch1", "14", "--micro-batch", "7", "--steps1", "1"))
+    _, skipped = train.train_stage(args, 1, model, data, str(tmp_path / "stage1"), train.setup(args))
+    trainer = json.loads((tmp_path / "stage1" / "checkpoints" / "step-0000001" / "trainer.json").read_text())
+    assert skipped == trainer["skipped"] == expected
+
+
+def test_micro_batch_sampler_shards_without_overlap():
+    def steps(rank, world, start=0):  # -> list over steps of this rank's micro-batches
+        it = iter(train.MicroBatchSampler(24, 8, 2, rank, world, seed=0, start_step=start))
+        return [[next(it) for _ in range(4 // world)] for _ in range(6)]
+    one = steps(0, 1)
+    for step in one[:3]:  # 3 steps = one epoch: a permutation of the 24 samples
+        assert len(step) == 4 and all(len(mb) == 2 for mb in step)
+    assert sorted(i for step in one[:3] for mb in step for i in mb) == list(range(24))
+    assert one[3:] != one[:3]  # a new permutation each epoch
+    r0, r1 = steps(0, 2), steps(1, 2)  # rank r takes micro-batches r, r + 2: together the 1-process micro-batches
+    assert [[a[0], b[0], a[1], b[1]] for a, b in zip(r0, r1)] == one
+    assert steps(1, 2, start=4)[:2] == r1[4:]  # start_step: a resume mid-epoch continues where it stopped
 
 
 def test_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
     common = ["--stage", "1", "--steps1", "3", "--threads", "1"]
     train.main(tiny_args(tmp_path / "one", data_dir, *common))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     os.path.join(ROOT, "train.py"), *tiny_args(tmp_path / "two", data_dir, *common)],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     # same micro-batches, gradients averaged in a different order: equal up to float rounding
-    assert history(tmp_path / "two", 1) == pytest.approx(history(tmp_path / "one", 1), rel=1e-4)
+    for key in ("loss", "grad_norm"):  # the gradient norm: accumulation and DDP both average
+        assert history(tmp_path / "two", 1, key) == pytest.approx(history(tmp_path / "one", 1, key), rel=1e-4)
