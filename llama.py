@@ -189,29 +189,33 @@ class Llama(nn.Module):
         return self.model.embed_tokens(tokens)
 
     def _run(self, x, positions, mask, caches=None, start=0, last_only=False):
-        """x (B, T, C) embeddings, positions (B, T) or (T,) long, mask as Attention -> logits (B, T|1, V)."""
-        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(-3)  # (B, 1, T, hs) or (1, T, hs): over heads
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(-3)
+        """x (B, T, C) embeddings, positions (B, T) long, mask as Attention -> logits (B, T|1, V)."""
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (B, 1, T, hs): the same over heads
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             cache = caches[i] if caches is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if ckpt:
                 x = checkpoint(layer, x, cos, sin, mask, cache, start, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, start)
         x = self.model.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)  # (B, T, V)
 
+    def _inputs(self, tokens, input_embeds, attention_mask):
+        """-> x (B, T, C), positions (B, T) and mask (None: no padding, SDPA's fast is_causal path)."""
+        x = self.embed(tokens) if input_embeds is None else input_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the context max_seq_len={self.cfg.max_seq_len}")
+        if attention_mask is None or bool(attention_mask.all()):
+            return x, torch.arange(T, device=x.device).expand(B, T), None
+        return x, *padded_positions_and_mask(attention_mask.to(x.device).bool(), T)
+
     def forward(self, tokens=None, *, input_embeds=None, attention_mask=None, labels=None):
         """tokens (B, T) or input_embeds (B, T, C); attention_mask (B, T) 1=real 0=pad; labels (B, T) with -100
         ignored. Returns logits (B, T, V), or (logits, mean next-token cross-entropy) when labels are given."""
-        x = self.embed(tokens) if input_embeds is None else input_embeds  # (B, T, C)
-        T = x.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the context max_seq_len={self.cfg.max_seq_len}")
-        if attention_mask is None or bool(attention_mask.all()):  # no padding: SDPA's fast is_causal path
-            positions, mask = torch.arange(T, device=x.device), None
-        else:
-            positions, mask = padded_positions_and_mask(attention_mask.to(x.device).bool(), T)
+        x, positions, mask = self._inputs(tokens, input_embeds, attention_mask)
         logits = self._run(x, positions, mask)
         if labels is None:
             return logits
@@ -226,35 +230,30 @@ class Llama(nn.Module):
                  temperature=0.0, top_p=1.0, eos_id=None, generator=None):
         """LEFT-padded prompts (B, T) ids or (B, T, C) embeddings -> each sequence's new ids (EOS excluded).
         Greedy when temperature == 0, else temperature + nucleus (top_p) sampling; stops per sequence at EOS."""
-        x = self.embed(tokens) if input_embeds is None else input_embeds  # (B, T, C)
+        x, positions, mask = self._inputs(tokens, input_embeds, attention_mask)
         B, T, _ = x.shape
         eos_id = self.cfg.eos_id if eos_id is None else eos_id
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"prompt length {T} exceeds the context max_seq_len={self.cfg.max_seq_len}")
         max_new_tokens = min(max_new_tokens, self.cfg.max_seq_len - T)  # rope table and cache end at the context
         if max_new_tokens <= 0:  # the prompt fills the context exactly
             return [[] for _ in range(B)]
         L = T + max_new_tokens
-        p = self.lm_head.weight
-        caches = [KVCache(B, self.cfg.n_kv_heads, L, self.cfg.head_dim, x.dtype, p.device)
+        caches = [KVCache(B, self.cfg.n_kv_heads, L, self.cfg.head_dim, x.dtype, x.device)
                   for _ in range(self.cfg.n_layers)]
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        padded = mask is not None
         if padded:
-            keys = torch.zeros(B, L, dtype=torch.bool, device=p.device)  # (B, L) which cache slots are real
-            keys[:, :T] = attention_mask.to(p.device).bool()
-            positions, mask = padded_positions_and_mask(keys[:, :T], T)
-        else:
-            positions, mask = torch.arange(T, device=p.device).expand(B, T), None
+            keys = torch.zeros(B, L, dtype=torch.bool, device=x.device)  # (B, L) which cache slots are real
+            keys[:, :T] = attention_mask.to(x.device).bool()
         logits = self._run(x, positions, mask, caches, 0, last_only=True)[:, -1]  # (B, V)
         pos = positions[:, -1:] + 1  # (B, 1) next position of every sequence
-        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=p.device)
+        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=x.device)
         for step in range(max_new_tokens):
             nxt = torch.where(done, self.cfg.pad_id, sample(logits, temperature, top_p, generator))  # (B,)
             done |= nxt == eos_id
-            for b, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
+            finished = done.tolist()
+            for b, (t, d) in enumerate(zip(nxt.tolist(), finished)):
                 if not d:
                     out[b].append(t)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if all(finished) or step == max_new_tokens - 1:
                 break
             if padded:
                 keys[:, T + step] = True
@@ -584,7 +583,7 @@ def encode_conversation(conversations, tokenizer, template="vicuna_v1"):
             if "<image>" in text:  # LLaVA's preprocess_multimodal moves the image to the front
                 text = "<image>\n" + text.replace("<image>", "").strip()
             if i == 0:
-                seg = tokenize_image(f"{SYSTEM_PROMPT} USER: {text} ASSISTANT:", tokenizer)
+                seg = encode_prompt(text, tokenizer)
             else:  # follows a </s>: no dummy prefix
                 seg = tokenize_image(f"USER: {text} ASSISTANT:", tokenizer, bos=False, prefix=False)
             ids, labels = ids + seg, labels + [IGNORE_INDEX] * len(seg)

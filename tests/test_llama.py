@@ -49,6 +49,7 @@ def test_sharded_safetensors_both_config_styles_match_hf(hf_dir, tmp_path):
     ref = hf_logits(m, ids)
     ours = llama.Llama.from_pretrained(d)
     assert ours.cfg.rope_theta == 5000.0 and ours.cfg.n_kv_heads == 2
+    assert (ours.cfg.bos_id, ours.cfg.eos_id, ours.cfg.pad_id) == (m.config.bos_token_id, m.config.eos_token_id, 0)
     torch.testing.assert_close(ours(ids), ref, atol=ATOL, rtol=0)
     # transformers-4.x style (vicuna-7b-v1.5): no rope_theta key, rope_scaling null -> default theta 10000
     cfg = json.loads((d / "config.json").read_text())
@@ -108,6 +109,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     ids = torch.randint(0, 97, (2, 13))
     torch.testing.assert_close(ours(ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
     back = llama.Llama.from_pretrained(tmp_path)
+    assert back.cfg == ours.cfg  # every field survives config.json
     assert torch.equal(back(ids), ours(ids))  # bit-identical weights, same code
     labels = ids.clone()
     labels[0, :6] = llama.IGNORE_INDEX
@@ -126,6 +128,7 @@ def test_padding_mask_matches_hf(hf_dir):
     ref, out = hf_logits(m, ids, mask), ours(ids, attention_mask=mask)
     real = mask.bool()  # pad positions are garbage in both; compare the real ones
     assert torch.isfinite(out).all()  # fully masked pad rows must not produce NaN (it would reach the loss)
+    assert llama.padded_positions_and_mask(real, 12)[1].any(-1).all()  # no such row, whatever the SDPA backend
     torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=0)
 
 
@@ -177,6 +180,7 @@ def test_left_padded_batch_equals_single_and_eos_stop(monkeypatch):
     eos = single[1][3]  # make a token of sequence 1 the EOS: it stops there, EOS excluded
     out = m.generate(ids, attention_mask=mask, max_new_tokens=8, eos_id=eos)
     assert out[1] == single[1][:single[1].index(eos)]
+    assert tiny(1, eos_id=eos).generate(ids, attention_mask=mask, max_new_tokens=8) == out  # default: cfg.eos_id
     g = torch.Generator().manual_seed(0)
     s = m.generate(ids, attention_mask=mask, max_new_tokens=8, temperature=1.0, top_p=0.9, eos_id=-1, generator=g)
     assert [len(x) for x in s] == [8, 8, 8] and s != single
@@ -184,9 +188,17 @@ def test_left_padded_batch_equals_single_and_eos_stop(monkeypatch):
     assert m.generate(ids, attention_mask=mask, max_new_tokens=8, temperature=1.0, top_p=1e-6, eos_id=-1) == single
     with pytest.raises(ValueError, match="exceeds the context"):
         m.generate(torch.zeros(1, 65, dtype=torch.long))
+    assert len(m.generate(torch.zeros(1, 62, dtype=torch.long), max_new_tokens=8, eos_id=-1)[0]) == 2  # context end
 
 
-def test_lora_identity_merge_save_load_and_frozen_base(tmp_path):
+def test_sample_temperature_and_nucleus():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(2000, 4)  # softmax: .03 .09 .24 .64
+    g = torch.Generator().manual_seed(0)
+    assert llama.sample(logits, 0.01, 1.0, g).eq(3).all()  # a low temperature sharpens towards the argmax
+    assert set(llama.sample(logits, 1.0, 0.7, g).tolist()) == {2, 3}  # smallest prefix with mass >= 0.7
+
+
+def test_lora_identity_merge_save_load_and_frozen_base(tmp_path, monkeypatch):
     m = tiny()
     ids = torch.randint(3, 97, (2, 10))
     base = m(ids)
@@ -198,7 +210,11 @@ def test_lora_identity_merge_save_load_and_frozen_base(tmp_path):
     plain = [p.grad.clone() for p in opt.param_groups[0]["params"]]
     opt.zero_grad()
     m.gradient_checkpointing = True
+    calls, checkpoint = [], llama.checkpoint
+    monkeypatch.setattr(llama, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
     m(ids, labels=ids)[1].backward()
+    monkeypatch.undo()
+    assert len(calls) == 2  # one checkpoint per layer
     for a, p in zip(plain, opt.param_groups[0]["params"]):  # recomputation runs the same ops: same grads
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=0)
     assert all(p.grad is None for n, p in m.named_parameters() if "lora_" not in n)
@@ -207,6 +223,8 @@ def test_lora_identity_merge_save_load_and_frozen_base(tmp_path):
     m.eval()
     unmerged = m(ids)
     assert not torch.allclose(unmerged, base)
+    q, x = m.model.layers[0].self_attn.q_proj, torch.randn(3, 64)
+    torch.testing.assert_close(q(x), x @ (q.weight + 8 / 4 * q.lora_B @ q.lora_A).T, atol=1e-6, rtol=0)  # alpha/r
     before = m.model.layers[0].self_attn.q_proj.weight.clone()
     llama.merge_lora(m)
     llama.merge_lora(m)  # idempotent
@@ -220,6 +238,9 @@ def test_lora_identity_merge_save_load_and_frozen_base(tmp_path):
     llama.apply_lora(m2, rank=4, alpha=8)
     llama.load_lora(m2, tmp_path / "lora.safetensors")
     torch.testing.assert_close(m2(ids), unmerged, atol=0, rtol=0)  # same tensors, same ops
+    llama.merge_lora(m2)  # loading into a merged model replaces the folded B A
+    llama.load_lora_state_dict(m2, {k: torch.zeros_like(v) for k, v in llama.lora_state_dict(m2).items()})
+    torch.testing.assert_close(m2(ids), base, atol=ATOL, rtol=0)
     sd = llama.lora_state_dict(m)
     sd.pop(next(iter(sd)))
     with pytest.raises(ValueError, match="missing"):
@@ -238,6 +259,7 @@ def test_tokenizer_roundtrip_eos_and_determinism(tok, tmp_path):
     assert (t.bos_id, t.eos_id, t.pad_id) == (1, 2, 0)
     for s in ["The lazy fox.\nÜber 42 ünïcode ✓", "  two spaces"]:
         assert t.decode(t.encode(s)) == s
+    assert t.decode([llama.IMAGE_TOKEN_INDEX] + t.encode("hi", bos=False)) == "hi"  # placeholder dropped
     ids = t.encode("hi</s>there")
     assert ids.count(2) == 1 and ids[0] == 1
     t2 = llama.train_tokenizer(texts, str(tmp_path / "t2.model"), 400)
