@@ -389,7 +389,11 @@ def prepare_tiny(args):
             texts = [t["value"] for item in json.load(f) for t in item["conversations"]]
         with open(captions) as f:
             texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
-        cfg = hires.make_tiny_backbones(base, texts + [llama.SYSTEM_PROMPT] * 10, args.seed, args.vocab_size)
+        try:
+            cfg = hires.make_tiny_backbones(base, texts + [llama.SYSTEM_PROMPT] * 10, args.seed, args.vocab_size)
+        except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the data has characters
+            raise TrainError(f"--vocab-size {args.vocab_size}: sentencepiece cannot train on {train_dir} "
+                             f"({str(e).splitlines()[-1]})") from None
         write_atomic(os.path.join(base, "hires_config.json"), json.dumps(dataclasses.asdict(cfg)))
 
 

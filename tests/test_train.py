@@ -143,6 +143,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monke
     assert (tmp_path / "stage1" / "checkpoints" / "latest").read_text() == "step-0000002"
 
 
+def test_too_small_vocabulary_is_a_one_line_error(tmp_path, data_dir):
+    args = tiny_args(tmp_path, data_dir, "--stage", "1", "--steps1", "1")
+    args[args.index("--vocab-size") + 1] = "50"
+    with pytest.raises(SystemExit, match=r"--vocab-size 50: sentencepiece cannot train .*Vocabulary size is smaller"):
+        train.main(args)
+
+
 def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     args = train.parse_args(tiny_args(tmp_path, data_dir))
     train.prepare_tiny(args)
