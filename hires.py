@@ -313,7 +313,9 @@ def separator_ids(tokenizer, text):
 class HiResLLaVA(nn.Module):
     """Frozen CLIP ViT (+ SRA) -> sampler -> projector -> spliced into the frozen LLM (+ LoRA)."""
 
-    def __init__(self, cfg, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg, dtype=torch.float32, device="cpu", adapter_dtype=None):
+        """dtype: the frozen ViT and LLM weights; adapter_dtype (default dtype): the tensors training updates
+        (SRA, sampler, projector, LoRA), e.g. fp32 beside bf16 backbones. The LLM is read straight onto device."""
         super().__init__()
         self.cfg = cfg
         clip_cfg = CLIPConfig.from_preset(cfg.clip_preset)
@@ -331,7 +333,9 @@ class HiResLLaVA(nn.Module):
         if cfg.lora_rank > 0:
             apply_lora(self.llm, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         self.seps = [separator_ids(self.tokenizer, t) for t in (SEP_OVERVIEW, SEP_SLICE, SEP_ROW)]
-        self.to(device=device, dtype=dtype)
+        self.to(device)
+        for name, p in self.named_parameters():  # rebinding .data keeps parameter identity (LoRA, optimizer)
+            p.data = p.data.to((adapter_dtype or dtype) if self._is_adapter(name) else dtype)
         self.set_stage(1)
 
     # --- stages and trainable tensors (paper 4.1)
@@ -490,8 +494,9 @@ def save_checkpoint(model, path):
     atomic_write(os.path.join(path, "config.json"), write_json)
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32, **overrides):
-    """HiResLLaVA from a save_checkpoint directory; overrides replace config fields (e.g. moved backbone paths)."""
+def load_checkpoint(path, device="cpu", dtype=torch.float32, adapter_dtype=None, **overrides):
+    """HiResLLaVA from a save_checkpoint directory (dtype, adapter_dtype as HiResLLaVA); overrides replace config
+    fields (e.g. moved backbone paths)."""
     from safetensors.torch import load_file
     files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
     for f in files:
@@ -506,7 +511,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, **overrides):
     names = {f.name for f in fields(HiResConfig)}
     if set(d) - names:
         raise ValueError(f"{files[0]}: unknown config keys {sorted(set(d) - names)}")
-    model = HiResLLaVA(HiResConfig(**{**d, **overrides}), dtype=dtype, device=device)
+    model = HiResLLaVA(HiResConfig(**{**d, **overrides}), dtype=dtype, device=device, adapter_dtype=adapter_dtype)
     try:
         model.load_trainable_state_dict(sd)
     except ValueError as e:

@@ -547,13 +547,12 @@ def run(args, ctx):
         args.data2 = args.data2 or os.path.join(args.data_dir, "train", "llava.json")
         args.image_folder = args.image_folder or os.path.join(args.data_dir, "train")
     torch.manual_seed(args.seed)  # identical trainable init on every rank
-    model = hires.load_checkpoint(args.init) if args.stage == "2" else hires.HiResLLaVA(model_config(args))
-    model.to(ctx["device"])
+    # frozen weights in the autocast dtype, read straight onto the device (7B: no 27 GB fp32 copy on each GPU);
+    # the trained tensors stay fp32 for the optimizer
+    where = dict(device=ctx["device"], dtype=ctx["dtype"], adapter_dtype=torch.float32)
+    model = hires.load_checkpoint(args.init, **where) if args.stage == "2" else \
+        hires.HiResLLaVA(model_config(args), **where)
     model.llm.gradient_checkpointing = args.grad_ckpt
-    model.set_stage(2)  # stage 2 trains a superset of stage 1; everything else is frozen in both
-    for p in model.parameters():  # frozen weights in the autocast dtype (7B: half the memory); trainable stay fp32
-        if not p.requires_grad and ctx["dtype"] != torch.float32:
-            p.data = p.data.to(ctx["dtype"])
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
     for stage in ([1, 2] if args.stage == "all" else [int(args.stage)]):
         template = "plain" if stage == 1 else "vicuna_v1"

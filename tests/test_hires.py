@@ -205,6 +205,26 @@ def test_checkpoint_round_trip_and_mismatch(tiny, tmp_path):
         assert torch.equal(v, loaded.trainable_state_dict()[k]), k
     with pytest.raises(ValueError, match="missing"):
         hires.load_checkpoint(tmp_path / "ck", sampler="avgpool")
+    # train.py on a GPU: bf16 backbones, fp32 trained tensors, loaded without rounding through bf16
+    mixed = hires.load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, mixed.trainable_state_dict()[k]), k
+
+
+def test_bf16_backbones_fp32_adapters_train_under_autocast(tiny):
+    cfg, _ = tiny
+    torch.manual_seed(0)
+    model = hires.HiResLLaVA(cfg, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    adapters = set(model.trainable_state_dict())
+    assert adapters and all((p.dtype == torch.float32) == (n in adapters) for n, p in model.named_parameters())
+    assert model.llm.rope_cos.dtype == torch.float32  # RoPE tables are never rounded
+    model.set_stage(2)
+    ids, labels, ims = _batch(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels, ims)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
 def test_show_draws_the_slicing_png(tmp_path, capsys):
