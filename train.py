@@ -385,12 +385,14 @@ def prepare_tiny(args):
         write_atomic(captions, json.dumps(entitygrid_captions(entitygrid.load_questions(train_dir))))
     base = os.path.join(args.out, "base")
     if not os.path.isfile(os.path.join(base, "hires_config.json")):  # written last: the backbones are complete
-        with open(os.path.join(train_dir, "llava.json")) as f:
-            texts = [t["value"] for item in json.load(f) for t in item["conversations"]]
+        with open(os.path.join(train_dir, "llava.json")) as f:  # as the template renders it: USER:/ASSISTANT:
+            texts = [f"{llama.SYSTEM_PROMPT} " + " ".join(("USER: ", "ASSISTANT: ")[i % 2] + t["value"]
+                                                           for i, t in enumerate(item["conversations"]))
+                     for item in json.load(f)]
         with open(captions) as f:
             texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
         try:
-            cfg = hires.make_tiny_backbones(base, texts + [llama.SYSTEM_PROMPT] * 10, args.seed, args.vocab_size)
+            cfg = hires.make_tiny_backbones(base, texts, args.seed, args.vocab_size)
         except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the data has characters
             raise TrainError(f"--vocab-size {args.vocab_size}: sentencepiece cannot train on {train_dir} "
                              f"({str(e).splitlines()[-1]})") from None

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import hires  # noqa: E402
+import llama  # noqa: E402
 import train  # noqa: E402
 
 PY = sys.executable
@@ -87,6 +88,16 @@ def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir):
             assert all(("lora_" in n) == (g["name"] == "lora") for n in names)
             assert g["betas"] == (0.9, 0.98)
         assert any("lora_" in n for n in trainable) == (stage == 2)
+
+
+def test_tiny_tokenizer_knows_the_template_words(tmp_path, data_dir):
+    """Trained on the templated text, so USER:/ASSISTANT: are whole pieces, not a run of byte-fallback bytes."""
+    args = train.parse_args(tiny_args(tmp_path, data_dir))
+    train.prepare_tiny(args)
+    tok = llama.Tokenizer(train.model_config(args).tokenizer_path)
+    for word in (" USER:", " ASSISTANT:"):
+        pieces = [tok.sp.id_to_piece(i) for i in tok.encode(word, bos=False, prefix=False)]
+        assert not any(p.startswith("<0x") for p in pieces), pieces
 
 
 def test_kill9_then_resume_matches_uninterrupted(tmp_path, data_dir):
