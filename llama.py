@@ -559,40 +559,53 @@ def tokenize_image(text, tokenizer, bos=True, prefix=True):
     return ids
 
 
-def encode_conversation(conversations, tokenizer, template="vicuna_v1"):
-    """LLaVA conversation [{"from": "human"|"gpt", "value"}] -> (input_ids, labels); labels keep only the
-    assistant replies and their </s> (vicuna_v1) or the caption + "\\n" (plain), IGNORE_INDEX elsewhere."""
+def turn_texts(conversations):
+    """LLaVA conversation [{"from": "human"|"gpt", "value"}] -> its turn texts, human first: a leading assistant
+    turn dropped, roles checked to alternate, `<image>` moved to the front of its turn (preprocess_multimodal)."""
     turns = list(conversations)
     if turns and turns[0]["from"] == "gpt":  # LLaVA drops a leading assistant turn
         turns = turns[1:]
+    texts = []
     for i, t in enumerate(turns):
         if t["from"] != ("human", "gpt")[i % 2]:
             raise ValueError(f"conversation roles must alternate human, gpt; turn {i} is {t['from']!r}")
+        text = t["value"]
+        if i % 2 == 0 and "<image>" in text:
+            text = "<image>\n" + text.replace("<image>", "").strip()
+        texts.append(text)
+    return texts
+
+
+def vicuna_segments(texts):
+    """Turn texts (human first) -> the vicuna_v1 pieces LLaVA tokenises one by one: "<system> USER: q1 ASSISTANT:",
+    " a1", "USER: q2 ASSISTANT:", " a2", ... (each reply is followed by </s>)."""
+    return [f"{SYSTEM_PROMPT} USER: {t} ASSISTANT:" if i == 0 else f"USER: {t} ASSISTANT:" if i % 2 == 0 else " " + t
+            for i, t in enumerate(texts)]
+
+
+def encode_conversation(conversations, tokenizer, template="vicuna_v1"):
+    """LLaVA conversation [{"from": "human"|"gpt", "value"}] -> (input_ids, labels); labels keep only the
+    assistant replies and their </s> (vicuna_v1) or the caption + "\\n" (plain), IGNORE_INDEX elsewhere."""
+    turns = turn_texts(conversations)
     if template == "plain":  # stage 1: <image> + caption + "\n", BOS and image masked, no EOS
         if len(turns) < 2:
             raise ValueError("plain template needs a human turn and a caption")
-        head = tokenize_image("<image>" if "<image>" in turns[0]["value"] else "", tokenizer)
-        body = tokenizer.encode(turns[1]["value"] + "\n", bos=False)
+        head = tokenize_image("<image>" if "<image>" in turns[0] else "", tokenizer)
+        body = tokenizer.encode(turns[1] + "\n", bos=False)
         return head + body, [IGNORE_INDEX] * len(head) + body
     if template != "vicuna_v1":
         raise ValueError(f"unknown template {template!r}; choose vicuna_v1 or plain")
     ids, labels = [], []
-    for i, t in enumerate(turns):
-        text = t["value"]
-        if i % 2 == 0:
-            if "<image>" in text:  # LLaVA's preprocess_multimodal moves the image to the front
-                text = "<image>\n" + text.replace("<image>", "").strip()
-            if i == 0:
-                seg = encode_prompt(text, tokenizer)
-            else:  # follows a </s>: no dummy prefix
-                seg = tokenize_image(f"USER: {text} ASSISTANT:", tokenizer, bos=False, prefix=False)
+    for i, text in enumerate(vicuna_segments(turns)):
+        if i % 2 == 0:  # BOS and dummy prefix on the first; the others follow a </s>: neither
+            seg = tokenize_image(text, tokenizer, bos=i == 0, prefix=i == 0)
             ids, labels = ids + seg, labels + [IGNORE_INDEX] * len(seg)
         else:  # " " + reply + "</s>": the space merges into the first reply token
-            seg = tokenizer.encode(" " + text, bos=False, prefix=False) + [tokenizer.eos_id]
+            seg = tokenizer.encode(text, bos=False, prefix=False) + [tokenizer.eos_id]
             ids, labels = ids + seg, labels + seg
     return ids, labels
 
 
 def encode_prompt(question, tokenizer):
     """vicuna_v1 inference prompt "<system> USER: <question> ASSISTANT:" (no trailing space) -> ids."""
-    return tokenize_image(f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:", tokenizer)
+    return tokenize_image(vicuna_segments([question])[0], tokenizer)

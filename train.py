@@ -385,10 +385,9 @@ def prepare_tiny(args):
         write_atomic(captions, json.dumps(entitygrid_captions(entitygrid.load_questions(train_dir))))
     base = os.path.join(args.out, "base")
     if not os.path.isfile(os.path.join(base, "hires_config.json")):  # written last: the backbones are complete
-        with open(os.path.join(train_dir, "llava.json")) as f:  # as the template renders it: USER:/ASSISTANT:
-            texts = [f"{llama.SYSTEM_PROMPT} " + " ".join(("USER: ", "ASSISTANT: ")[i % 2] + t["value"]
-                                                           for i, t in enumerate(item["conversations"]))
-                     for item in json.load(f)]
+        with open(os.path.join(train_dir, "llava.json")) as f:  # with the template's words (USER:, ASSISTANT:)
+            texts = [seg.replace("<image>", "") for item in json.load(f)
+                     for seg in llama.vicuna_segments(llama.turn_texts(item["conversations"]))]
         with open(captions) as f:
             texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
         try:
