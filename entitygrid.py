@@ -33,6 +33,7 @@ EDGE_CELLS = (2, 4, 5, 6, 8)   # crossed by a 2 x 2 slice border (5 by both)
 OTHER_CELLS = tuple(c for c in CELLS if c not in EDGE_CELLS)  # 1, 3, 7, 9: inside one slice
 LETTERS = "ABCD"
 MC_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's multiple-choice prompt
+TEXT_PROMPT = "Answer with the option's text from the given choices directly."  # option-text answers (ranked)
 MIN_BASE, MAX_BASE = 48, 2048  # a cell of 2*base/3 >= 32 px keeps a 6-letter word ~8 px high
 MARGIN = 2                     # px of blank between an entity and its cell's border
 
@@ -335,8 +336,11 @@ def load_questions(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def format_question(q):
-    """LLaVA's multiple-choice prompt: question, lettered options, answer instruction."""
+def format_question(q, letters=True):
+    """LLaVA's multiple-choice prompt: question, lettered options, answer instruction; letters=False lists the
+    options without letters and asks for the option's text (the answers likelihood ranking scores)."""
+    if not letters:
+        return q["question"] + "".join(f"\n{o}" for o in q["options"]) + "\n" + TEXT_PROMPT
     return q["question"] + "".join(f"\n{l}. {o}" for l, o in zip(LETTERS, q["options"])) + "\n" + MC_PROMPT
 
 

@@ -183,6 +183,7 @@ def hallusion_metrics(items, correct):
 
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
+TEXT = "\nAnswer with the option's text from the given choices directly."  # --mc rank (entitygrid.TEXT_PROMPT)
 BENCHES = {}
 
 @dataclass
@@ -192,6 +193,16 @@ class Sample:
     image: object = None  # image path, image bytes (MMBench), or None (text-only question)
     gt: dict = None       # what the scorer needs; None when the split's answers are hidden
     qid: str = ""         # the question's key (Bench.qid of record), set by run()
+    options: list = None  # multiple choice: the option texts (letters A, B, ... in order); prompt is then the stem
+
+    def text(self, mc="letter"):
+        """The user text: the prompt, or for multiple choice the stem with the options lettered (mc="letter",
+        LLaVA's prompt) or listed without letters for likelihood ranking (mc="rank")."""
+        if self.options is None:
+            return self.prompt
+        if mc == "rank":
+            return self.prompt + "".join(f"\n{o}" for o in self.options) + TEXT
+        return self.prompt + "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(self.options)) + LETTER
 
 @dataclass
 class Bench:
@@ -229,8 +240,6 @@ def load_json(path, bench, lines=False):
             return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
     except json.JSONDecodeError as e:
         raise EvalError(f"{path}: not valid JSON ({e})") from None
-
-options_text = lambda options: "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(options))  # A. ... B. ...
 
 def scorer(metric, per_question):
     """score function averaging per_question(sample, answer) into {metric: mean}."""
@@ -302,8 +311,8 @@ def load_ai2d(data, split):
         entry = load_json(path, "ai2d")
         if keep is None or entry["imageName"].rsplit(".", 1)[0] in keep:
             image = os.path.join(data, "images", entry["imageName"])
-            samples += [Sample({"questionId": q["questionId"]}, text + options_text(q["answerTexts"]) + LETTER, image,
-                               {"answer": chr(65 + q["correctAnswer"])}) for text, q in entry["questions"].items()]
+            samples += [Sample({"questionId": q["questionId"]}, text, image, {"answer": chr(65 + q["correctAnswer"])},
+                               options=list(q["answerTexts"])) for text, q in entry["questions"].items()]
     return samples
 
 def score_scienceqa(samples, answers):
@@ -320,9 +329,10 @@ def load_scienceqa(data, split):
     for pid in load_json(os.path.join(data, "pid_splits.json"), "scienceqa")[split]:
         p = problems[pid]
         samples.append(Sample({"question_id": pid}, (f"Context: {p['hint']}\n" if p.get("hint") else "") +
-                              p["question"] + options_text(p["choices"]) + LETTER,
+                              p["question"],
                               os.path.join(data, "images", split, pid, p["image"]) if p.get("image") else None,
-                              {"answer": chr(65 + p["answer"]), "n_choices": len(p["choices"])}))
+                              {"answer": chr(65 + p["answer"]), "n_choices": len(p["choices"])},
+                              options=list(p["choices"])))
     return samples
 
 MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category")  # LLaVA's
@@ -361,8 +371,8 @@ def load_mmbench(data, split):
                 image = b""  # a bad image (hires.ImageError) once it is opened
             hint = row["hint"] + "\n" if present(row.get("hint")) else ""
             gt = {"choices": choices, "answer": row["answer"]} if present(row.get("answer")) else None
-            samples.append(Sample({k: row.get(k) for k in MMBENCH_COLUMNS}, hint + row["question"] +
-                                  options_text(choices.values()) + LETTER, image, gt))
+            samples.append(Sample({k: row.get(k) for k in MMBENCH_COLUMNS}, hint + row["question"], image, gt,
+                                  options=list(choices.values())))
     return samples
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
@@ -426,7 +436,7 @@ def load_entitygrid(data, split):
     """EntityGrid-QA (HIRES_LLAVA.md section 7) through entitygrid.py's own reader, prompt and score."""
     import entitygrid
     need(os.path.join(data, "questions.jsonl"), "entitygrid")
-    return [Sample({"id": q["id"]}, entitygrid.format_question(q), os.path.join(data, q["image"]), q)
+    return [Sample({"id": q["id"]}, q["question"], os.path.join(data, q["image"]), q, options=q["options"])
             for q in entitygrid.load_questions(data)]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -502,9 +512,7 @@ def generate_all(bench, samples, args, partial):
                     except hires.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
                 with torch.inference_mode():  # a prompt beyond the context gets its PromptTooLong as answer
-                    texts = model.generate([img for _, img in ask], [s.prompt for s, _ in ask], temperature=0.0,
-                                           max_new_tokens=args.max_new_tokens or bench.max_new_tokens,
-                                           too_long="return") if ask else []
+                    texts = answer(model, ask, args, bench) if ask else []
                 for (s, _), t in zip(ask, texts):  # hires.generate returns the answers stripped
                     done[s.qid] = failed(s, t, "too_long") if isinstance(t, hires.PromptTooLong) else \
                         {"qid": s.qid, "text": t}
@@ -514,6 +522,27 @@ def generate_all(bench, samples, args, partial):
                 bar.update(len(batch))
     kinds = [done[s.qid].get("kind") for s in samples]
     return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}
+
+def answer(model, ask, args, bench):
+    """Greedy answers to [(sample, image)]; with --mc rank, multiple-choice samples get the letter of the option
+    the model finds most likely (the option texts after the letter-free prompt; the scorer parses that letter)."""
+    import hires
+    rank = [s.options is not None and args.mc == "rank" for s, _ in ask]
+    texts = iter(model.generate([img for (_, img), r in zip(ask, rank) if not r],
+                                [s.text() for (s, _), r in zip(ask, rank) if not r], temperature=0.0,
+                                max_new_tokens=args.max_new_tokens or bench.max_new_tokens, too_long="return")
+                 if not all(rank) else [])
+    ranked = [(s, img) for (s, img), r in zip(ask, rank) if r]
+    scores = iter(model.option_logprobs([img for _, img in ranked], [s.text("rank") for s, _ in ranked],
+                                        [s.options for s, _ in ranked], too_long="return") if ranked else [])
+    out = []
+    for r in rank:
+        if not r:
+            out.append(next(texts))
+            continue
+        lp = next(scores)
+        out.append(lp if isinstance(lp, hires.PromptTooLong) else chr(65 + max(range(len(lp)), key=lp.__getitem__)))
+    return out
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -552,6 +581,9 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
       "(without it, an existing partial file is an error)")
     a("--max-new-tokens", type=int, help="generation length cap (default: LLaVA-1.5's for the benchmark, below)")
+    a("--mc", choices=("letter", "rank"), default="letter", help="multiple-choice benchmarks (ai2d, scienceqa, "
+      "mmbench, entitygrid): generate the option letter after LLaVA's prompt (letter, default), or rank the option "
+      "texts by likelihood after a letter-free prompt and answer the best one's letter (rank; the tiny preset)")
     a("--predictions", help="score this existing predictions.json instead of running a model")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
@@ -583,7 +615,7 @@ def run(args):
                 f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in submission)
     scores = ({"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
               if any(s.gt is None for s in samples) else bench.score(samples, answers))
-    metrics = {"bench": args.bench, "split": split, "n": len(samples), **scores, **errors}
+    metrics = {"bench": args.bench, "split": split, "n": len(samples), "mc": args.mc, **scores, **errors}
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 

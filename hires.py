@@ -10,6 +10,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw
 from clip import CLIP_MEAN, CLIP_STD, CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, \
     save_vision_tower
 from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenizer, apply_lora, atomic_write,
-                   encode_prompt, train_tokenizer)
+                   encode_conversation, encode_prompt, train_tokenizer)
 
 OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
 # separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD; HIRES_LLAVA.md 2.6)
@@ -51,6 +52,8 @@ class HiResConfig:
     lora_rank: int = 128            # paper 4.1: rank 128, alpha 256; 0 disables LoRA
     lora_alpha: float = 256.0
     lora_dropout: float = 0.05      # LLaVA's LoRA dropout (design choice)
+    train_llm: bool = False         # the whole LLM trains in both stages: the tiny preset's random stand-in for
+                                    # Vicuna must learn language; the paper's Vicuna stays frozen (+ LoRA)
 
     def __post_init__(self):
         clip_cfg = CLIPConfig.from_preset(self.clip_preset)
@@ -307,6 +310,14 @@ def separator_ids(tokenizer, text):
     return full[len(head):]
 
 
+class Prefix(NamedTuple):
+    """One image after the ViT blocks before the first SRA layer (HiResLLaVA.prefix), which no stage trains: it can
+    stand in for the preprocess() tuple of the same image. overview (1+L, D), slices (m*n, 1+L, D), grid (m, n)."""
+    overview: torch.Tensor
+    slices: torch.Tensor
+    grid: tuple
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the model (paper Fig. 2a)
 
@@ -340,20 +351,24 @@ class HiResLLaVA(nn.Module):
 
     # --- stages and trainable tensors (paper 4.1)
     def _is_adapter(self, name):
-        return name.startswith(("sra.", "sampler.", "projector.")) or (name.startswith("llm.") and "lora_" in name)
+        """A tensor some stage trains: SRA, sampler, projector, LoRA; with train_llm the whole LLM too."""
+        llm = name.startswith("llm.") and ("lora_" in name or self.cfg.train_llm)
+        return name.startswith(("sra.", "sampler.", "projector.")) or llm
 
     def set_stage(self, stage):
-        """Stage 1: sampler + projector train. Stage 2: SRA + sampler + projector + LoRA. ViT and LLM base frozen."""
+        """Stage 1: sampler + projector train. Stage 2: SRA + sampler + projector + LoRA. ViT and LLM base frozen,
+        except with train_llm, where the LLM trains in both stages."""
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         self.stage = stage
         for name, p in self.named_parameters():
-            trains = name.startswith(("sampler.", "projector."))
+            trains = name.startswith(("sampler.", "projector.")) or (name.startswith("llm.") and self.cfg.train_llm)
             trains |= stage == 2 and self._is_adapter(name)
             p.requires_grad_(trains)
 
     def trainable_state_dict(self):
-        """Every tensor either stage trains (same key set in both stages, so stage 1 -> 2 loads strictly)."""
+        """Every tensor either stage trains (same key set in both stages, so stage 1 -> 2 loads strictly); with
+        train_llm this includes the LLM, so a checkpoint holds the model that was evaluated."""
         return {k: p.detach() for k, p in self.named_parameters() if self._is_adapter(k)}
 
     def load_trainable_state_dict(self, sd):
@@ -375,10 +390,24 @@ class HiResLLaVA(nn.Module):
         c = self.cfg
         return preprocess_image(img, self.vision.cfg.image_size, c.max_slices, c.upscale, c.slices)
 
+    @torch.no_grad()
+    def prefix(self, images):
+        """preprocess() tuples -> Prefix tuples: each image's hidden states after the ViT blocks before the first SRA
+        layer, which are frozen in both stages (so train.py can compute them once per image)."""
+        device = self.llm.model.embed_tokens.weight.device
+        x = self.vision.prefix(torch.cat([torch.cat([o[None], s]) for o, s, _ in images]).to(device),
+                               min(self.cfg.sra_layers))                        # (N, 1+L, D)
+        parts = torch.split(x, [1 + len(s) for _, s, _ in images])
+        return [Prefix(p[0], p[1:], tuple(g)) for p, (_, _, g) in zip(parts, images)]
+
     def encode_images(self, images):
-        """List of preprocess() tuples -> list of (T_i, C) embeddings: overview, (a), slices row-major with (b)
-        between slices and (c) at each row end (paper Fig. 2a). All images of the batch go through one ViT call."""
+        """List of preprocess() tuples (or all Prefix tuples) -> list of (T_i, C) embeddings: overview, (a), slices
+        row-major with (b) between slices and (c) at each row end (paper Fig. 2a). All images of the batch go
+        through one ViT call."""
         cfg, device = self.cfg, self.llm.model.embed_tokens.weight.device
+        cached = isinstance(images[0], Prefix)
+        if any(isinstance(im, Prefix) != cached for im in images):
+            raise ValueError("a batch mixes Prefix tuples and pixels")
         pixels, groups, is_overview = [], [], []
         for overview, slices, grid in images:
             if cfg.overview:
@@ -390,7 +419,8 @@ class HiResLLaVA(nn.Module):
                 groups.append(tuple(grid))
                 is_overview += [False] * len(slices)
         adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
-        feats = self.vision(torch.cat(pixels).to(device), groups, adapters)      # (N, L, D)
+        feats = self.vision(torch.cat(pixels).to(device), groups, adapters,
+                            start=min(cfg.sra_layers) if cached else 0)          # (N, L, D)
         if cfg.sample_overview:
             tokens = list(self.projector(self.sampler(feats)))                   # N x (L/k^2, C)
         else:
@@ -439,7 +469,7 @@ class HiResLLaVA(nn.Module):
         seqs = self._embed_batch(input_ids, labels, images)
         T = min(max(len(e) for e, _ in seqs), self.cfg.max_length, self.llm.cfg.max_seq_len)
         E, Lb, M = pad_batch(seqs, T)
-        _, loss = self.llm(input_embeds=E, attention_mask=M, labels=Lb)
+        loss = self.llm(input_embeds=E, attention_mask=M, labels=Lb)
         return loss
 
     @torch.no_grad()
@@ -462,6 +492,39 @@ class HiResLLaVA(nn.Module):
                                          temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id))
             answers = [self.tokenizer.decode(next(out)).strip() if a is None else a for a in answers]
         return answers
+
+    @torch.no_grad()
+    def option_logprobs(self, images, prompts, options, too_long="raise"):
+        """Multiple choice by likelihood: PIL images (or None), user texts and each one's list of option texts ->
+        per prompt, the log-probability of each option as the vicuna_v1 answer (sum over its tokens and </s>).
+        The image is encoded once per prompt; all options are scored as one batch. A prompt whose longest option
+        does not fit the LLM context raises PromptTooLong, or with too_long="return" gets it instead of scores."""
+        pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
+        ids, labels, owner = [], [], []
+        for k, (p, im, opts) in enumerate(zip(prompts, pre, options)):
+            human = p if im is None or "<image>" in p else "<image>\n" + p
+            for o in opts:
+                i, lab = encode_conversation([{"from": "human", "value": human}, {"from": "gpt", "value": o}],
+                                             self.tokenizer)
+                ids.append(i), labels.append(lab), owner.append(k)
+        encoded = iter(self.encode_images([im for im in pre if im is not None]) if any(
+            im is not None for im in pre) else [])
+        per_prompt = [next(encoded) if im is not None else None for im in pre]
+        seqs = [self.splice(i, lab, per_prompt[k]) for i, lab, k in zip(ids, labels, owner)]
+        ctx, scores = self.llm.cfg.max_seq_len, [[] for _ in prompts]
+        for (e, _), k in zip(seqs, owner):
+            if len(e) > ctx and not isinstance(scores[k], PromptTooLong):
+                scores[k] = PromptTooLong(f"prompt and option are {len(e)} tokens with the image; the LLM context "
+                                          f"holds {ctx}")
+                if too_long == "raise":
+                    raise scores[k]
+        fit = [(seq, k) for seq, k in zip(seqs, owner) if not isinstance(scores[k], PromptTooLong)]
+        if fit:
+            E, Lb, M = pad_batch([seq for seq, _ in fit], max(len(e) for (e, _), _ in fit))
+            logp = self.llm.label_logprobs(input_embeds=E, attention_mask=M, labels=Lb).sum(1)  # (options,)
+            for (_, k), lp in zip(fit, logp.tolist()):
+                scores[k].append(lp)
+        return scores
 
 
 def pad_batch(seqs, T, left=False):

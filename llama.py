@@ -188,8 +188,9 @@ class Llama(nn.Module):
         """tokens (B, T) long -> (B, T, C) token embeddings."""
         return self.model.embed_tokens(tokens)
 
-    def _run(self, x, positions, mask, caches=None, start=0, last_only=False):
-        """x (B, T, C) embeddings, positions (B, T) long, mask as Attention -> logits (B, T|1, V)."""
+    def _run(self, x, positions, mask, caches=None, start=0, last_only=False, keep=None):
+        """x (B, T, C) embeddings, positions (B, T) long, mask as Attention -> logits (B, T|1, V); with keep (B, T)
+        bool, logits (K, V) of the kept positions only (the head is most of a small model's cost)."""
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (B, 1, T, hs): the same over heads
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -199,8 +200,8 @@ class Llama(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, start, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, start)
-        x = self.model.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x)  # (B, T, V)
+        x = x[:, -1:] if last_only else x if keep is None else x[keep]
+        return self.lm_head(self.model.norm(x))  # (B, T, V) or (K, V)
 
     def _inputs(self, tokens, input_embeds, attention_mask):
         """-> x (B, T, C), positions (B, T) and mask (None: no padding, SDPA's fast is_causal path)."""
@@ -214,14 +215,23 @@ class Llama(nn.Module):
 
     def forward(self, tokens=None, *, input_embeds=None, attention_mask=None, labels=None):
         """tokens (B, T) or input_embeds (B, T, C); attention_mask (B, T) 1=real 0=pad; labels (B, T) with -100
-        ignored. Returns logits (B, T, V), or (logits, mean next-token cross-entropy) when labels are given."""
-        x, positions, mask = self._inputs(tokens, input_embeds, attention_mask)
-        logits = self._run(x, positions, mask)
+        ignored. Returns logits (B, T, V), or with labels the mean next-token cross-entropy over the labelled tokens
+        (0, with a zero gradient, when no token is labelled)."""
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(x.device),
-                               ignore_index=IGNORE_INDEX)
-        return logits, loss
+            return self._run(*self._inputs(tokens, input_embeds, attention_mask))
+        logp = self.label_logprobs(tokens, input_embeds=input_embeds, attention_mask=attention_mask, labels=labels)
+        return -logp.sum() / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+
+    def label_logprobs(self, tokens=None, *, input_embeds=None, attention_mask=None, labels):
+        """log p(labels[:, t+1] | tokens up to t) -> (B, T-1) fp32, 0 where the label is ignored. Logits are
+        computed at labelled positions only."""
+        x, positions, mask = self._inputs(tokens, input_embeds, attention_mask)
+        target = labels[:, 1:].to(x.device)                                  # (B, T-1)
+        keep = target != IGNORE_INDEX
+        logits = self._run(x, positions, mask, keep=F.pad(keep, (0, 1), value=False)).float()  # (K, V)
+        out = torch.zeros(target.shape, device=x.device, dtype=logits.dtype)
+        out[keep] = -F.cross_entropy(logits, target[keep], reduction="none")
+        return out
 
     # ---- generation (KV cache) ----
 

@@ -35,12 +35,14 @@ import llama
 
 ADAM_BETAS = (0.9, 0.98)  # design choice: the paper's betas are lost in our copy (HIRES_LLAVA.md 6)
 PRESETS = {  # every value is a command-line default; see --help
-    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=64, lora_alpha=64, max_len=512,
-                 lr1=1e-3, lr2=1e-3, lora_lr=1e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=2,
-                 train_size=1536, test_size=540, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0),
+    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_len=512,
+                 lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=4,
+                 train_size=6000, test_size=540, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
+                 train_llm=True, mc="rank", cache_vit=True),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=2048,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=16, epochs1=1, epochs2=1,
-                  train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4),
+                  train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
+                  train_llm=False, mc="letter", cache_vit=False),
 }
 SKIP_REASONS = ("missing image", "bad image", "empty or malformed conversation", "<image> without an image",
                 "image without <image> (prepended)", "too long (truncated)")
@@ -57,7 +59,7 @@ class LlavaData(torch.utils.data.Dataset):
     """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
     is counted under its SKIP_REASONS entry and replaced by the next usable one, so batches keep their size."""
 
-    def __init__(self, path, folder, tokenizer, template, preprocess, max_len):
+    def __init__(self, path, folder, tokenizer, template, preprocess, max_len, prefixes=None):
         try:
             with open(path) as f:
                 self.items = json.load(f)
@@ -67,6 +69,7 @@ class LlavaData(torch.utils.data.Dataset):
             raise TrainError(f"{path}: expected a non-empty JSON list of {{id, image, conversations}} samples")
         self.folder, self.tokenizer, self.template = folder, tokenizer, template
         self.preprocess, self.max_len = preprocess, max_len
+        self.prefixes = prefixes if prefixes is not None else {}  # image path -> hires.Prefix (--cache-vit)
 
     def __len__(self):
         return len(self.items)
@@ -112,6 +115,8 @@ class LlavaData(torch.utils.data.Dataset):
         image = None
         if "image" in item:
             path = os.path.join(self.folder, str(item["image"]))
+            if path in self.prefixes:
+                return (ids, labels, self.prefixes[path]), reason
             if not os.path.exists(path):
                 return None, "missing image"
             try:
@@ -127,6 +132,26 @@ def collate(batch):
     samples = [s for s, _ in batch]
     return dict(input_ids=[s[0] for s in samples], labels=[s[1] for s in samples], images=[s[2] for s in samples],
                 skipped=Counter(r for _, reasons in batch for r in reasons))
+
+
+def cache_prefixes(model, datasets, master, batch=8):
+    """The frozen ViT blocks before the first SRA layer, once per training image: {path: hires.Prefix}, shared by
+    the datasets (and stages). Images that fail to load are left out; the datasets count them when drawn. Small
+    batches: on CPU, 8 images with their slices run ~2x faster per image than 32 (the activations stay in cache)."""
+    paths = sorted({os.path.join(d.folder, str(it["image"])) for d in datasets for it in d.items
+                    if isinstance(it, dict) and "image" in it})
+    cache = {}
+    for i in tqdm(range(0, len(paths), batch), desc="cache ViT prefix", disable=not master):
+        ok, images = [], []
+        for path in paths[i:i + batch]:
+            try:
+                images.append(model.preprocess(hires.load_image(path)))
+                ok.append(path)
+            except hires.ImageError:
+                pass
+        if images:
+            cache.update(zip(ok, model.prefix(images)))
+    return cache
 
 
 class MicroBatchSampler(torch.utils.data.Sampler):
@@ -364,6 +389,14 @@ def gather_rng(world, device):
 # ----------------------------------------------------------------------------------------------------------------
 # tiny preset: generated data and random base models written in their real formats
 
+def entitygrid_text_qa(questions):
+    """EntityGrid-QA as stage-2 data with option-text answers: the options listed without letters, the answer is
+    the correct option's text (scored by likelihood ranking, --mc rank)."""
+    return [{"id": q["id"], "image": q["image"], "conversations": [
+        {"from": "human", "value": "<image>\n" + entitygrid.format_question(q, letters=False)},
+        {"from": "gpt", "value": q["options"][entitygrid.LETTERS.index(q["answer"])]}]} for q in questions]
+
+
 def entitygrid_captions(questions):
     """Stage-1 captions for EntityGrid-QA images (plain template): each entity's name and its cell."""
     return [{"id": q["id"], "image": q["image"], "conversations": [
@@ -380,14 +413,17 @@ def prepare_tiny(args):
         if not os.path.isfile(os.path.join(d, "llava.json")):
             entitygrid.generate(d, num, args.seed, base=clip.CLIPConfig.from_preset("tiny").image_size, split=split)
     train_dir = os.path.join(args.data_dir, "train")
-    captions = os.path.join(train_dir, "captions.json")
-    if not os.path.isfile(captions):
-        write_atomic(captions, json.dumps(entitygrid_captions(entitygrid.load_questions(train_dir))))
+    captions, text_qa = (os.path.join(train_dir, f) for f in ("captions.json", "text_qa.json"))
+    for path, make in ((captions, entitygrid_captions), (text_qa, entitygrid_text_qa)):
+        if not os.path.isfile(path):
+            write_atomic(path, json.dumps(make(entitygrid.load_questions(train_dir))))
     base = os.path.join(args.out, "base")
     if not os.path.isfile(os.path.join(base, "hires_config.json")):  # written last: the backbones are complete
-        with open(os.path.join(train_dir, "llava.json")) as f:  # with the template's words (USER:, ASSISTANT:)
-            texts = [seg.replace("<image>", "") for item in json.load(f)
-                     for seg in llama.vicuna_segments(llama.turn_texts(item["conversations"]))]
+        texts = []
+        for qa in ("llava.json", "text_qa.json"):  # with the template's words (USER:, ASSISTANT:)
+            with open(os.path.join(train_dir, qa)) as f:
+                texts += [seg.replace("<image>", "") for item in json.load(f)
+                          for seg in llama.vicuna_segments(llama.turn_texts(item["conversations"]))]
         with open(captions) as f:
             texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
         try:
@@ -409,7 +445,7 @@ def model_config(args):
                      tokenizer_path=args.tokenizer or os.path.join(args.llm, "tokenizer.model"))
     return hires.HiResConfig(**paths, max_slices=args.max_slices, upscale=args.upscale, sampler=args.sampler,
                              max_length=args.max_len, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                             lora_dropout=args.lora_dropout)
+                             lora_dropout=args.lora_dropout, train_llm=args.train_llm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,6 +453,8 @@ def model_config(args):
 
 @torch.no_grad()
 def evaluate_entitygrid(model, test_dir, args, ctx):
+    """--mc letter: greedy answers, letters parsed by entitygrid.score; --mc rank: the option texts ranked by
+    likelihood after the letter-free prompt, the best one's letter as the prediction."""
     questions = entitygrid.load_questions(test_dir)
     mine = questions[ctx["rank"]::ctx["world"]]
     model.eval()
@@ -425,8 +463,13 @@ def evaluate_entitygrid(model, test_dir, args, ctx):
         chunk = mine[i:i + args.eval_batch]
         images = [hires.load_image(os.path.join(test_dir, q["image"])) for q in chunk]
         with autocast(ctx):
-            out = model.generate(images, [entitygrid.format_question(q) for q in chunk],
-                                 max_new_tokens=args.max_new_tokens)
+            if args.mc == "rank":
+                scores = model.option_logprobs(images, [entitygrid.format_question(q, letters=False) for q in chunk],
+                                               [q["options"] for q in chunk])
+                out = [entitygrid.LETTERS[max(range(len(s)), key=s.__getitem__)] for s in scores]
+            else:
+                out = model.generate(images, [entitygrid.format_question(q) for q in chunk],
+                                     max_new_tokens=args.max_new_tokens)
         preds.update({q["id"]: o for q, o in zip(chunk, out)})
     if ctx["world"] > 1:
         parts = [None] * ctx["world"]
@@ -489,7 +532,13 @@ def parse_args(argv):
     a("--save-every", type=int, default=100, help="write a checkpoint every N steps (and at the end)")
     a("--keep", type=int, default=2, help="number of checkpoints kept")
     a("--eval-batch", type=int, default=64, help="EntityGrid-QA evaluation batch size")
-    a("--max-new-tokens", type=int, default=4, help="tokens generated per EntityGrid-QA answer")
+    a("--max-new-tokens", type=int, default=4, help="tokens generated per EntityGrid-QA answer (--mc letter)")
+    a("--mc", choices=("rank", "letter"), help="tiny: EntityGrid-QA answers as option text, trained so and scored "
+      "by ranking the options by likelihood (rank), or as the option letter, generated and parsed (letter)")
+    a("--train-llm", action=argparse.BooleanOptionalAction, help="train the whole LLM in both stages (tiny: its "
+      "random stand-in must learn language; paper: Vicuna stays frozen and LoRA trains)")
+    a("--cache-vit", action=argparse.BooleanOptionalAction, help="compute the frozen ViT blocks before the first "
+      "SRA layer once per training image and reuse them every epoch (memory: ~(1+L)*D floats per image)")
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.clip or args.llm else "tiny")
     for k, v in PRESETS[args.preset].items():
@@ -545,7 +594,8 @@ def run(args, ctx):
             prepare_tiny(args)
         barrier(ctx)
         args.data1 = args.data1 or os.path.join(args.data_dir, "train", "captions.json")
-        args.data2 = args.data2 or os.path.join(args.data_dir, "train", "llava.json")
+        args.data2 = args.data2 or os.path.join(args.data_dir, "train", "text_qa.json" if args.mc == "rank" else
+                                                "llava.json")
         args.image_folder = args.image_folder or os.path.join(args.data_dir, "train")
     torch.manual_seed(args.seed)  # identical trainable init on every rank
     # frozen weights in the autocast dtype, read straight onto the device (7B: no 27 GB fp32 copy on each GPU);
@@ -555,11 +605,16 @@ def run(args, ctx):
         hires.HiResLLaVA(model_config(args), **where)
     model.llm.gradient_checkpointing = args.grad_ckpt
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
-    for stage in ([1, 2] if args.stage == "all" else [int(args.stage)]):
-        template = "plain" if stage == 1 else "vicuna_v1"
-        data = LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "", model.tokenizer,
-                         template, model.preprocess, args.max_len)
-        train_stage(args, stage, model, data, os.path.join(args.out, f"stage{stage}"), ctx)
+    stages = [1, 2] if args.stage == "all" else [int(args.stage)]
+    data = {stage: LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "", model.tokenizer,
+                             "plain" if stage == 1 else "vicuna_v1", model.preprocess, args.max_len)
+            for stage in stages}
+    if args.cache_vit:
+        prefixes = cache_prefixes(model, list(data.values()), master)
+        for d in data.values():
+            d.prefixes = prefixes
+    for stage in stages:
+        train_stage(args, stage, model, data[stage], os.path.join(args.out, f"stage{stage}"), ctx)
     if tiny and args.stage != "1":
         metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, ctx)
         if master:

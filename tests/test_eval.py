@@ -234,11 +234,11 @@ def test_prompts_follow_llava(tmp_path):
         "How many?\nReference OCR token: STOP, 2" + short
     assert ev.BENCHES["textvqa"].load(f"{d}/t", "val")[1].prompt == "Is it red?\nReference OCR token: " + short
     s = ev.BENCHES["scienceqa"].load(f"{d}/s", "test")
-    assert s[0].prompt == "Context: Look.\nWhich?\nA. a\nB. b\nC. c" + letter and s[0].image.endswith("p1/image.png")
-    assert s[1].prompt == "Text only?\nA. x\nB. y" + letter and s[1].image is None
+    assert s[0].text() == "Context: Look.\nWhich?\nA. a\nB. b\nC. c" + letter and s[0].image.endswith("p1/image.png")
+    assert s[1].text() == "Text only?\nA. x\nB. y" + letter and s[1].image is None
     m = ev.BENCHES["mmbench"].load(f"{d}/m", "dev")
-    assert m[0].prompt == "Animal?\nA. cat\nB. dog\nC. bird" + letter         # stops at the first empty option
-    assert m[2].prompt == "A hint.\nColor?\nA. red\nB. blue" + letter
+    assert m[0].text() == "Animal?\nA. cat\nB. dog\nC. bird" + letter         # stops at the first empty option
+    assert m[2].text() == "A hint.\nColor?\nA. red\nB. blue" + letter
     assert ev.BENCHES["pope"].load(f"{d}/p", "all")[0].prompt == "Is there a dog in the image?" + short
     assert ev.BENCHES["docvqa"].load(f"{d}/d", "val")[0].prompt == "Title?" + short
     assert ev.BENCHES["chartqa"].load(f"{d}/c", "test")[0].prompt == "Share?\nAnswer the question with a single word."
@@ -335,7 +335,7 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     samples = b.load(data, b.split)
     # the model saw every question once, greedy, with its LLaVA prompt and its image (None only for text-only ones)
     asked = [(img, p) for images, prompts, kw in recorded for img, p in zip(images, prompts)]
-    assert [p for _, p in asked] == [s.prompt for s in samples]
+    assert [p for _, p in asked] == [s.text() for s in samples]
     assert all(kw == {"max_new_tokens": 3, "temperature": 0.0, "too_long": "return"} for _, _, kw in recorded)
     assert all(len(images) <= 2 for images, _, _ in recorded)
     assert [img is None for img, _ in asked] == [s.image is None for s in samples]

@@ -115,7 +115,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     labels[0, :6] = llama.IGNORE_INDEX
     with torch.no_grad():
         ref = hf(input_ids=ids, labels=labels).loss
-    torch.testing.assert_close(ours(ids, labels=labels)[1], ref, atol=ATOL, rtol=0)  # fp32 rounding only
+    torch.testing.assert_close(ours(ids, labels=labels), ref, atol=ATOL, rtol=0)  # fp32 rounding only
 
 
 def test_padding_mask_matches_hf(hf_dir):
@@ -206,13 +206,13 @@ def test_lora_identity_merge_save_load_and_frozen_base(tmp_path, monkeypatch):
     torch.testing.assert_close(m(ids), base, atol=0, rtol=0)  # B = 0: exactly the base model
     m.train()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
-    m(ids, labels=ids)[1].backward()
+    m(ids, labels=ids).backward()
     plain = [p.grad.clone() for p in opt.param_groups[0]["params"]]
     opt.zero_grad()
     m.gradient_checkpointing = True
     calls, checkpoint = [], llama.checkpoint
     monkeypatch.setattr(llama, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
-    m(ids, labels=ids)[1].backward()
+    m(ids, labels=ids).backward()
     monkeypatch.undo()
     assert len(calls) == 2  # one checkpoint per layer
     for a, p in zip(plain, opt.param_groups[0]["params"]):  # recomputation runs the same ops: same grads
