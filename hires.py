@@ -173,7 +173,7 @@ def image_token_count(rows, cols, per_image):
 # ----------------------------------------------------------------------------------------------------------------
 # SliceRestore Adapter (paper 3.1)
 
-class Attention(nn.Module):
+class CrossAttention(nn.Module):
     """Multi-head (cross-)attention with separate q/k/v/o projections, via scaled_dot_product_attention."""
 
     def __init__(self, dim, heads):
@@ -215,7 +215,7 @@ class SliceRestoreAdapter(nn.Module):
         super().__init__()
         self.grid = grid  # h = w of one slice
         self.local = nn.Conv2d(dim, dim, SRA_KERNEL, padding=SRA_KERNEL // 2, groups=dim)
-        self.attn = Attention(dim, heads)
+        self.attn = CrossAttention(dim, heads)
         self.proj = nn.Linear(dim, dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -242,7 +242,7 @@ class SelfMiningSampler(nn.Module):
         super().__init__()
         self.grid, self.kernel = grid, kernel
         self.norm_q, self.norm_kv, self.norm_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = CrossAttention(dim, heads)
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.register_buffer("mask", window_mask(grid, kernel) if window else None, persistent=False)
 
