@@ -559,6 +559,11 @@ def tokenize_image(text, tokenizer, bos=True, prefix=True):
     return ids
 
 
+def image_first(text):
+    """`<image>` moved to the front of a turn, once: "<image>\n" + the rest stripped (LLaVA's preprocess_multimodal)."""
+    return "<image>\n" + text.replace("<image>", "").strip()
+
+
 def turn_texts(conversations):
     """LLaVA conversation [{"from": "human"|"gpt", "value"}] -> its turn texts, human first: a leading assistant
     turn dropped, roles checked to alternate, `<image>` moved to the front of its turn (preprocess_multimodal)."""
@@ -571,7 +576,7 @@ def turn_texts(conversations):
             raise ValueError(f"conversation roles must alternate human, gpt; turn {i} is {t['from']!r}")
         text = t["value"]
         if i % 2 == 0 and "<image>" in text:
-            text = "<image>\n" + text.replace("<image>", "").strip()
+            text = image_first(text)
         texts.append(text)
     return texts
 

@@ -98,8 +98,7 @@ class LlavaData(torch.utils.data.Dataset):
         elif "image" not in item and n_image_tokens:
             return None, "<image> without an image"
         if "image" in item:  # LLaVA's preprocess_multimodal: one "<image>\n" at the start of the first human turn
-            first = turns[0]["value"].replace("<image>", "").strip()
-            turns = [{"from": "human", "value": "<image>\n" + first}] + [
+            turns = [{"from": "human", "value": llama.image_first(turns[0]["value"])}] + [
                 {"from": t["from"], "value": t["value"].replace("<image>", "")} for t in turns[1:]]
         try:
             ids, labels = llama.encode_conversation(turns, self.tokenizer, self.template)
