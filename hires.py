@@ -1,9 +1,10 @@
 """HiRes-LLaVA (arXiv 2407.08706): dynamic slicing, SliceRestore Adapter, Self-Mining Sampler, and the full model.
 
 Paper sections: 3.3 dynamic high-resolution slicing, 3.1 SliceRestore Adapter (SRA), 3.2 Self-Mining Sampler (SMS),
-Fig. 2a pipeline. Details the published text lost are our reconstruction and marked "(design choice)"; they are
-named constants or HiResConfig flags. Notation: m rows, n cols of slices; S base resolution; h = w tokens per side of
-one ViT image; L = h*w; D ViT width; C LLM width; k sampler kernel.
+Fig. 2a pipeline. Details the paper does not give are our reconstruction, marked "(design choice)"; they are named
+constants or HiResConfig flags, each listed with its reason and its tensor shapes in docs/method.md. Notation: m rows,
+n cols of slices; S base resolution; h = w tokens per side of one ViT image; L = h*w; D ViT width; C LLM width;
+k sampler kernel.
 """
 import argparse
 import json
@@ -23,7 +24,8 @@ from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenize
                    encode_prompt, train_tokenizer)
 
 OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
-# separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD; HIRES_LLAVA.md 2.6)
+# separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;
+# docs/method.md#projector-and-separators)
 SEP_OVERVIEW = "\n"   # (a) between the overview and the slices
 SEP_SLICE = ","       # (b) between two slices of a row
 SEP_ROW = "\n"        # (c) at the end of each row of slices

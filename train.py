@@ -1,4 +1,4 @@
-"""Two-stage HiRes-LLaVA training (HIRES_LLAVA.md 6) on LLaVA's data format, single process or torchrun DDP.
+"""Two-stage HiRes-LLaVA training (docs/method.md#training-stages) on LLaVA's data, single process or torchrun DDP.
 
 Stage 1 trains the Self-Mining Sampler and projector on captions (LLaVA's `plain` template); stage 2 trains the
 SliceRestore Adapter, sampler, projector and LoRA on instructions (`vicuna_v1`), starting from a stage-1 checkpoint.
@@ -33,7 +33,7 @@ import entitygrid
 import hires
 import llama
 
-ADAM_BETAS = (0.9, 0.98)  # design choice: the paper's betas are lost in our copy (HIRES_LLAVA.md 6)
+ADAM_BETAS = (0.9, 0.98)  # design choice: the paper does not give its betas (docs/method.md#training-stages)
 PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=64, lora_alpha=64, max_len=512,
                  lr1=1e-3, lr2=1e-3, lora_lr=1e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=2,
@@ -51,7 +51,7 @@ class TrainError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: LLaVA's JSON (CONVENTIONS.md 3.1) -> token ids + labels (llama.encode_conversation) + preprocessed image
+# data: LLaVA's JSON (docs/method.md#training-stages) -> token ids + labels (llama.encode_conversation) + image
 
 class LlavaData(torch.utils.data.Dataset):
     """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
