@@ -180,7 +180,7 @@ def hires_peak_rss(args, with_hires):
 
 @torch.no_grad()
 def bench_hires(args):
-    from hires import Attention
+    from hires import CrossAttention
     cfg = vit_config(args)
     tower, adapters, sampler = vision_path(cfg)
     L, D = cfg.grid ** 2, cfg.width
@@ -198,7 +198,7 @@ def bench_hires(args):
     print(f"  (median of {args.repeats}; overhead target <= 1.15)")
 
     sra = next(iter(adapters.values()))
-    joint = Attention(D, cfg.heads).eval()  # q/k/v/o projections + SDPA, the same width and heads as the SRA
+    joint = CrossAttention(D, cfg.heads).eval()  # q/k/v/o projections + SDPA, the same width and heads as the SRA
     rows = []
     for m in (2, 3, 4):
         p = torch.randn(m * m, L, D)

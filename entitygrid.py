@@ -1,4 +1,6 @@
-"""EntityGrid-QA: a generated benchmark that measures fragmentation at slice borders (paper 3.4, HIRES_LLAVA.md 7).
+"""EntityGrid-QA: a generated benchmark that measures fragmentation at slice borders (paper 3.4).
+
+The method and the metric: docs/method.md#entitygrid-qa.
 
 A 2S x 2S blank canvas (S = base, the encoder's resolution) is cut by the model into exactly 2 x 2 slices. Entities
 (words, numbers, objects drawn with Pillow primitives, coloured shapes) sit on a 3 x 3 grid of cells numbered 1..9
@@ -371,7 +373,7 @@ def discrepancy(acc_by_cell):
 
 
 def score(questions, predictions):
-    """Accuracy and the paper's edge/centre Discrepancy (HIRES_LLAVA.md 7).
+    """Accuracy and the paper's edge/centre Discrepancy (docs/method.md#entitygrid-qa).
 
     predictions: id -> model text (letter parsed by parse_letter; missing or unparsed = wrong).
     A question is located at its `cell`: the questioned entity's cell (entity A for position; for counting the first

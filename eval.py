@@ -1,8 +1,9 @@
-"""Benchmark evaluation of HiRes-LLaVA (HIRES_LLAVA.md section 8) on each benchmark's official released files.
+"""Benchmark evaluation of HiRes-LLaVA (docs/benchmarks.md) on each benchmark's official released files.
 
-Prompts as LLaVA-1.5 (CONVENTIONS.md 2.10), batched greedy generation; every answer is appended to
-OUT/predictions.partial.jsonl as it comes (--resume continues a killed run), then OUT/predictions.json (submission
-format) and OUT/metrics.json (official normalisation, CONVENTIONS.md 1) are written; --predictions rescores a file.
+Prompts as LLaVA-1.5 (docs/benchmarks.md#common-to-all-benchmarks), batched greedy generation; every answer is
+appended to OUT/predictions.partial.jsonl as it comes (--resume continues a killed run), then OUT/predictions.json
+(submission format) and OUT/metrics.json (official normalisation, docs/benchmarks.md#metrics) are written;
+--predictions rescores a file.
 A bad image (hires.ImageError) or a prompt longer than the context (hires.PromptTooLong) is not fatal: an empty
 prediction, a warning, and a count in metrics "bad_images" / "too_long".
 """
@@ -22,7 +23,7 @@ class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics (CONVENTIONS.md section 1). Each function scores ONE question; the benchmarks average.
+# Metrics (docs/benchmarks.md#metrics). Each function scores ONE question; the benchmarks average.
 
 def mean(xs):
     xs = list(xs)
@@ -39,7 +40,8 @@ def levenshtein(a, b):
     return prev[-1]
 
 def anls(prediction, answers, threshold=0.5):
-    """ANLS of one question, exactly as the official RRC script (CONVENTIONS 1.1); a score of exactly 0.5 is kept."""
+    """ANLS of one question, exactly as the official RRC script; a score of exactly 0.5 is kept
+    (docs/benchmarks.md#anls)."""
     pred, nls = " ".join(prediction.strip().lower().split()), []
     for answer in answers:
         length = max(len(answer.upper()), len(prediction.upper()))  # of the raw strings, not the normalised ones
@@ -47,8 +49,8 @@ def anls(prediction, answers, threshold=0.5):
     score = 1.0 - min(nls) if nls else 0.0
     return 0.0 if score < threshold else score  # the script drops only score < 0.5 (the paper: NL < 0.5)
 
-# The 120-entry VQA/EvalAI contractions table (CONVENTIONS 1.2), kept verbatim with its quirks (identity entries,
-# the reversed somebody'd, capitalised keys that never match after lowercasing).
+# The 120-entry VQA/EvalAI contractions table (docs/benchmarks.md#vqa-accuracy), kept verbatim with its quirks
+# (identity entries, the reversed somebody'd, capitalised keys that never match after lowercasing).
 CONTRACTIONS = dict(pair.split(":") for pair in """
 aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've
 didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't
@@ -77,25 +79,27 @@ PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the official typo: removes e
 COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
 
 def process_punctuation(text):
-    """VQA punctuation step (CONVENTIONS 1.2 step 3) with m4c's digit-comma test; at most 32 periods removed."""
+    """VQA punctuation step with m4c's digit-comma test; at most 32 periods removed (docs/benchmarks.md#vqa-accuracy,
+    step 2)."""
     out, digit_comma = text, COMMA_STRIP.search(text) is not None
     for p in PUNCTUATION:  # the tests look at the ORIGINAL text, as the official code does
         out = out.replace(p, "" if (p + " " in text or " " + p in text or digit_comma) else " ")
     return PERIOD_STRIP.sub("", out, count=32)  # the original passes re.UNICODE (= 32) as `count`
 
 def evalai_normalize(answer):
-    """The m4c/MMF EvalAIAnswerProcessor that LLaVA's TextVQA scoring applies (CONVENTIONS 1.2)."""
+    """The m4c/MMF EvalAIAnswerProcessor that LLaVA's TextVQA scoring applies (docs/benchmarks.md#vqa-accuracy)."""
     answer = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     words = process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()).lower().split()
     return " ".join(CONTRACTIONS.get(w, w) for w in (NUMBER_MAP.get(w, w) for w in words) if w not in ARTICLES)
 
 def vqa_accuracy(prediction, answers):
-    """Leave-one-out VQA accuracy with the EvalAI normaliser on prediction and answers (CONVENTIONS 1.2)."""
+    """Leave-one-out VQA accuracy, EvalAI normaliser on prediction and answers (docs/benchmarks.md#vqa-accuracy)."""
     gts, pred = [evalai_normalize(a) for a in answers], evalai_normalize(prediction)
     return mean(min(1.0, sum(gt == pred for j, gt in enumerate(gts) if j != g) / 3) for g in range(len(gts))) or 0.0
 
 def relaxed_accuracy(prediction, answer, tolerance=0.05):
-    """ChartQA relaxed correctness as pix2struct, prediction stripped as VLMEvalKit (CONVENTIONS 1.3)."""
+    """ChartQA relaxed correctness as pix2struct, prediction stripped as VLMEvalKit
+    (docs/benchmarks.md#relaxed-accuracy)."""
     def to_float(text):
         try:
             return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
@@ -108,7 +112,7 @@ def relaxed_accuracy(prediction, answer, tolerance=0.05):
     return float(prediction.lower() == answer.lower())
 
 def parse_letter_scienceqa(text, n_choices):
-    """Option letter by LLaVA's eval_science_qa.py rule, None if unparsed (CONVENTIONS 1.4)."""
+    """Option letter by LLaVA's eval_science_qa.py rule, None if unparsed (docs/benchmarks.md#option-letters)."""
     options, found = ("A", "B", "C", "D", "E"), re.findall(r"The answer is ([A-Z]).", text)  # "." = any char
     if text in options:
         letter = text
@@ -119,12 +123,13 @@ def parse_letter_scienceqa(text, n_choices):
     return letter if letter in options[:n_choices] else None
 
 def parse_letter_ai2d(text):
-    """lmms-eval's AI2D answer: X of a leading "X." else the reply, punctuation-free (CONVENTIONS 1.4)."""
+    """lmms-eval's AI2D answer: X of a leading "X." else the reply, punctuation-free
+    (docs/benchmarks.md#option-letters)."""
     m = re.match(r"\s*([A-Z])\.", text)
     return (m.group(1) if m else text).translate(str.maketrans("", "", string.punctuation)).upper()
 
 def parse_letter_mmbench(text, choices):
-    """VLMEvalKit can_infer, exact matching, no LLM judge: letter, "Z" or None (CONVENTIONS 1.4)."""
+    """VLMEvalKit can_infer, exact matching, no LLM judge: letter, "Z" or None (docs/benchmarks.md#option-letters)."""
     tokens = text.translate(str.maketrans(".()[],:;!*#{}", " " * 13)).split()
     found = [c for c in choices if c in tokens]
     if len(found) == 1 and tokens.index(found[0]) > len(tokens) - 5:  # a lone letter among the last 5 tokens
@@ -138,16 +143,17 @@ def parse_letter_mmbench(text, choices):
     return hits[0] if len(hits) == 1 and len(text) <= 2 * sum(len(v) for v in choices.values()) else None
 
 def parse_yes_pope(text):
-    """True for yes under the official POPE / LLaVA eval_pope.py rule (CONVENTIONS 1.5)."""
+    """True for yes under the official POPE / LLaVA eval_pope.py rule (docs/benchmarks.md#pope-yes-or-no)."""
     return not any(w in ("No", "no", "not") for w in text.split(".")[0].replace(",", "").split(" "))
 
 def parse_yes_no(text):
-    """Offline HallusionBench judge, VLMEvalKit's YOrN_Extraction: yes/no/unknown (CONVENTIONS 1.6)."""
+    """Offline HallusionBench judge, VLMEvalKit's YOrN_Extraction: yes/no/unknown
+    (docs/benchmarks.md#hallusionbench-scores)."""
     words = process_punctuation(text.lower()).split()
     return "unknown" if ("yes" in words) == ("no" in words) else "yes" if "yes" in words else "no"
 
 def pope_metrics(pred_yes, label_yes):
-    """POPE accuracy, precision, recall, F1 and yes-ratio of the predictions (CONVENTIONS 1.5)."""
+    """POPE accuracy, precision, recall, F1 and yes-ratio of the predictions (docs/benchmarks.md#pope-yes-or-no)."""
     pairs = list(zip(pred_yes, label_yes))
     tp, fp, fn = pairs.count((True, True)), pairs.count((True, False)), pairs.count((False, True))
     # 0.0 where the official script would divide by zero
@@ -164,12 +170,14 @@ def all_correct(keys, correct):
     return groups
 
 def circular_accuracy(rows):
-    """MMBench CircularEval (CONVENTIONS 1.4): {question: every present copy correct} from (index, ok)."""
+    """MMBench CircularEval: {question: every present copy correct} from (index, ok)
+    (docs/benchmarks.md#mmbench-circulareval)."""
     rows = list(rows)
     return all_correct([i % 1_000_000 for i, _ in rows], [ok for _, ok in rows])
 
 def hallusion_metrics(items, correct):
-    """aAcc, fAcc, qAcc of HallusionBench (CONVENTIONS 1.6). items: the official dicts; correct: parallel bools."""
+    """aAcc, fAcc, qAcc of HallusionBench (docs/benchmarks.md#hallusionbench-scores). items: the official dicts;
+    correct: parallel bools."""
     key = lambda q, *ks: tuple(str(q[k]) for k in ("category", "subcategory", "set_id") + ks)
     with_figure = [(key(q, "figure_id"), ok) for q, ok in zip(items, correct)
                    if not (q["category"] == "VS" and str(q["figure_id"]) == "0")]  # fAcc leaves out VS figure 0
@@ -179,7 +187,7 @@ def hallusion_metrics(items, correct):
             "n_figures": len(figures), "n_question_pairs": len(pairs)}
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmarks: official files in (CONVENTIONS 2), LLaVA-1.5's prompts (CONVENTIONS 2.10), submission files out.
+# Benchmarks: official files in, LLaVA-1.5's prompts, submission files out (docs/benchmarks.md#benchmarks).
 
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
@@ -246,7 +254,7 @@ def scorer(metric, per_question):
     return lambda samples, answers: {metric: mean(per_question(s, a) for s, a in zip(samples, answers))}
 
 def add_anls_bench(name, file, image_key, folder, id_key, source, split):
-    """DocVQA / InfographicVQA / ST-VQA: {"data": [...]} files (2.1) scored with ANLS (1.1)."""
+    """DocVQA / InfographicVQA / ST-VQA: {"data": [...]} files scored with ANLS (docs/benchmarks.md#docvqa)."""
     @register(name, scorer("anls", lambda s, a: anls(a, s.gt["answers"])), f"DIR/{file} and the images under "
               f"DIR/{folder}", source, (id_key,), split=split, max_new_tokens=32)
     def load(data, split):
@@ -258,7 +266,7 @@ add_anls_bench("docvqa", "{split}_v1.0.json", "image", "", "questionId", "https:
                "val")
 add_anls_bench("infovqa", "infographicsVQA_{split}_v1.0.json", "image_local_name",
                "infographicsvqa_images", "questionId", "https://rrc.cvc.uab.es/?ch=17 (Task 3)", "val")
-# ST-VQA's annotation field names are [UNVERIFIED] (CONVENTIONS 2.1): task-3 files with question_id and file_path.
+# ST-VQA's annotation field names are not verified (docs/benchmarks.md#stvqa): task-3 files, question_id, file_path.
 add_anls_bench("stvqa", "{split}_task_3.json", "file_path", "", "question_id", "https://rrc.cvc.uab.es/?ch=11",
                "test")
 
@@ -267,7 +275,8 @@ add_anls_bench("stvqa", "{split}_task_3.json", "file_path", "", "question_id", "
           "DIR/TextVQA_Rosetta_OCR_v0.2_<split>.json", "https://textvqa.org/dataset (test: EvalAI)", ("question_id",),
           split="val")
 def load_textvqa(data, split):
-    """TextVQA_0.5.1_<split>.json (2.2) with LLaVA's prompt: the Rosetta OCR tokens when the OCR file is there."""
+    """TextVQA_0.5.1_<split>.json with LLaVA's prompt: the Rosetta OCR tokens when the OCR file is there
+    (docs/benchmarks.md#textvqa)."""
     ocr_path, ocr = os.path.join(data, f"TextVQA_Rosetta_OCR_v0.2_{split}.json"), None
     if os.path.exists(ocr_path):  # OCR file fields [UNVERIFIED]: {"data": [{"image_id", "ocr_tokens"}]}
         ocr = {o["image_id"]: o["ocr_tokens"] for o in load_json(ocr_path, "textvqa")["data"]}
@@ -290,7 +299,7 @@ def score_chartqa(samples, answers):
 @register("chartqa", score_chartqa, "DIR/<split>_human.json, DIR/<split>_augmented.json and DIR/png/ (the "
           "'ChartQA Dataset/test' folder)", "https://github.com/vis-nlp/ChartQA", ("id",), max_new_tokens=16)
 def load_chartqa(data, split):
-    """ChartQA <split>_human.json + <split>_augmented.json + png/ (2.4), lmms-eval's prompt."""
+    """ChartQA <split>_human.json + <split>_augmented.json + png/, lmms-eval's prompt (docs/benchmarks.md#chartqa)."""
     return [Sample({"id": f"{part}-{i}", "imgname": q["imgname"], "query": q["query"]},
                    q["query"] + "\nAnswer the question with a single word.", os.path.join(data, "png", q["imgname"]),
                    {"label": q["label"], "part": part})
@@ -301,7 +310,8 @@ def load_chartqa(data, split):
           "DIR/questions/*.json, DIR/images/ and DIR/ai2d_test_ids.csv (split 'all' needs no id list)",
           "https://allenai.org/data/diagrams (ai2d-all.zip) + ai2d_test_ids.csv", ("questionId",), max_new_tokens=16)
 def load_ai2d(data, split):
-    """Original AI2D release (2.7, layout [UNVERIFIED]); split test keeps ai2d_test_ids.csv, all keeps all."""
+    """Original AI2D release (docs/benchmarks.md#ai2d; layout not verified); split test keeps ai2d_test_ids.csv,
+    all keeps all."""
     keep = None
     if split == "test":
         with open(need(os.path.join(data, "ai2d_test_ids.csv"), "ai2d")) as f:
@@ -324,7 +334,8 @@ def score_scienceqa(samples, answers):
           "image.png", "https://github.com/lupantech/ScienceQA (data/scienceqa)", ("question_id",), "text",
           max_new_tokens=1024)
 def load_scienceqa(data, split):
-    """ScienceQA problems.json + pid_splits.json + images/ (2.6), LLaVA's prompt and answer-file format."""
+    """ScienceQA problems.json + pid_splits.json + images/, LLaVA's prompt and answer-file format
+    (docs/benchmarks.md#scienceqa)."""
     problems, samples = load_json(os.path.join(data, "problems.json"), "scienceqa"), []
     for pid in load_json(os.path.join(data, "pid_splits.json"), "scienceqa")[split]:
         p = problems[pid]
@@ -350,7 +361,8 @@ def score_mmbench(samples, answers):
           "mmbench_dev_20230712.tsv>", "https://github.com/open-compass/MMBench (test: the OpenCompass server, "
           "as .xlsx)", ("index",), "prediction", "dev", max_new_tokens=1024)
 def load_mmbench(data, split):
-    """The MMBench TSV whose name contains the split (2.8), read with csv, base64 images, LLaVA's prompt."""
+    """The MMBench TSV whose name contains the split, read with csv, base64 images, LLaVA's prompt
+    (docs/benchmarks.md#mmbench)."""
     tsvs = [p for p in glob.glob(os.path.join(data, "*.tsv")) if split.lower() in os.path.basename(p).lower()]
     if len(tsvs) != 1:
         raise EvalError(f"{data}: {len(tsvs)} *.tsv files with '{split}' in the name, need exactly one: mmbench "
@@ -390,7 +402,8 @@ def score_pope(samples, answers):
           "DIR/val2014/", "https://github.com/AoiDragon/POPE (output/coco) + https://cocodataset.org (val2014)",
           ("category", "question_id"), "text", "all")
 def load_pope(data, split):
-    """POPE coco_pope_<category>.json, JSON lines despite the name (2.5); "all": each category present."""
+    """POPE coco_pope_<category>.json, JSON lines despite the name; "all": each category present
+    (docs/benchmarks.md#pope)."""
     cats = [c for c in POPE_CATEGORIES if os.path.exists(os.path.join(data, f"coco_pope_{c}.json"))]
     return [Sample({"question_id": q["question_id"], "category": cat}, q["text"] + SHORT,
                    os.path.join(data, "val2014", q["image"]), {"label": q["label"]})
@@ -398,7 +411,7 @@ def load_pope(data, split):
             for q in load_json(os.path.join(data, f"coco_pope_{cat}.json"), "pope", lines=True)]
 
 def score_hallusion(samples, answers):
-    """aAcc/fAcc/qAcc with the offline judge standing in for GPT-4 (CONVENTIONS 1.6)."""
+    """aAcc/fAcc/qAcc with the offline judge standing in for GPT-4 (docs/benchmarks.md#hallusionbench-scores)."""
     correct = []
     for s, a in zip(samples, answers):
         q, said = s.record, parse_yes_no(a)
@@ -412,7 +425,8 @@ def score_hallusion(samples, answers):
           "unpacked in DIR", "https://github.com/tianyi-lab/HallusionBench",
           ("category", "subcategory", "set_id", "figure_id", "question_id"), "model_prediction", "all")
 def load_hallusion(data, split):
-    """HallusionBench.json (2.9): filename relative to DIR (null: no image); submission adds model_prediction."""
+    """HallusionBench.json: filename relative to DIR (null: no image); submission adds model_prediction
+    (docs/benchmarks.md#hallusionbench)."""
     return [Sample(q, q["question"], os.path.normpath(os.path.join(data, q["filename"])) if q.get("filename") else None,
                    {}) for q in load_json(os.path.join(data, "HallusionBench.json"), "hallusionbench")]
 
@@ -433,7 +447,7 @@ def score_entitygrid(samples, answers):
 @register("entitygrid", score_entitygrid, "DIR/questions.jsonl and its images (written by `python entitygrid.py`)",
           "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16)
 def load_entitygrid(data, split):
-    """EntityGrid-QA (HIRES_LLAVA.md section 7) through entitygrid.py's own reader, prompt and score."""
+    """EntityGrid-QA (docs/method.md#entitygrid-qa) through entitygrid.py's own reader, prompt and score."""
     import entitygrid
     need(os.path.join(data, "questions.jsonl"), "entitygrid")
     return [Sample({"id": q["id"]}, q["question"], os.path.join(data, q["image"]), q, options=q["options"])

@@ -1,9 +1,10 @@
 """HiRes-LLaVA (arXiv 2407.08706): dynamic slicing, SliceRestore Adapter, Self-Mining Sampler, and the full model.
 
 Paper sections: 3.3 dynamic high-resolution slicing, 3.1 SliceRestore Adapter (SRA), 3.2 Self-Mining Sampler (SMS),
-Fig. 2a pipeline. Details the published text lost are our reconstruction and marked "(design choice)"; they are
-named constants or HiResConfig flags. Notation: m rows, n cols of slices; S base resolution; h = w tokens per side of
-one ViT image; L = h*w; D ViT width; C LLM width; k sampler kernel.
+Fig. 2a pipeline. Details the paper does not give are our reconstruction, marked "(design choice)"; they are named
+constants or HiResConfig flags, each listed with its reason and its tensor shapes in docs/method.md. Notation: m rows,
+n cols of slices; S base resolution; h = w tokens per side of one ViT image; L = h*w; D ViT width; C LLM width;
+k sampler kernel.
 """
 import argparse
 import json
@@ -24,7 +25,8 @@ from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenize
                    encode_conversation, encode_prompt, train_tokenizer)
 
 OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
-# separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD; HIRES_LLAVA.md 2.6)
+# separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;
+# docs/method.md#projector-and-separators)
 SEP_OVERVIEW = "\n"   # (a) between the overview and the slices
 SEP_SLICE = ","       # (b) between two slices of a row
 SEP_ROW = "\n"        # (c) at the end of each row of slices
@@ -176,7 +178,7 @@ def image_token_count(rows, cols, per_image):
 # ----------------------------------------------------------------------------------------------------------------
 # SliceRestore Adapter (paper 3.1)
 
-class Attention(nn.Module):
+class CrossAttention(nn.Module):
     """Multi-head (cross-)attention with separate q/k/v/o projections, via scaled_dot_product_attention."""
 
     def __init__(self, dim, heads):
@@ -218,7 +220,7 @@ class SliceRestoreAdapter(nn.Module):
         super().__init__()
         self.grid = grid  # h = w of one slice
         self.local = nn.Conv2d(dim, dim, SRA_KERNEL, padding=SRA_KERNEL // 2, groups=dim)
-        self.attn = Attention(dim, heads)
+        self.attn = CrossAttention(dim, heads)
         self.proj = nn.Linear(dim, dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -245,7 +247,7 @@ class SelfMiningSampler(nn.Module):
         super().__init__()
         self.grid, self.kernel = grid, kernel
         self.norm_q, self.norm_kv, self.norm_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = CrossAttention(dim, heads)
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.register_buffer("mask", window_mask(grid, kernel) if window else None, persistent=False)
 

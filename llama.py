@@ -2,8 +2,8 @@
 
 Must match HF transformers `models/llama/modeling_llama.py` (LlamaForCausalLM: same parameter names, rotate-half
 RoPE, RMSNorm in fp32) so HF checkpoints (lmsys/vicuna-7b-v1.5) load strictly with no rename map; Meta's
-`llama/model.py` is the same network with interleaved RoPE (CONVENTIONS.md 4). Template and label masking follow
-LLaVA's `conversation.py` / `preprocess_v1` / `tokenizer_image_token` (CONVENTIONS.md 3.2-3.3).
+`llama/model.py` is the same network with interleaved RoPE (docs/method.md#llm-and-lora). Template and label masking
+follow LLaVA's `conversation.py` / `preprocess_v1` / `tokenizer_image_token` (docs/method.md#llm-and-lora).
 Notation: B batch, T sequence length, C model dim, nh query heads, nkv key/value heads, hs head size.
 """
 import io
@@ -558,7 +558,7 @@ def train_tokenizer(texts, path, vocab_size):
     return Tokenizer(path)
 
 
-# ---- vicuna_v1 / plain templates (CONVENTIONS.md 3.2, 3.3) ----
+# ---- vicuna_v1 / plain templates (docs/method.md#llm-and-lora) ----
 
 def tokenize_image(text, tokenizer, bos=True, prefix=True):
     """LLaVA's tokenizer_image_token: each chunk around `<image>` tokenised on its own, joined by -200."""
@@ -567,6 +567,11 @@ def tokenize_image(text, tokenizer, bos=True, prefix=True):
     for chunk in chunks[1:]:
         ids += [IMAGE_TOKEN_INDEX] + tokenizer.encode(chunk, bos=False)
     return ids
+
+
+def image_first(text):
+    """`<image>` moved to the front of a turn, once: "<image>\n" + the rest stripped (LLaVA's preprocess_multimodal)."""
+    return "<image>\n" + text.replace("<image>", "").strip()
 
 
 def turn_texts(conversations):
@@ -581,7 +586,7 @@ def turn_texts(conversations):
             raise ValueError(f"conversation roles must alternate human, gpt; turn {i} is {t['from']!r}")
         text = t["value"]
         if i % 2 == 0 and "<image>" in text:
-            text = "<image>\n" + text.replace("<image>", "").strip()
+            text = image_first(text)
         texts.append(text)
     return texts
 

@@ -1,4 +1,4 @@
-"""Two-stage HiRes-LLaVA training (HIRES_LLAVA.md 6) on LLaVA's data format, single process or torchrun DDP.
+"""Two-stage HiRes-LLaVA training (docs/method.md#training-stages) on LLaVA's data, single process or torchrun DDP.
 
 Stage 1 trains the Self-Mining Sampler and projector on captions (LLaVA's `plain` template); stage 2 trains the
 SliceRestore Adapter, sampler, projector and LoRA on instructions (`vicuna_v1`), starting from a stage-1 checkpoint.
@@ -33,7 +33,7 @@ import entitygrid
 import hires
 import llama
 
-ADAM_BETAS = (0.9, 0.98)  # design choice: the paper's betas are lost in our copy (HIRES_LLAVA.md 6)
+ADAM_BETAS = (0.9, 0.98)  # design choice: the paper does not give its betas (docs/method.md#training-stages)
 PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_len=512,
                  lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=4,
@@ -53,7 +53,7 @@ class TrainError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: LLaVA's JSON (CONVENTIONS.md 3.1) -> token ids + labels (llama.encode_conversation) + preprocessed image
+# data: LLaVA's JSON (docs/method.md#training-stages) -> token ids + labels (llama.encode_conversation) + image
 
 class LlavaData(torch.utils.data.Dataset):
     """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
@@ -101,8 +101,7 @@ class LlavaData(torch.utils.data.Dataset):
         elif "image" not in item and n_image_tokens:
             return None, "<image> without an image"
         if "image" in item:  # LLaVA's preprocess_multimodal: one "<image>\n" at the start of the first human turn
-            first = turns[0]["value"].replace("<image>", "").strip()
-            turns = [{"from": "human", "value": "<image>\n" + first}] + [
+            turns = [{"from": "human", "value": llama.image_first(turns[0]["value"])}] + [
                 {"from": t["from"], "value": t["value"].replace("<image>", "")} for t in turns[1:]]
         try:
             ids, labels = llama.encode_conversation(turns, self.tokenizer, self.template)
@@ -263,44 +262,21 @@ def draw_loss_curve(losses, png, title):
 
 def train_stage(args, stage, model, data, out_dir, ctx):
     """Train `model` (already at its starting weights) for one stage; checkpoints under out_dir/checkpoints, the
-    final trainable weights in out_dir (a hires checkpoint). Returns the per-step history."""
-    rank, world, device, master = ctx["rank"], ctx["world"], ctx["device"], ctx["master"]
-    lr, global_batch, epochs, steps = (args.lr1, args.batch1, args.epochs1, args.steps1) if stage == 1 else \
-        (args.lr2, args.batch2, args.epochs2, args.steps2)
-    if global_batch % (args.micro_batch * world):
-        raise TrainError(f"global batch {global_batch} is not a multiple of micro batch {args.micro_batch} x "
-                         f"{world} processes")
-    accum = global_batch // (args.micro_batch * world)
-    if len(data) < global_batch:
-        raise TrainError(f"stage {stage}: {len(data)} samples, fewer than one global batch of {global_batch}")
-    total = steps or epochs * (len(data) // global_batch)
+    final trainable weights in out_dir (a hires checkpoint). Returns the per-step history and the skip counts."""
+    world, master = ctx["world"], ctx["master"]
+    lr, global_batch, accum, total = stage_plan(args, stage, len(data), world)
     model.set_stage(stage)
     opt = make_optimizer(model, lr, args.lora_lr)
     params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    start, history, skipped = 0, [], Counter()
-    resumed = load_state(ckpt_dir, model, opt) if args.resume else None
-    if resumed:
-        trainer, rng = resumed
-        start, history = trainer["step"], trainer["history"]
-        skipped = Counter(trainer["skipped"] if master else {})  # a sum over ranks: restored once
-        if f"cpu.rank{rank}" in rng:
-            torch.set_rng_state(rng[f"cpu.rank{rank}"])
-        if f"cuda.rank{rank}" in rng and device.type == "cuda":  # LoRA dropout on the GPU
-            torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
-        if master:
-            print(f"stage {stage}: resumed from step {start} ({ckpt_dir})")
+    start, history, skipped = resume_stage(args, stage, model, opt, ckpt_dir, ctx)
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if master:
         print(f"stage {stage}: {len(data)} samples, {total} steps of {global_batch} (micro {args.micro_batch} x "
               f"{accum} accum x {world} proc), trainable {n_train:,} / {n_total:,} params")
-    net = model
-    if world > 1:  # only the trainable tensors take part in DDP: frozen weights are neither broadcast nor reduced
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    sampler = MicroBatchSampler(len(data), global_batch, args.micro_batch, rank, world, args.seed, start)
+    net = ddp_wrap(model, ctx)
+    sampler = MicroBatchSampler(len(data), global_batch, args.micro_batch, ctx["rank"], world, args.seed, start)
     # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
                                               num_workers=args.num_workers, generator=torch.Generator()))
@@ -311,55 +287,122 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, args.warmup_ratio)
-        stats = torch.zeros(3, device=device)  # loss, text tokens, samples; no .item() (a GPU sync) per micro-batch
-        for micro in range(accum):
-            batch = next(loader)
-            with net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():
-                with autocast(ctx):
-                    loss = net(batch["input_ids"], batch["labels"], batch["images"])
-                scaler.scale(loss / accum).backward()
-            stats[0] += loss.detach() / accum
-            stats[1] += sum(map(len, batch["input_ids"]))
-            stats[2] += len(batch["labels"])
-            skipped += batch["skipped"]
-        if world > 1:
-            dist.all_reduce(stats)
-            stats[0] /= world
+        stats = accumulate(net, loader, accum, scaler, skipped, ctx)
         loss = stats[0].item()
         if not math.isfinite(loss):
             raise TrainError(f"stage {stage}: loss is {loss} at step {step + 1}; stopped. The last good checkpoint is "
                              f"kept in {ckpt_dir} (resume with --resume, e.g. with a lower learning rate)")
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(opt, scaler, params, args.grad_clip)
         dt = time.time() - t0
         history.append(dict(step=step + 1, loss=loss, lr=opt.param_groups[-1]["lr"], grad_norm=grad_norm,
                             samples_per_s=stats[2].item() / dt, tokens_per_s=stats[1].item() / dt))
         if master:
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if (step + 1) % args.log_every == 0 or step + 1 == total:
-                h = history[-1]
-                tqdm.write(f"stage {stage} step {step + 1}/{total} loss {loss:.4f} lr {h['lr']:.2e} "
-                           f"grad {grad_norm:.3f} {h['samples_per_s']:.1f} samples/s "
-                           f"{h['tokens_per_s']:.0f} text tok/s")
+            report_step(bar, history[-1], stage, total, args)
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            skipped_all = reduce_counts(skipped, world, device)
-            rng = gather_rng(world, device)
-            if master:
-                trainer = dict(stage=stage, total_steps=total, warmup_ratio=args.warmup_ratio, world=world,
-                               history=history, skipped=skipped_all)
-                save_state(ckpt_dir, model, opt, step + 1, trainer, rng, args.keep)
-                draw_loss_curve([h["loss"] for h in history], os.path.join(out_dir, "loss.png"), f"stage {stage}")
+            save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, ctx)
     bar.close()
-    skipped_all = reduce_counts(skipped, world, device)
+    skipped_all = reduce_counts(skipped, world, ctx["device"])
     if master:
         hires.save_checkpoint(model, out_dir)
         write_atomic(os.path.join(out_dir, "history.json"), json.dumps(history))
         print(f"stage {stage}: done, weights in {out_dir}; skipped/repaired samples: "
               f"{dict(skipped_all) or 'none'} (sum over all samples drawn)")
     return history, skipped_all
+
+
+def stage_plan(args, stage, n_samples, world):
+    """-> (learning rate, global batch, micro-batches accumulated per process and step, total steps) of a stage."""
+    lr, global_batch, epochs, steps = (args.lr1, args.batch1, args.epochs1, args.steps1) if stage == 1 else \
+        (args.lr2, args.batch2, args.epochs2, args.steps2)
+    if global_batch % (args.micro_batch * world):
+        raise TrainError(f"global batch {global_batch} is not a multiple of micro batch {args.micro_batch} x "
+                         f"{world} processes")
+    accum = global_batch // (args.micro_batch * world)
+    if n_samples < global_batch:
+        raise TrainError(f"stage {stage}: {n_samples} samples, fewer than one global batch of {global_batch}")
+    return lr, global_batch, accum, steps or epochs * (n_samples // global_batch)
+
+
+def resume_stage(args, stage, model, opt, ckpt_dir, ctx):
+    """-> (start step, history, skip counts): with --resume, from the latest checkpoint under ckpt_dir (model,
+    optimizer and this rank's RNG states restored); otherwise from step 0."""
+    resumed = load_state(ckpt_dir, model, opt) if args.resume else None
+    if not resumed:
+        return 0, [], Counter()
+    trainer, rng = resumed
+    rank, device = ctx["rank"], ctx["device"]
+    if f"cpu.rank{rank}" in rng:
+        torch.set_rng_state(rng[f"cpu.rank{rank}"])
+    if f"cuda.rank{rank}" in rng and device.type == "cuda":  # LoRA dropout on the GPU
+        torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
+    if ctx["master"]:
+        print(f"stage {stage}: resumed from step {trainer['step']} ({ckpt_dir})")
+    # the skip counts are a sum over ranks: restored once
+    return trainer["step"], trainer["history"], Counter(trainer["skipped"] if ctx["master"] else {})
+
+
+def ddp_wrap(model, ctx):
+    """The model itself in one process; else DDP in which only the trainable tensors take part: frozen weights are
+    neither broadcast nor reduced."""
+    if ctx["world"] == 1:
+        return model
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    device = ctx["device"]
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def accumulate(net, loader, accum, scaler, skipped, ctx):
+    """Forward and backward of accum micro-batches (DDP syncs gradients on the last only); adds the batches' skip
+    counts to `skipped`. -> tensor (loss, text tokens, samples) of the step, summed (loss: averaged) over ranks."""
+    world = ctx["world"]
+    stats = torch.zeros(3, device=ctx["device"])  # no .item() (a GPU sync) per micro-batch
+    for micro in range(accum):
+        batch = next(loader)
+        with net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():
+            with autocast(ctx):
+                loss = net(batch["input_ids"], batch["labels"], batch["images"])
+            scaler.scale(loss / accum).backward()
+        stats[0] += loss.detach() / accum
+        stats[1] += sum(map(len, batch["input_ids"]))
+        stats[2] += len(batch["labels"])
+        skipped += batch["skipped"]
+    if world > 1:
+        dist.all_reduce(stats)
+        stats[0] /= world
+    return stats
+
+
+def optimizer_step(opt, scaler, params, grad_clip):
+    """Unscale, clip the global gradient norm, step, clear the gradients. -> the norm before clipping."""
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def report_step(bar, h, stage, total, args):
+    """Loss on the progress bar; a log line every --log-every steps and at the last step (master only)."""
+    bar.set_postfix(loss=f"{h['loss']:.4f}")
+    if h["step"] % args.log_every == 0 or h["step"] == total:
+        tqdm.write(f"stage {stage} step {h['step']}/{total} loss {h['loss']:.4f} lr {h['lr']:.2e} "
+                   f"grad {h['grad_norm']:.3f} {h['samples_per_s']:.1f} samples/s "
+                   f"{h['tokens_per_s']:.0f} text tok/s")
+
+
+def save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, ctx):
+    """Checkpoint after the last step of history: every rank joins the collectives (skip counts, RNG states), the
+    master writes the checkpoint and the loss curve."""
+    world, device = ctx["world"], ctx["device"]
+    skipped_all = reduce_counts(skipped, world, device)
+    rng = gather_rng(world, device)
+    if ctx["master"]:
+        trainer = dict(stage=stage, total_steps=total, warmup_ratio=args.warmup_ratio, world=world,
+                       history=history, skipped=skipped_all)
+        save_state(os.path.join(out_dir, "checkpoints"), model, opt, history[-1]["step"], trainer, rng, args.keep)
+        draw_loss_curve([h["loss"] for h in history], os.path.join(out_dir, "loss.png"), f"stage {stage}")
 
 
 def reduce_counts(counter, world, device):

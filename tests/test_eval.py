@@ -1,4 +1,4 @@
-"""eval.py end to end: every benchmark in its official file layout (CONVENTIONS.md section 2, built here with tiny
+"""eval.py end to end: every benchmark in its official file layout (docs/benchmarks.md#benchmarks, built here with tiny
 PNGs), scored from known predictions (--predictions) and run with the tiny model; resume; one-line errors."""
 import base64
 import csv
@@ -224,7 +224,8 @@ def test_known_predictions_give_known_scores(bench, tmp_path):
 
 
 def test_prompts_follow_llava(tmp_path):
-    """CONVENTIONS 2.10: the user text of each benchmark, as LLaVA-1.5 (or lmms-eval where LLaVA has none) asks it."""
+    """The user text of each benchmark, as LLaVA-1.5 (or lmms-eval where LLaVA has none) asks it
+    (docs/benchmarks.md#benchmarks)."""
     d = str(tmp_path)
     make_textvqa(f"{d}/t"), make_scienceqa(f"{d}/s"), make_mmbench(f"{d}/m"), make_pope(f"{d}/p")
     make_docvqa(f"{d}/d"), make_chartqa(f"{d}/c")

@@ -270,6 +270,15 @@ def pieces(t, ids):
     return "".join("<image>" if i == llama.IMAGE_TOKEN_INDEX else t.sp.id_to_piece(i) for i in ids)
 
 
+def test_image_first_is_the_one_image_normalisation():
+    """LLaVA's preprocess_multimodal: `<image>` (anywhere, even twice) becomes one "<image>\n" prefix; idempotent."""
+    assert llama.image_first("What is this?\n<image>") == "<image>\nWhat is this?"
+    assert llama.image_first("<image> a <image>b ") == "<image>\na b"
+    assert llama.image_first(llama.image_first("Q <image>")) == llama.image_first("Q <image>")
+    assert llama.turn_texts([{"from": "human", "value": "Q\n<image>"}, {"from": "gpt", "value": "A"}])[0] == \
+        llama.image_first("Q\n<image>")
+
+
 def test_vicuna_template_labels(tok):
     t, _ = tok
     conv = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A red square."},

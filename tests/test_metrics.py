@@ -1,4 +1,4 @@
-"""eval.py metrics on worked examples from the official definitions (CONVENTIONS.md section 1). No model needed."""
+"""eval.py metrics on worked examples from the official definitions (docs/benchmarks.md#metrics). No model needed."""
 import os
 import sys
 
@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as ev  # noqa: E402
 
 
-# ANLS (CONVENTIONS 1.1) ------------------------------------------------------------------------------------------
+# ANLS (docs/benchmarks.md#anls) ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pred, answers, expected", [
     ("Hello", ["hello"], 1.0),                 # case-insensitive
@@ -33,7 +33,7 @@ def test_levenshtein():
     assert ev.levenshtein("flaw", "lawn") == 2
 
 
-# VQA accuracy with the EvalAI / m4c processor (CONVENTIONS 1.2) -------------------------------------------------
+# VQA accuracy with the EvalAI / m4c processor (docs/benchmarks.md#vqa-accuracy) ------------------------------------
 
 @pytest.mark.parametrize("k, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0)])
 def test_vqa_accuracy_leave_one_out_table(k, expected):
@@ -84,7 +84,7 @@ def test_vqa_accuracy_uses_normaliser():
     assert ev.vqa_accuracy("the Cat.", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)
 
 
-# ChartQA relaxed accuracy (CONVENTIONS 1.3) ---------------------------------------------------------------------
+# ChartQA relaxed accuracy (docs/benchmarks.md#relaxed-accuracy) ----------------------------------------------------
 
 @pytest.mark.parametrize("pred, target, expected", [
     ("50%", "0.5", 1.0), ("50%", "50", 0.0),
@@ -99,7 +99,7 @@ def test_relaxed_accuracy(pred, target, expected):
     assert ev.relaxed_accuracy(pred, target) == expected
 
 
-# Multiple choice parsers (CONVENTIONS 1.4) ----------------------------------------------------------------------
+# Multiple choice parsers (docs/benchmarks.md#option-letters) -------------------------------------------------------
 
 @pytest.mark.parametrize("text, n, expected", [
     ("B", 3, "B"), ("B. cat", 3, "B"), ("B.", 3, None), ("b", 3, None), ("A.B", 3, None), ("AB", 3, None),
@@ -141,7 +141,7 @@ def test_circular_accuracy_groups():
     assert ev.circular_accuracy(rows) == {1: False, 2: True, 3: False}
 
 
-# POPE (CONVENTIONS 1.5) -----------------------------------------------------------------------------------------
+# POPE (docs/benchmarks.md#pope-yes-or-no) --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, yes", [
     ("Yes", True), ("No", False), ("no", False), ("No.", False), ("NO", True), ("", True), ("None", True),
@@ -161,7 +161,7 @@ def test_pope_metrics():
     assert ev.pope_metrics([False, False], [True, False])["precision"] == 0.0  # guarded division
 
 
-# HallusionBench (CONVENTIONS 1.6) -------------------------------------------------------------------------------
+# HallusionBench (docs/benchmarks.md#hallusionbench-scores) ---------------------------------------------------------
 
 @pytest.mark.parametrize("text, said", [
     ("Yes, it is.", "yes"), ("No.", "no"), ("YES", "yes"), ("yes and no", "unknown"), ("I don't know", "unknown"),
