@@ -103,6 +103,8 @@ def test_llava_json_and_format_question(small):
     q = {"question": "How many cars are there in the image?", "options": ["3", "1", "4", "2"]}
     assert eg.format_question(q) == ("How many cars are there in the image?\nA. 3\nB. 1\nC. 4\nD. 2\n"
                                      "Answer with the option's letter from the given choices directly.")
+    assert eg.format_question(q, letters=False) == ("How many cars are there in the image?\n3\n1\n4\n2\n"
+                                                    "Answer with the option's text from the given choices directly.")
     for q, item in zip(questions, llava):
         assert item["id"] == q["id"] and item["image"] == q["image"] and (d / item["image"]).is_file()
         human, gpt = item["conversations"]

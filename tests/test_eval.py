@@ -433,3 +433,27 @@ def test_unfit_checkpoint_is_a_one_line_error(tmp_path, tiny_ckpt):
         run_tiny("docvqa", data, str(tmp_path / "o1"), str(bad))
     with pytest.raises(SystemExit, match="checkpoint folder not found"):
         run_tiny("docvqa", data, str(tmp_path / "o2"), str(tmp_path / "nowhere"))
+
+
+def test_mc_rank_answers_the_most_likely_options_letter(tmp_path, tiny_ckpt, monkeypatch):
+    """--mc rank: multiple-choice questions get the letter of the option with the highest option_logprobs, after
+    the letter-free prompt; the others are still generated; metrics.json records the mode."""
+    import hires
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    make_scienceqa(data)  # one image question, one text-only question
+    calls, real = [], hires.HiResLLaVA.option_logprobs
+
+    def spy(self, images, prompts, options, **kw):
+        scores = real(self, images, prompts, options, **kw)
+        calls.append((prompts, options, scores))
+        return scores
+    monkeypatch.setattr(hires.HiResLLaVA, "option_logprobs", spy)
+    metrics = run_tiny("scienceqa", data, out, tiny_ckpt, "--mc", "rank")
+    samples = ev.BENCHES["scienceqa"].load(data, "test")
+    prompts = [p for ps, _, _ in calls for p in ps]
+    assert prompts == [s.text("rank") for s in samples] and all("\nA. " not in p for p in prompts)
+    assert prompts[1] == "Text only?\nx\ny" + ev.TEXT
+    best = ["ABCD"[max(range(len(sc)), key=sc.__getitem__)] for _, _, scores in calls for sc in scores]
+    with open(f"{out}/predictions.json") as f:
+        assert [e["text"] for e in json.load(f)] == best
+    assert metrics["mc"] == "rank" and metrics["too_long"] == 0

@@ -236,3 +236,71 @@ def test_show_draws_the_slicing_png(tmp_path, capsys):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(SystemExit, match="empty.png"):
         hires.main(["--show", str(tmp_path / "empty.png")])
+
+
+def test_option_logprobs_sum_each_options_tokens(model):
+    """option_logprobs = the sum of log-softmax(full logits) over the answer's tokens and </s>, each sequence scored
+    alone (so padding the options of a batch together changes nothing)."""
+    from llama import encode_conversation
+    images, prompts = [Image.new("RGB", (100, 40), "red"), None], ["what is this?", "hi"]
+    options = [["A B", "C", "apple"], ["D", "0.596"]]
+    with torch.no_grad():
+        scores = model.option_logprobs(images, prompts, options)
+        for im, p, opts, got in zip(images, prompts, options, scores):
+            assert len(got) == len(opts)
+            for o, s in zip(opts, got):
+                human = p if im is None else "<image>\n" + p
+                ids, lab = encode_conversation([{"from": "human", "value": human}, {"from": "gpt", "value": o}],
+                                               model.tokenizer)
+                emb = model.encode_images([model.preprocess(im)])[0] if im is not None else None
+                e, lab = model.splice(ids, lab, emb)
+                logp = model.llm(input_embeds=e[None])[0].log_softmax(-1)       # (T, V)
+                ref = sum(logp[t, lab[t + 1]] for t in range(len(lab) - 1) if lab[t + 1] != IGNORE_INDEX)
+                assert s == pytest.approx(ref.item(), abs=1e-4)  # fp32, different padding and batch
+    assert model.option_logprobs(images[:1], prompts[:1], options[:1])[0] == pytest.approx(scores[0], abs=1e-4)
+
+
+def test_prefix_cache_gives_the_same_loss_and_gradients(tiny):
+    """Prefix tuples (the frozen blocks before the first SRA layer, computed once) stand in for pixels: the same
+    loss and gradients in both stages, SRA active."""
+    cfg, _ = tiny
+    torch.manual_seed(0)
+    model = hires.HiResLLaVA(cfg)
+    for a in model.sra.values():  # a trained SRA: its output is not zero
+        torch.nn.init.normal_(a.proj.weight, std=0.1)
+    ids, labels, ims = _batch(model)
+    cached = [None if im is None else model.prefix([im])[0] for im in ims]
+    assert isinstance(cached[0], hires.Prefix) and cached[0].slices.shape[0] == len(ims[0][1])
+    for stage in (1, 2):
+        model.set_stage(stage)
+        results = []
+        for images in (ims, cached):
+            model.zero_grad(set_to_none=True)
+            loss = model(ids, labels, images)
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        (l1, g1), (l2, g2) = results
+        assert l1 == pytest.approx(l2, abs=1e-6) and g1.keys() == g2.keys()
+        for n in g1:  # fp32; the prefix ran in another batch composition
+            torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="mixes"):
+        model(ids[:2], labels[:2], [ims[0], cached[1]])
+
+
+def test_train_llm_trains_and_saves_the_whole_llm(tiny, tmp_path):
+    cfg, _ = tiny
+    torch.manual_seed(0)
+    model = hires.HiResLLaVA(hires.HiResConfig(**{**cfg.__dict__, "train_llm": True, "lora_rank": 0}))
+    llm = {n for n, _ in model.named_parameters() if n.startswith("llm.")}
+    for stage in (1, 2):
+        model.set_stage(stage)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert llm <= trainable and not any(n.startswith("vision.") for n in trainable)
+        assert any(n.startswith("sra.") for n in trainable) == (stage == 2)
+    with torch.no_grad():
+        model.llm.lm_head.weight.add_(1.0)  # as if trained
+    hires.save_checkpoint(model, tmp_path / "ck")
+    loaded = hires.load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded.llm.lm_head.weight, model.llm.lm_head.weight)
+    assert set(loaded.trainable_state_dict()) == set(model.trainable_state_dict()) >= {"llm." + n for n in (
+        "lm_head.weight", "model.norm.weight", "model.embed_tokens.weight")}

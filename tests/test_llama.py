@@ -298,3 +298,27 @@ def test_vicuna_template_labels(tok):
     pid, plab = llama.encode_conversation(conv[:2], t, "plain")
     assert pid[:2] == [t.bos_id, llama.IMAGE_TOKEN_INDEX] and plab[:2] == [-100, -100] and plab[2:] == pid[2:]
     assert t.decode(pid[2:]) == "A red square.\n" and t.eos_id not in pid
+
+
+def test_label_logprobs_match_full_logits_and_empty_labels_give_zero_loss():
+    from llama import IGNORE_INDEX, Llama, LlamaConfig
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig.from_preset("tiny", vocab_size=64))
+    ids = torch.randint(3, 64, (2, 9))
+    labels = ids.clone()
+    labels[0, :5] = IGNORE_INDEX
+    labels[1, 1::2] = IGNORE_INDEX
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding, as in training
+    labels[1, 7:] = IGNORE_INDEX
+    with torch.no_grad():
+        logp = m(ids, attention_mask=mask).log_softmax(-1)                   # (B, T, V)
+        got = m.label_logprobs(ids, attention_mask=mask, labels=labels)      # (B, T-1)
+    ref = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * (labels[:, 1:] != IGNORE_INDEX)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)  # fp32: the head on selected rows vs all rows
+    loss = m(ids, attention_mask=mask, labels=labels)
+    assert loss.item() == pytest.approx(-ref.sum().item() / (labels[:, 1:] != IGNORE_INDEX).sum().item(), abs=1e-5)
+    none = torch.full_like(ids, IGNORE_INDEX)  # a micro-batch whose labels were all cut: 0, finite, no gradient
+    loss = m(ids, labels=none)
+    loss.backward()
+    assert loss.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in m.parameters())
