@@ -487,6 +487,7 @@ def model_config(args):
         paths = dict(clip_preset="vit-l-14-336", clip_weights=args.clip, llm_path=args.llm,
                      tokenizer_path=args.tokenizer or os.path.join(args.llm, "tokenizer.model"))
     return hires.HiResConfig(**paths, max_slices=args.max_slices, upscale=args.upscale, sampler=args.sampler,
+                             sra=args.sra, slices=args.slices, overview=args.overview,
                              max_length=args.max_len, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                              lora_dropout=args.lora_dropout, train_llm=args.train_llm)
 
@@ -548,6 +549,12 @@ def parse_args(argv):
     a("--max-slices", type=int, help="maximum slices per image N (paper 16)")
     a("--upscale", action=argparse.BooleanOptionalAction, help="double the grid of small images when 4mn <= N")
     a("--sampler", default="sms", choices=("sms", "qformer", "avgpool"), help="token sampler (paper: sms)")
+    a("--sra", default=True, action=argparse.BooleanOptionalAction, help="SliceRestore Adapter in the ViT "
+      "(--no-sra: the ablation without it)")
+    a("--slices", default=True, action=argparse.BooleanOptionalAction, help="the slices of the image "
+      "(--no-slices: overview only, the no-slicing baseline)")
+    a("--overview", default=True, action=argparse.BooleanOptionalAction, help="the low-res overview "
+      "(--no-overview: slices only)")
     a("--lora-rank", type=int, help="LoRA rank r (paper 128)")
     a("--lora-alpha", type=float, help="LoRA alpha; scaling alpha/r (paper 256)")
     a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
