@@ -47,7 +47,7 @@ class HiResConfig:
     kernel: int = 2                 # k: (h/k)*(w/k) tokens per image
     sms_window: bool = False        # restrict each SMS query to its own k x k window (design choice, off)
     sample_overview: bool = True    # the overview also goes through the sampler (design choice)
-    max_length: int = 4096          # LLM context the spliced sequence is truncated to (Vicuna's 4096)
+    max_length: int = 0             # context of one spliced sequence (image tokens too); 0: the LLM's (Vicuna 4096)
     lora_rank: int = 128            # paper 4.1: rank 128, alpha 256; 0 disables LoRA
     lora_alpha: float = 256.0
     lora_dropout: float = 0.05      # LLaVA's LoRA dropout (design choice)
@@ -70,6 +70,18 @@ class HiResConfig:
             raise ValueError("max_slices must be >= 1 and lora_rank >= 0")
         if not self.tokenizer_path and self.llm_path:
             self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
+
+    def image_tokens(self, grid):
+        """LLM tokens of one image whose slice grid is (m, n), as encode_images lays them out."""
+        h = CLIPConfig.from_preset(self.clip_preset).grid
+        per_image = (h // self.kernel) ** 2
+        m, n = grid if self.slices else (0, 0)
+        count = image_token_count(m, n, per_image)
+        if not self.sample_overview:
+            count += h * h - per_image                     # the overview keeps all h*w tokens
+        if not self.overview:
+            count -= (h * h if not self.sample_overview else per_image) + 1  # no overview, no separator (a)
+        return count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,6 +336,9 @@ class HiResLLaVA(nn.Module):
         self.vision = VisionTower(clip_cfg, cfg.clip_weights or None)
         self.llm = Llama.from_pretrained(cfg.llm_path, dtype=dtype, device=device)
         self.tokenizer = Tokenizer(cfg.tokenizer_path)
+        self.context = cfg.max_length or self.llm.cfg.max_seq_len  # tokens of one sequence, images included
+        if self.context > self.llm.cfg.max_seq_len:
+            raise ValueError(f"max_length {cfg.max_length} exceeds the LLM's context {self.llm.cfg.max_seq_len}")
         D, heads, h = clip_cfg.width, clip_cfg.heads, clip_cfg.grid
         C = self.llm.model.embed_tokens.weight.shape[1]
         self.sra = nn.ModuleDict({str(i): SliceRestoreAdapter(D, heads, h) for i in cfg.sra_layers}) \
@@ -437,7 +452,7 @@ class HiResLLaVA(nn.Module):
     def forward(self, input_ids, labels, images):
         """Batch of token lists, label lists and preprocess() tuples (or None) -> mean next-token loss."""
         seqs = self._embed_batch(input_ids, labels, images)
-        T = min(max(len(e) for e, _ in seqs), self.cfg.max_length, self.llm.cfg.max_seq_len)
+        T = min(max(len(e) for e, _ in seqs), self.context)
         E, Lb, M = pad_batch(seqs, T)
         _, loss = self.llm(input_embeds=E, attention_mask=M, labels=Lb)
         return loss
@@ -449,7 +464,7 @@ class HiResLLaVA(nn.Module):
         pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
         ids = [encode_prompt(p if im is None or "<image>" in p else "<image>\n" + p, self.tokenizer)
                for p, im in zip(prompts, pre)]
-        seqs, ctx = self._embed_batch(ids, [None] * len(ids), pre), self.llm.cfg.max_seq_len
+        seqs, ctx = self._embed_batch(ids, [None] * len(ids), pre), self.context
         answers = [PromptTooLong(f"prompt is {len(e)} tokens with its image; the LLM context holds {ctx}, so no "
                                  f"answer fits") if len(e) >= ctx else None for e, _ in seqs]
         errors = [a for a in answers if a is not None]

@@ -219,9 +219,10 @@ class Llama(nn.Module):
         logits = self._run(x, positions, mask)
         if labels is None:
             return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(x.device),
-                               ignore_index=IGNORE_INDEX)
-        return logits, loss
+        targets = labels[:, 1:].flatten().to(x.device)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        return logits, loss / (targets != IGNORE_INDEX).sum().clamp(min=1)  # no label at all: 0, not 0/0 = NaN
 
     # ---- generation (KV cache) ----
 

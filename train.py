@@ -38,12 +38,12 @@ PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=64, lora_alpha=64, max_len=512,
                  lr1=1e-3, lr2=1e-3, lora_lr=1e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=2,
                  train_size=1536, test_size=540, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0),
-    "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=2048,
+    "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=0,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=16, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4),
 }
 SKIP_REASONS = ("missing image", "bad image", "empty or malformed conversation", "<image> without an image",
-                "image without <image> (prepended)", "too long (truncated)")
+                "image without <image> (prepended)", "too long (truncated)", "too long (no answer left)")
 
 
 class TrainError(Exception):
@@ -57,7 +57,9 @@ class LlavaData(torch.utils.data.Dataset):
     """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
     is counted under its SKIP_REASONS entry and replaced by the next usable one, so batches keep their size."""
 
-    def __init__(self, path, folder, tokenizer, template, preprocess, max_len):
+    def __init__(self, path, folder, tokenizer, template, preprocess, context, image_tokens):
+        """context: tokens of one spliced sequence (HiResLLaVA.context); image_tokens: slice grid -> LLM tokens of
+        the image (HiResConfig.image_tokens), so the length check counts what the model will see."""
         try:
             with open(path) as f:
                 self.items = json.load(f)
@@ -66,7 +68,7 @@ class LlavaData(torch.utils.data.Dataset):
         if not isinstance(self.items, list) or not self.items:
             raise TrainError(f"{path}: expected a non-empty JSON list of {{id, image, conversations}} samples")
         self.folder, self.tokenizer, self.template = folder, tokenizer, template
-        self.preprocess, self.max_len = preprocess, max_len
+        self.preprocess, self.context, self.image_tokens = preprocess, context, image_tokens
 
     def __len__(self):
         return len(self.items)
@@ -105,10 +107,6 @@ class LlavaData(torch.utils.data.Dataset):
             ids, labels = llama.encode_conversation(turns, self.tokenizer, self.template)
         except ValueError:  # roles not alternating human, gpt
             return None, "empty or malformed conversation"
-        if len(ids) > self.max_len:  # text alone beyond the context: truncate; the model truncates after images too
-            ids, labels, reason = ids[:self.max_len], labels[:self.max_len], "too long (truncated)"
-            if all(x == llama.IGNORE_INDEX for x in labels):
-                return None, "too long (truncated)"
         image = None
         if "image" in item:
             path = os.path.join(self.folder, str(item["image"]))
@@ -119,6 +117,12 @@ class LlavaData(torch.utils.data.Dataset):
             except hires.ImageError as e:
                 warnings.warn(str(e))
                 return None, "bad image"
+        extra = self.image_tokens(image[2]) - 1 if image is not None else 0  # the image replaces its placeholder
+        if len(ids) + extra > self.context:  # cut here, where it is counted, not silently in the model
+            keep = self.context - extra
+            ids, labels, reason = ids[:max(0, keep)], labels[:max(0, keep)], "too long (truncated)"
+            if all(x == llama.IGNORE_INDEX for x in labels):  # the answers lie beyond the context
+                return None, "too long (no answer left)"
         return (ids, labels, image), reason
 
 
@@ -465,7 +469,8 @@ def parse_args(argv):
     a("--lora-rank", type=int, help="LoRA rank r (paper 128)")
     a("--lora-alpha", type=float, help="LoRA alpha; scaling alpha/r (paper 256)")
     a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
-    a("--max-len", type=int, help="LLM context in tokens; longer samples are truncated (paper 2048)")
+    a("--max-len", type=int, help="tokens of one sequence, image tokens included (HiResConfig.max_length); 0: the "
+      "LLM's own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
     a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
     a("--lr2", type=float, help="stage-2 learning rate of SRA, sampler, projector (paper 2e-5)")
     a("--lora-lr", type=float, help="stage-2 learning rate of LoRA (paper 2e-4)")
@@ -558,7 +563,7 @@ def run(args, ctx):
     for stage in ([1, 2] if args.stage == "all" else [int(args.stage)]):
         template = "plain" if stage == 1 else "vicuna_v1"
         data = LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "", model.tokenizer,
-                         template, model.preprocess, args.max_len)
+                         template, model.preprocess, model.context, model.cfg.image_tokens)
         train_stage(args, stage, model, data, os.path.join(args.out, f"stage{stage}"), ctx)
     if tiny and args.stage != "1":
         metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, ctx)

@@ -155,11 +155,20 @@ def test_token_layout_and_separators(model):
     seps = [a] + [b if j < n - 1 else c for r in range(m) for j in range(n)]  # (a), then (b) in a row, (c) at its end
     for e, sep in zip(ends, seps):
         assert torch.equal(out[e:e + 1], sep)
+    assert model.cfg.image_tokens((m, n)) == out.shape[0]
     model.cfg.sample_overview = False  # the overview keeps all L tokens
     try:
         assert model.encode_images([im])[0].shape[0] == hires.image_token_count(m, n, per) - per + L
+        assert model.cfg.image_tokens((m, n)) == hires.image_token_count(m, n, per) - per + L
     finally:
         model.cfg.sample_overview = True
+    for flag in ("overview", "slices"):  # the length check of training counts what encode_images lays out
+        setattr(model.cfg, flag, False)
+        try:
+            im = model.preprocess(Image.new("RGB", (100, 40)))
+            assert model.cfg.image_tokens(im[2]) == model.encode_images([im])[0].shape[0]
+        finally:
+            setattr(model.cfg, flag, True)
 
 
 @torch.no_grad()

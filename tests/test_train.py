@@ -182,12 +182,16 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     items = [x for b in bad for x in (b, good)]  # each bad sample is followed by a good one
     path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
-    data = train.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, max_len=256)
+    data = train.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, 256,
+                           model.cfg.image_tokens)
     batch = train.collate([data[i] for i in range(len(data))])
     expected = {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
-                "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 2}
+                "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 1,
+                "too long (no answer left)": 1}
     assert dict(batch["skipped"]) == expected
-    assert all(len(ids) <= 256 for ids in batch["input_ids"])
+    # the spliced length (image tokens in place of the placeholder) fits, and so nothing is cut in the model
+    lengths = [len(i) + model.cfg.image_tokens(im[2]) - 1 for i, im in zip(batch["input_ids"], batch["images"])]
+    assert max(lengths) == 256
     assert len(batch["input_ids"]) == len(items)  # every bad one was replaced, so batches keep their size
     loss = model(batch["input_ids"], batch["labels"], batch["images"])
     assert torch.isfinite(loss)
@@ -222,3 +226,52 @@ def test_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
     # same micro-batches, gradients averaged in a different order: equal up to float rounding
     for key in ("loss", "grad_norm"):  # the gradient norm: accumulation and DDP both average
         assert history(tmp_path / "two", 1, key) == pytest.approx(history(tmp_path / "one", 1, key), rel=1e-4)
+
+
+def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_dir):
+    """A 640x480 COCO image under the paper preset slices 4x4: 2465 image tokens. With the default context (the
+    LLM's own, Vicuna-7B-v1.5's 4096) its answer is kept; under the old 2048 no answer token is left, and the sample
+    is counted under its own reason and replaced, not trained on."""
+    (tmp_path / "clip.pt").write_bytes(b"")
+    (tmp_path / "vicuna").mkdir()
+    args = train.parse_args(["--clip", str(tmp_path / "clip.pt"), "--llm", str(tmp_path / "vicuna"),
+                             "--data1", "unused.json", "--data2", "unused.json"])
+    cfg = train.model_config(args)
+    assert cfg.max_length == 0 and cfg.image_tokens((4, 4)) == 2465
+    context = llama.LlamaConfig.from_preset("vicuna-7b").max_seq_len  # what HiResLLaVA resolves 0 to
+    assert context == 4096
+    tiny = train.parse_args(tiny_args(tmp_path / "tiny", data_dir))
+    train.prepare_tiny(tiny)
+    tok = llama.Tokenizer(train.model_config(tiny).tokenizer_path)
+    Image.new("RGB", (640, 480), (10, 120, 30)).save(tmp_path / "coco.jpg")
+    Image.new("RGB", (300, 200), (10, 120, 30)).save(tmp_path / "small.jpg")
+    item = {"id": "coco", "image": "coco.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": "green"}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([item, dict(item, id="small", image="small.jpg")]))
+    pre = lambda img: hires.preprocess_image(img, 336, cfg.max_slices, cfg.upscale)
+    data = train.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, context, cfg.image_tokens)
+    (ids, labels, image), reason = data.encode(item)
+    assert image[2] == (4, 4) and reason is None
+    answer = [x for x in labels if x != llama.IGNORE_INDEX]
+    assert answer == tok.encode("green", bos=False) + [tok.eos_id]
+    assert len(ids) - 1 + 2465 <= context
+    old = train.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, 2048, cfg.image_tokens)
+    (ids, _, image), skipped = old[0]
+    assert skipped == ["too long (no answer left)"] and image[2] == (2, 2)  # the next sample, 300x200 -> 2x2
+
+
+def test_micro_batch_without_labels_gives_zero_loss_and_no_gradient():
+    """Every label ignored (all answers truncated away): loss 0, all gradients 0, never NaN."""
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig.from_preset("tiny", vocab_size=97, max_seq_len=64))
+    tokens = torch.randint(0, 97, (2, 9))
+    _, loss = model(tokens, labels=torch.full((2, 9), llama.IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    labels = tokens.clone()
+    labels[:, :5] = llama.IGNORE_INDEX  # with labels: still the mean over the labelled positions
+    logits, loss = model(tokens, labels=labels)
+    ref = torch.nn.functional.cross_entropy(logits[:, 4:-1].flatten(0, 1), tokens[:, 5:].flatten())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
