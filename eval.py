@@ -204,14 +204,17 @@ class Bench:
     answer_key: str       # record field the submission holds the model's text in
     split: str
     max_new_tokens: int   # LLaVA-1.5's (or lmms-eval's) generation length for the benchmark
+    slicing: dict = None  # checkpoint config fields the benchmark fixes (EntityGrid-QA: its 2 x 2 grid)
 
     def qid(self, record):
         return "/".join(str(record[k]) for k in self.id_keys)
 
-def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128):
+def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128,
+             slicing=None):
     """Decorator: adds a loader (data_dir, split) -> list[Sample] to BENCHES under `name`."""
     def add(load):
-        BENCHES[name] = Bench(name, load, score, files, source, id_keys, answer_key, split, max_new_tokens)
+        BENCHES[name] = Bench(name, load, score, files, source, id_keys, answer_key, split, max_new_tokens,
+                              slicing)
         return load
     return add
 
@@ -420,8 +423,11 @@ def score_entitygrid(samples, answers):
     import entitygrid
     return entitygrid.score([s.gt for s in samples], {s.gt["id"]: a for s, a in zip(samples, answers)})
 
+# the 2S x 2S canvas is built for exactly 2 x 2 slices (entitygrid.py): with upscale (the paper preset) it would be
+# 4 x 4, and the slice borders would cut the edge cells too, so every checkpoint is evaluated without upscaling
 @register("entitygrid", score_entitygrid, "DIR/questions.jsonl and its images (written by `python entitygrid.py`)",
-          "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16)
+          "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16,
+          slicing=dict(upscale=False, max_slices=4))
 def load_entitygrid(data, split):
     """EntityGrid-QA (HIRES_LLAVA.md section 7) through entitygrid.py's own reader, prompt and score."""
     import entitygrid
@@ -455,15 +461,16 @@ def read_partial(path):
             f.truncate(good)
     return records
 
-def load_model(ckpt, device="cpu"):
-    """hires.load_checkpoint in eval mode, with one-line errors for a missing or non-fitting checkpoint."""
+def load_model(ckpt, device="cpu", **overrides):
+    """hires.load_checkpoint in eval mode (overrides: config fields), with one-line errors for a missing or
+    non-fitting checkpoint."""
     import hires
     import torch
     if not os.path.isdir(ckpt):
         raise EvalError(f"{ckpt}: checkpoint folder not found (train.py writes one)")
     try:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        return hires.load_checkpoint(ckpt, device=device, dtype=dtype).eval()
+        return hires.load_checkpoint(ckpt, device=device, dtype=dtype, **overrides).eval()
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
 
@@ -477,8 +484,17 @@ def open_image(sample, tmp):
         f.write(sample.image)
     return hires.load_image(path)
 
+def preprocess(model, bench, sample, img):
+    """The image through the model's slicing -> preprocess tuple; a benchmark with fixed slicing gets exactly it."""
+    pre = model.preprocess(img)
+    if bench.name == "entitygrid" and tuple(pre[2]) != (2, 2):
+        raise EvalError(f"{sample.image}: {img.width}x{img.height} slices {pre[2][0]}x{pre[2][1]}, not 2x2, at this "
+                        f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
+    return pre
+
 def generate_all(bench, samples, args, partial):
-    """Answers parallel to samples and the counts of bad images and over-long prompts; --resume continues."""
+    """Answers parallel to samples, the counts of bad images and over-long prompts, and the slice grids used;
+    --resume continues."""
     import hires
     import torch
     from tqdm import tqdm
@@ -491,29 +507,32 @@ def generate_all(bench, samples, args, partial):
     done = read_partial(partial) if os.path.exists(partial) else {}
     todo = [s for s in samples if s.qid not in done]
     if todo:
-        model = load_model(args.ckpt, args.device)
+        model = load_model(args.ckpt, args.device, **(bench.slicing or {}))
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
                 batch, ask = todo[i:i + args.batch_size], []
                 for s in batch:
                     try:
-                        ask.append((s, open_image(s, tmp)))
+                        img = open_image(s, tmp)
+                        ask.append((s, img if img is None else preprocess(model, bench, s, img)))
                     except hires.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
                 with torch.inference_mode():  # a prompt beyond the context gets its PromptTooLong as answer
                     texts = model.generate([img for _, img in ask], [s.prompt for s, _ in ask], temperature=0.0,
                                            max_new_tokens=args.max_new_tokens or bench.max_new_tokens,
                                            too_long="return") if ask else []
-                for (s, _), t in zip(ask, texts):  # hires.generate returns the answers stripped
+                for (s, pre), t in zip(ask, texts):  # hires.generate returns the answers stripped
                     done[s.qid] = failed(s, t, "too_long") if isinstance(t, hires.PromptTooLong) else \
-                        {"qid": s.qid, "text": t}
+                        {"qid": s.qid, "text": t, **({"grid": list(pre[2])} if pre is not None else {})}
                 f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
                 f.flush()
                 os.fsync(f.fileno())  # an answer on disk is never generated again
                 bar.update(len(batch))
     kinds = [done[s.qid].get("kind") for s in samples]
-    return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}
+    grids = sorted("x".join(map(str, done[s.qid]["grid"])) for s in samples if "grid" in done[s.qid])
+    return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
+        {g: grids.count(g) for g in dict.fromkeys(grids)}
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -574,8 +593,10 @@ def run(args):
     os.makedirs(out, exist_ok=True)
     if args.predictions:
         answers, errors = read_predictions(args.predictions, bench, samples), {"bad_images": 0, "too_long": 0}
+        run_info = {}
     else:
-        answers, errors = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
+        answers, errors, grids = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
+        run_info = {"slicing": {**(bench.slicing or {}), "grids": grids}}
         submission = [{**s.record, bench.answer_key: a} for s, a in zip(samples, answers)]
         write_json(os.path.join(out, "predictions.json"), submission)
         if args.bench == "llava-w":  # LLaVA's judge reads JSON lines
@@ -583,7 +604,7 @@ def run(args):
                 f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in submission)
     scores = ({"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
               if any(s.gt is None for s in samples) else bench.score(samples, answers))
-    metrics = {"bench": args.bench, "split": split, "n": len(samples), **scores, **errors}
+    metrics = {"bench": args.bench, "split": split, "n": len(samples), **scores, **errors, **run_info}
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 

@@ -313,11 +313,14 @@ class Recorder:
         self.calls.append((images, prompts, kw))
         return self.model.generate(images, prompts, **kw)
 
+    def __getattr__(self, name):  # preprocess, cfg, ...: the real model's
+        return getattr(self.model, name)
+
 
 @pytest.fixture
 def recorded(monkeypatch):
     calls, load = [], ev.load_model
-    monkeypatch.setattr(ev, "load_model", lambda *a: Recorder(load(*a), calls))
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: Recorder(load(*a, **k), calls))
     return calls
 
 
@@ -339,7 +342,7 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     assert all(kw == {"max_new_tokens": 3, "temperature": 0.0, "too_long": "return"} for _, _, kw in recorded)
     assert all(len(images) <= 2 for images, _, _ in recorded)
     assert [img is None for img, _ in asked] == [s.image is None for s in samples]
-    assert all(img.mode == "RGB" for img, _ in asked if img is not None)
+    assert all(img[0].shape[0] == 3 for img, _ in asked if img is not None)  # preprocessed: (overview, slices, grid)
     # predictions.json: the official records in the official order, the model's text in the answer field
     with open(f"{out}/predictions.json") as f:
         sub = json.load(f)
@@ -351,7 +354,9 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     # scoring the written file reproduces the run's metrics
     again = ev.main(["--bench", bench, "--data", data, "--predictions", f"{out}/predictions.json",
                      "--out", str(tmp_path / "rescored")])
+    run_info = {k: metrics.pop(k) for k in ("slicing",)}  # what only a model run knows
     assert again == metrics and metrics["bad_images"] == 0 and metrics["n"] == len(known)
+    assert sum(run_info["slicing"]["grids"].values()) == sum(img is not None for img, _ in asked)
     if bench == "llava-w":
         with open(f"{out}/answers.jsonl") as f:
             assert [json.loads(line) for line in f] == sub
@@ -393,10 +398,13 @@ def test_default_generation_length_is_the_benchmarks(tmp_path, monkeypatch):
     calls = []
 
     class Fixed:  # stands in for the model: only the generation settings matter here
+        def preprocess(self, img):
+            return None, None, (1, 1)
+
         def generate(self, images, prompts, **kw):
             calls.append(kw["max_new_tokens"])
             return ["0.5"] * len(prompts)
-    monkeypatch.setattr(ev, "load_model", lambda *a: Fixed())
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: Fixed())
     make_chartqa(str(tmp_path / "d"))
     ev.main(["--bench", "chartqa", "--data", str(tmp_path / "d"), "--ckpt", "unused", "--out", str(tmp_path / "o")])
     assert calls == [16]  # lmms-eval's ChartQA length (Bench.max_new_tokens), no --max-new-tokens given
@@ -432,3 +440,30 @@ def test_unfit_checkpoint_is_a_one_line_error(tmp_path, tiny_ckpt):
         run_tiny("docvqa", data, str(tmp_path / "o1"), str(bad))
     with pytest.raises(SystemExit, match="checkpoint folder not found"):
         run_tiny("docvqa", data, str(tmp_path / "o2"), str(tmp_path / "nowhere"))
+
+
+def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatch):
+    """A checkpoint saved with upscale=True and N=16 would slice the 2S x 2S canvas 4 x 4; eval.py fixes 2 x 2."""
+    import hires
+    ckpt = tmp_path / "upscaled"
+    ckpt.mkdir()
+    for name in os.listdir(tiny_ckpt):
+        with open(os.path.join(tiny_ckpt, name), "rb") as src, open(ckpt / name, "wb") as dst:
+            dst.write(src.read())
+    cfg = json.loads((ckpt / "config.json").read_text())
+    dump(str(ckpt / "config.json"), {**cfg, "upscale": True, "max_slices": 16})
+    data = str(tmp_path / "data")
+    make_entitygrid(data)
+    img = Image.open(os.path.join(data, ev.BENCHES["entitygrid"].load(data, "all")[0].image))
+    assert hires.load_checkpoint(str(ckpt)).preprocess(img)[2] == (4, 4)  # what the stored config does
+    grids, preprocess = [], hires.preprocess_image
+    monkeypatch.setattr(hires, "preprocess_image", lambda *a, **k: grids.append(preprocess(*a, **k)[2]) or
+                        preprocess(*a, **k))
+    metrics = run_tiny("entitygrid", data, str(tmp_path / "out"), str(ckpt))
+    assert grids == [(2, 2)] * 4
+    assert metrics["slicing"] == {"upscale": False, "max_slices": 4, "grids": {"2x2": 4}}
+    with open(tmp_path / "out" / "metrics.json") as f:
+        assert json.load(f)["slicing"]["grids"] == {"2x2": 4}
+    Image.new("RGB", (96, 40)).save(img.filename)  # a canvas the benchmark never draws: a one-line error
+    with pytest.raises(SystemExit, match="96x40 slices 1x2, not 2x2"):
+        run_tiny("entitygrid", data, str(tmp_path / "out2"), str(ckpt))
