@@ -461,16 +461,22 @@ def read_partial(path):
             f.truncate(good)
     return records
 
-def load_model(ckpt, device="cpu", **overrides):
-    """hires.load_checkpoint in eval mode (overrides: config fields), with one-line errors for a missing or
-    non-fitting checkpoint."""
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+def resolve_dtype(name, device):
+    """--dtype auto: bf16 on CUDA, fp32 elsewhere."""
+    return name if name != "auto" else "bf16" if device.startswith("cuda") else "fp32"
+
+def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
+    """hires.load_checkpoint in eval mode, backbones in dtype and the trained adapters in fp32 as training keeps
+    them (overrides: config fields), with one-line errors for a missing or non-fitting checkpoint."""
     import hires
     import torch
     if not os.path.isdir(ckpt):
         raise EvalError(f"{ckpt}: checkpoint folder not found (train.py writes one)")
     try:
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        return hires.load_checkpoint(ckpt, device=device, dtype=dtype, **overrides).eval()
+        return hires.load_checkpoint(ckpt, device=device, dtype=getattr(torch, DTYPES[dtype]),
+                                     adapter_dtype=torch.float32, **overrides).eval()
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
 
@@ -507,7 +513,10 @@ def generate_all(bench, samples, args, partial):
     done = read_partial(partial) if os.path.exists(partial) else {}
     todo = [s for s in samples if s.qid not in done]
     if todo:
-        model = load_model(args.ckpt, args.device, **(bench.slicing or {}))
+        dtype = resolve_dtype(args.dtype, args.device)
+        model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}))
+        # under autocast as in training: bf16 matmuls, fp32 adapters, fp32 norms and softmax
+        amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
@@ -518,7 +527,7 @@ def generate_all(bench, samples, args, partial):
                         ask.append((s, img if img is None else preprocess(model, bench, s, img)))
                     except hires.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
-                with torch.inference_mode():  # a prompt beyond the context gets its PromptTooLong as answer
+                with torch.inference_mode(), amp:  # a prompt beyond the context gets its PromptTooLong as answer
                     texts = model.generate([img for _, img in ask], [s.prompt for s, _ in ask], temperature=0.0,
                                            max_new_tokens=args.max_new_tokens or bench.max_new_tokens,
                                            too_long="return") if ask else []
@@ -565,8 +574,11 @@ def parse_args(argv=None):
     a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
     a("--out", help="output folder (default: runs/eval/<bench>)")
     a("--split", help="split to read (default: the benchmark's, listed below)")
-    a("--device", default="cpu", help="torch device, e.g. cuda (bfloat16 there, float32 on cpu)")
-    a("--batch-size", type=int, default=8, help="questions generated together (default 8)")
+    a("--device", default="cpu", help="torch device, e.g. cuda")
+    a("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="backbone weights and autocast (adapters "
+      "stay fp32, as in training); auto: bf16 on cuda, fp32 on cpu")
+    a("--batch-size", type=int, default=1, help="questions generated together (default 1, as LLaVA's model_vqa; "
+      "greedy answers are the same at any batch size in fp32, not always in bf16: see the README)")
     a("--limit", type=int, help="evaluate only the first N questions (quick checks)")
     a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
       "(without it, an existing partial file is an error)")
@@ -596,7 +608,8 @@ def run(args):
         run_info = {}
     else:
         answers, errors, grids = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
-        run_info = {"slicing": {**(bench.slicing or {}), "grids": grids}}
+        run_info = {"slicing": {**(bench.slicing or {}), "grids": grids}, "batch_size": args.batch_size,
+                    "dtype": resolve_dtype(args.dtype, args.device)}
         submission = [{**s.record, bench.answer_key: a} for s, a in zip(samples, answers)]
         write_json(os.path.join(out, "predictions.json"), submission)
         if args.bench == "llava-w":  # LLaVA's judge reads JSON lines

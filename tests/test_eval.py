@@ -354,7 +354,8 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     # scoring the written file reproduces the run's metrics
     again = ev.main(["--bench", bench, "--data", data, "--predictions", f"{out}/predictions.json",
                      "--out", str(tmp_path / "rescored")])
-    run_info = {k: metrics.pop(k) for k in ("slicing",)}  # what only a model run knows
+    run_info = {k: metrics.pop(k) for k in ("slicing", "batch_size", "dtype")}  # what only a model run knows
+    assert run_info["batch_size"] == 2 and run_info["dtype"] == "fp32"
     assert again == metrics and metrics["bad_images"] == 0 and metrics["n"] == len(known)
     assert sum(run_info["slicing"]["grids"].values()) == sum(img is not None for img, _ in asked)
     if bench == "llava-w":
@@ -407,7 +408,7 @@ def test_default_generation_length_is_the_benchmarks(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: Fixed())
     make_chartqa(str(tmp_path / "d"))
     ev.main(["--bench", "chartqa", "--data", str(tmp_path / "d"), "--ckpt", "unused", "--out", str(tmp_path / "o")])
-    assert calls == [16]  # lmms-eval's ChartQA length (Bench.max_new_tokens), no --max-new-tokens given
+    assert calls == [16] * 3  # 3 questions at the default batch size 1; lmms-eval's ChartQA length (Bench.max_new_tokens), no --max-new-tokens given
 
 
 def test_prompt_longer_than_context_gives_empty_prediction(tmp_path, tiny_ckpt, capsys):
@@ -467,3 +468,35 @@ def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatc
     Image.new("RGB", (96, 40)).save(img.filename)  # a canvas the benchmark never draws: a one-line error
     with pytest.raises(SystemExit, match="96x40 slices 1x2, not 2x2"):
         run_tiny("entitygrid", data, str(tmp_path / "out2"), str(ckpt))
+
+
+def test_greedy_answers_do_not_depend_on_the_batch_size_in_fp32(tmp_path, tiny_ckpt):
+    """Batch 1 and left-padded batches of 4 (prompts and images of different lengths) give the same answers."""
+    data = tmp_path / "data"
+    sizes = [(40, 28), (130, 60), (100, 100), (20, 90), (64, 64), (200, 30), (33, 33), (90, 120)]
+    rows = [{"questionId": i, "question": "What is written" + " here" * i + "?", "image": f"{i}.png",
+             "answers": ["x"]} for i in range(len(sizes))]
+    dump(str(data / "val_v1.0.json"), {"data": rows})
+    for i, size in enumerate(sizes):
+        png(str(data / f"{i}.png"), (30 * i, 200 - 20 * i, 90), size)
+    answers = {}
+    for b in (1, 4):
+        metrics = run_tiny("docvqa", str(data), str(tmp_path / f"b{b}"), tiny_ckpt, "--batch-size", str(b),
+                           "--max-new-tokens", "8")
+        assert metrics["batch_size"] == b
+        with open(tmp_path / f"b{b}" / "predictions.json") as f:
+            answers[b] = [e["answer"] for e in json.load(f)]
+    assert answers[1] == answers[4] and len(set(answers[1])) > 1
+
+
+def test_bf16_backbones_keep_fp32_adapters_under_autocast(tmp_path, tiny_ckpt, monkeypatch):
+    import torch
+    seen, load = [], ev.load_model
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: seen.append(load(*a, **k)) or seen[-1])
+    data = str(tmp_path / "data")
+    make_docvqa(data)
+    metrics = run_tiny("docvqa", data, str(tmp_path / "out"), tiny_ckpt, "--dtype", "bf16")
+    assert metrics["dtype"] == "bf16" and metrics["bad_images"] == 0
+    dtypes = {n: p.dtype for n, p in seen[0].named_parameters()}
+    assert {d for n, d in dtypes.items() if seen[0]._is_adapter(n)} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not seen[0]._is_adapter(n)} == {torch.bfloat16}
