@@ -14,8 +14,10 @@ import json
 import os
 import re
 import string
+import subprocess
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 
 class EvalError(Exception):
@@ -511,6 +513,7 @@ def generate_all(bench, samples, args, partial):
     if os.path.exists(partial) and not args.resume:
         raise EvalError(f"{partial} exists from an earlier run: pass --resume to continue it, or delete it")
     done = read_partial(partial) if os.path.exists(partial) else {}
+    torch.manual_seed(args.seed)
     todo = [s for s in samples if s.qid not in done]
     if todo:
         dtype = resolve_dtype(args.dtype, args.device)
@@ -542,6 +545,32 @@ def generate_all(bench, samples, args, partial):
     grids = sorted("x".join(map(str, done[s.qid]["grid"])) for s in samples if "grid" in done[s.qid])
     return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
         {g: grids.count(g) for g in dict.fromkeys(grids)}
+
+def git_commit():
+    """HEAD of the repository eval.py lives in (+ "-dirty" with uncommitted changes), None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+def provenance(args, bench, samples, grids):
+    """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
+    path, cfg = os.path.join(args.ckpt, "config.json"), {}
+    if os.path.isfile(path):  # a --resume with every answer already written may run without the checkpoint
+        with open(path) as f:
+            cfg = json.load(f)
+    cfg.update(bench.slicing or {})
+    return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
+            "llm_path", "tokenizer_path")}, "prompt_template": "vicuna_v1", "example_prompt": samples[0].prompt,
+            "max_new_tokens": args.max_new_tokens or bench.max_new_tokens, "temperature": 0.0,
+            "batch_size": args.batch_size, "dtype": resolve_dtype(args.dtype, args.device), "device": args.device,
+            "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
+                                           "grids": grids}, "git_commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -580,6 +609,7 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=1, help="questions generated together (default 1, as LLaVA's model_vqa; "
       "greedy answers are the same at any batch size in fp32, not always in bf16: see the README)")
     a("--limit", type=int, help="evaluate only the first N questions (quick checks)")
+    a("--seed", type=int, default=0, help="torch seed set before generation (recorded in metrics.json)")
     a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
       "(without it, an existing partial file is an error)")
     a("--max-new-tokens", type=int, help="generation length cap (default: LLaVA-1.5's for the benchmark, below)")
@@ -608,8 +638,7 @@ def run(args):
         run_info = {}
     else:
         answers, errors, grids = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
-        run_info = {"slicing": {**(bench.slicing or {}), "grids": grids}, "batch_size": args.batch_size,
-                    "dtype": resolve_dtype(args.dtype, args.device)}
+        run_info = {"provenance": provenance(args, bench, samples, grids)}
         submission = [{**s.record, bench.answer_key: a} for s, a in zip(samples, answers)]
         write_json(os.path.join(out, "predictions.json"), submission)
         if args.bench == "llava-w":  # LLaVA's judge reads JSON lines

@@ -354,7 +354,7 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     # scoring the written file reproduces the run's metrics
     again = ev.main(["--bench", bench, "--data", data, "--predictions", f"{out}/predictions.json",
                      "--out", str(tmp_path / "rescored")])
-    run_info = {k: metrics.pop(k) for k in ("slicing", "batch_size", "dtype")}  # what only a model run knows
+    run_info = metrics.pop("provenance")  # what only a model run knows
     assert run_info["batch_size"] == 2 and run_info["dtype"] == "fp32"
     assert again == metrics and metrics["bad_images"] == 0 and metrics["n"] == len(known)
     assert sum(run_info["slicing"]["grids"].values()) == sum(img is not None for img, _ in asked)
@@ -462,9 +462,9 @@ def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatc
                         preprocess(*a, **k))
     metrics = run_tiny("entitygrid", data, str(tmp_path / "out"), str(ckpt))
     assert grids == [(2, 2)] * 4
-    assert metrics["slicing"] == {"upscale": False, "max_slices": 4, "grids": {"2x2": 4}}
+    assert metrics["provenance"]["slicing"] == {"upscale": False, "max_slices": 4, "grids": {"2x2": 4}}
     with open(tmp_path / "out" / "metrics.json") as f:
-        assert json.load(f)["slicing"]["grids"] == {"2x2": 4}
+        assert json.load(f)["provenance"]["slicing"]["grids"] == {"2x2": 4}
     Image.new("RGB", (96, 40)).save(img.filename)  # a canvas the benchmark never draws: a one-line error
     with pytest.raises(SystemExit, match="96x40 slices 1x2, not 2x2"):
         run_tiny("entitygrid", data, str(tmp_path / "out2"), str(ckpt))
@@ -483,7 +483,7 @@ def test_greedy_answers_do_not_depend_on_the_batch_size_in_fp32(tmp_path, tiny_c
     for b in (1, 4):
         metrics = run_tiny("docvqa", str(data), str(tmp_path / f"b{b}"), tiny_ckpt, "--batch-size", str(b),
                            "--max-new-tokens", "8")
-        assert metrics["batch_size"] == b
+        assert metrics["provenance"]["batch_size"] == b
         with open(tmp_path / f"b{b}" / "predictions.json") as f:
             answers[b] = [e["answer"] for e in json.load(f)]
     assert answers[1] == answers[4] and len(set(answers[1])) > 1
@@ -496,7 +496,29 @@ def test_bf16_backbones_keep_fp32_adapters_under_autocast(tmp_path, tiny_ckpt, m
     data = str(tmp_path / "data")
     make_docvqa(data)
     metrics = run_tiny("docvqa", data, str(tmp_path / "out"), tiny_ckpt, "--dtype", "bf16")
-    assert metrics["dtype"] == "bf16" and metrics["bad_images"] == 0
+    assert metrics["provenance"]["dtype"] == "bf16" and metrics["bad_images"] == 0
     dtypes = {n: p.dtype for n, p in seen[0].named_parameters()}
     assert {d for n, d in dtypes.items() if seen[0]._is_adapter(n)} == {torch.float32}
     assert {d for n, d in dtypes.items() if not seen[0]._is_adapter(n)} == {torch.bfloat16}
+
+
+def test_metrics_record_provenance(tmp_path, tiny_ckpt):
+    import subprocess
+    from datetime import datetime, timezone
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    make_docvqa(data)
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    run_tiny("docvqa", data, out, tiny_ckpt, "--seed", "7")
+    with open(f"{out}/metrics.json") as f:
+        p = json.load(f)["provenance"]
+    with open(os.path.join(tiny_ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    assert p["checkpoint"] == os.path.abspath(tiny_ckpt) and os.path.isabs(p["clip_weights"])
+    assert (p["clip_weights"], p["llm_path"], p["tokenizer_path"]) == (cfg["clip_weights"], cfg["llm_path"],
+                                                                       cfg["tokenizer_path"])
+    assert p["prompt_template"] == "vicuna_v1" and p["example_prompt"].endswith(ev.SHORT)
+    assert (p["max_new_tokens"], p["batch_size"], p["dtype"], p["seed"]) == (3, 2, "fp32", 7)
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a fresh clone; an exported tree has no commit to record
+        assert p["git_commit"].removesuffix("-dirty") == head.stdout.strip()
+    assert before <= datetime.fromisoformat(p["date"]) <= datetime.now(timezone.utc)
