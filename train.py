@@ -33,7 +33,7 @@ import entitygrid
 import hires
 import llama
 
-ADAM_BETAS = (0.9, 0.98)  # design choice: the paper's betas are lost in our copy (HIRES_LLAVA.md 6)
+ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=64, lora_alpha=64, max_len=512,
                  lr1=1e-3, lr2=1e-3, lora_lr=1e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=2,
