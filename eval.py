@@ -477,6 +477,14 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
     if not os.path.isdir(ckpt):
         raise EvalError(f"{ckpt}: checkpoint folder not found (train.py writes one)")
     try:
+        with open(os.path.join(ckpt, "config.json")) as f:
+            cfg = {**json.load(f), **overrides}
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{ckpt}: checkpoint does not fit the model: {e}") from None
+    for key, flag in (("clip_weights", "--clip"), ("llm_path", "--llm"), ("tokenizer_path", "--tokenizer")):
+        if cfg.get(key) and not os.path.exists(cfg[key]):
+            raise EvalError(f"{cfg[key]}: the {key} of {ckpt} is not there; moved? point to it with {flag}")
+    try:
         return hires.load_checkpoint(ckpt, device=device, dtype=getattr(torch, DTYPES[dtype]),
                                      adapter_dtype=torch.float32, **overrides).eval()
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -500,6 +508,14 @@ def preprocess(model, bench, sample, img):
                         f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
     return pre
 
+def backbones(args):
+    """--clip/--llm/--tokenizer as absolute config overrides (backbones moved since training)."""
+    out = {k: os.path.abspath(v) for k, v in (("clip_weights", args.clip), ("llm_path", args.llm),
+                                               ("tokenizer_path", args.tokenizer)) if v}
+    if args.llm and not args.tokenizer and os.path.isfile(os.path.join(args.llm, "tokenizer.model")):
+        out["tokenizer_path"] = os.path.abspath(os.path.join(args.llm, "tokenizer.model"))
+    return out
+
 def generate_all(bench, samples, args, partial):
     """Answers parallel to samples, the counts of bad images and over-long prompts, and the slice grids used;
     --resume continues."""
@@ -517,7 +533,7 @@ def generate_all(bench, samples, args, partial):
     todo = [s for s in samples if s.qid not in done]
     if todo:
         dtype = resolve_dtype(args.dtype, args.device)
-        model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}))
+        model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}), **backbones(args))
         # under autocast as in training: bf16 matmuls, fp32 adapters, fp32 norms and softmax
         amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
@@ -563,7 +579,7 @@ def provenance(args, bench, samples, grids):
     if os.path.isfile(path):  # a --resume with every answer already written may run without the checkpoint
         with open(path) as f:
             cfg = json.load(f)
-    cfg.update(bench.slicing or {})
+    cfg.update(bench.slicing or {}, **backbones(args))
     return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
             "llm_path", "tokenizer_path")}, "prompt_template": "vicuna_v1", "example_prompt": samples[0].prompt,
             "max_new_tokens": args.max_new_tokens or bench.max_new_tokens, "temperature": 0.0,
@@ -602,6 +618,9 @@ def parse_args(argv=None):
     a("--data", required=True, help="folder holding the benchmark's released files (see below)")
     a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
     a("--out", help="output folder (default: runs/eval/<bench>)")
+    a("--clip", help="CLIP weights file, if moved since training (default: the checkpoint's)")
+    a("--llm", help="LLM directory, if moved since training (default: the checkpoint's)")
+    a("--tokenizer", help="sentencepiece model (default: LLM/tokenizer.model with --llm, else the checkpoint's)")
     a("--split", help="split to read (default: the benchmark's, listed below)")
     a("--device", default="cpu", help="torch device, e.g. cuda")
     a("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="backbone weights and autocast (adapters "

@@ -42,6 +42,9 @@ PRESETS = {  # every value is a command-line default; see --help
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=16, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4),
 }
+# flag -> HiResConfig field: what a stage-2 start from --init takes from the command line over the stored config
+CONFIG_FLAGS = dict(max_slices="max_slices", upscale="upscale", sampler="sampler", max_len="max_length",
+                    lora_rank="lora_rank", lora_alpha="lora_alpha", lora_dropout="lora_dropout")
 SKIP_REASONS = ("missing image", "bad image", "empty or malformed conversation", "<image> without an image",
                 "image without <image> (prepended)", "too long (truncated)", "too long (no answer left)")
 
@@ -409,11 +412,54 @@ def model_config(args):
             paths = {k: v for k, v in json.load(f).items() if k in ("clip_weights", "llm_path", "tokenizer_path")}
         paths["clip_preset"] = "tiny"
     else:
-        paths = dict(clip_preset="vit-l-14-336", clip_weights=args.clip, llm_path=args.llm,
-                     tokenizer_path=args.tokenizer or os.path.join(args.llm, "tokenizer.model"))
+        paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
     return hires.HiResConfig(**paths, max_slices=args.max_slices, upscale=args.upscale, sampler=args.sampler,
                              max_length=args.max_len, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                              lora_dropout=args.lora_dropout)
+
+
+def backbone_paths(args):
+    """--clip/--llm/--tokenizer as absolute HiResConfig paths (a checkpoint must work from any folder)."""
+    paths = {}
+    if args.clip:
+        paths["clip_weights"] = os.path.abspath(args.clip)
+    if args.llm:
+        paths["llm_path"] = os.path.abspath(args.llm)
+    if args.tokenizer or args.llm:
+        paths["tokenizer_path"] = os.path.abspath(args.tokenizer or os.path.join(args.llm, "tokenizer.model"))
+    return paths
+
+
+def init_model(args, where):
+    """Stage 2 from a stage-1 checkpoint: its config, with every flag the user passed winning over it. The sampler
+    cannot change (stage 1 trained it); a new LoRA rank starts fresh, as stage 1 leaves LoRA at its init."""
+    try:
+        with open(os.path.join(args.init, "config.json")) as f:
+            stored = json.load(f)
+        sd = load_file(os.path.join(args.init, "model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise TrainError(f"--init {args.init}: not a stage-1 checkpoint ({e})") from None
+    over = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items() if flag in args.given}
+    over.update(backbone_paths(args))
+    if over.get("sampler", stored["sampler"]) != stored["sampler"]:
+        raise TrainError(f"--sampler {over['sampler']}: {args.init} trained the {stored['sampler']} sampler in stage "
+                         f"1, so stage 2 keeps it (run stage 1 with --sampler {over['sampler']})")
+    for key in ("clip_weights", "llm_path", "tokenizer_path"):
+        path = over.get(key, stored[key])
+        if not os.path.exists(path):
+            raise TrainError(f"{path}: the {key} of {args.init} is not there; pass --clip/--llm/--tokenizer")
+    model = hires.HiResLLaVA(hires.HiResConfig(**{**stored, **over}), **where)
+    if model.cfg.lora_rank != stored["lora_rank"]:
+        if any(v.any() for k, v in sd.items() if k.endswith("lora_B")):
+            raise TrainError(f"--lora-rank {model.cfg.lora_rank}: the LoRA of {args.init} is trained (rank "
+                             f"{stored['lora_rank']}); its rank cannot change")
+        own = model.trainable_state_dict()
+        sd = {**{k: v for k, v in sd.items() if "lora_" not in k}, **{k: v for k, v in own.items() if "lora_" in k}}
+    try:
+        model.load_trainable_state_dict(sd)
+    except ValueError as e:
+        raise TrainError(f"--init {args.init}: {e}") from None
+    return model, over
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -465,7 +511,7 @@ def parse_args(argv):
     a("--vocab-size", type=int, help="tiny: sentencepiece vocabulary size trained from the data")
     a("--max-slices", type=int, help="maximum slices per image N (paper 16)")
     a("--upscale", action=argparse.BooleanOptionalAction, help="double the grid of small images when 4mn <= N")
-    a("--sampler", default="sms", choices=("sms", "qformer", "avgpool"), help="token sampler (paper: sms)")
+    a("--sampler", choices=("sms", "qformer", "avgpool"), help="token sampler (default and paper: sms)")
     a("--lora-rank", type=int, help="LoRA rank r (paper 128)")
     a("--lora-alpha", type=float, help="LoRA alpha; scaling alpha/r (paper 256)")
     a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
@@ -497,6 +543,8 @@ def parse_args(argv):
     a("--max-new-tokens", type=int, default=4, help="tokens generated per EntityGrid-QA answer")
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.clip or args.llm else "tiny")
+    args.given = {k for k in CONFIG_FLAGS if getattr(args, k) is not None}  # these win over an --init config
+    args.sampler = args.sampler or "sms"
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -556,8 +604,12 @@ def run(args, ctx):
     # frozen weights in the autocast dtype, read straight onto the device (7B: no 27 GB fp32 copy on each GPU);
     # the trained tensors stay fp32 for the optimizer
     where = dict(device=ctx["device"], dtype=ctx["dtype"], adapter_dtype=torch.float32)
-    model = hires.load_checkpoint(args.init, **where) if args.stage == "2" else \
-        hires.HiResLLaVA(model_config(args), **where)
+    if args.stage == "2":
+        model, over = init_model(args, where)
+        if master:
+            print(f"stage 2 from {args.init}; flags over its config: {over or 'none'}")
+    else:
+        model = hires.HiResLLaVA(model_config(args), **where)
     model.llm.gradient_checkpointing = args.grad_ckpt
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
     for stage in ([1, 2] if args.stage == "all" else [int(args.stage)]):

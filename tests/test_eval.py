@@ -522,3 +522,27 @@ def test_metrics_record_provenance(tmp_path, tiny_ckpt):
     if head.returncode == 0:  # a fresh clone; an exported tree has no commit to record
         assert p["git_commit"].removesuffix("-dirty") == head.stdout.strip()
     assert before <= datetime.fromisoformat(p["date"]) <= datetime.now(timezone.utc)
+
+
+def test_checkpoint_pointed_at_moved_backbones(tmp_path, tiny_ckpt):
+    import shutil
+    cfg = json.loads(open(os.path.join(tiny_ckpt, "config.json")).read())
+    moved = tmp_path / "moved"
+    shutil.copytree(os.path.dirname(cfg["llm_path"]), moved)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    gone = {k: str(tmp_path / "gone" / os.path.relpath(cfg[k], os.path.dirname(cfg["llm_path"])))
+            for k in ("clip_weights", "llm_path", "tokenizer_path")}
+    dump(str(ckpt / "config.json"), {**cfg, **gone})  # as if the backbones were moved after training
+    data = str(tmp_path / "data")
+    make_docvqa(data)
+    with pytest.raises(SystemExit, match=r"the clip_weights of .* is not there; moved\? point to it with --clip"):
+        run_tiny("docvqa", data, str(tmp_path / "o1"), str(ckpt))
+    new = {k: str(moved / os.path.relpath(cfg[k], os.path.dirname(cfg["llm_path"]))) for k in gone}
+    metrics = run_tiny("docvqa", data, str(tmp_path / "o2"), str(ckpt), "--clip", new["clip_weights"],
+                       "--llm", new["llm_path"], "--tokenizer", new["tokenizer_path"])
+    reference = run_tiny("docvqa", data, str(tmp_path / "o3"), tiny_ckpt)
+    assert {k: metrics["provenance"][k] for k in new} == new
+    with open(tmp_path / "o2" / "predictions.json") as a, open(tmp_path / "o3" / "predictions.json") as b:
+        assert json.load(a) == json.load(b)
+    assert metrics["anls"] == reference["anls"]

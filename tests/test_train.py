@@ -275,3 +275,32 @@ def test_micro_batch_without_labels_gives_zero_loss_and_no_gradient():
     logits, loss = model(tokens, labels=labels)
     ref = torch.nn.functional.cross_entropy(logits[:, 4:-1].flatten(0, 1), tokens[:, 5:].flatten())
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir):
+    s1, s2 = tmp_path / "s1" / "stage1", tmp_path / "s2" / "stage2"
+    train.main(tiny_args(tmp_path / "s1", data_dir, "--stage", "1", "--steps1", "1"))
+    stored = json.loads((s1 / "config.json").read_text())
+    assert (stored["max_slices"], stored["upscale"], stored["max_length"], stored["lora_rank"]) == (4, False, 512, 64)
+    flags = ["--max-slices", "2", "--upscale", "--max-len", "400", "--lora-rank", "4", "--lora-alpha", "8",
+             "--lora-dropout", "0.1"]
+    train.main(tiny_args(tmp_path / "s2", data_dir, "--stage", "2", "--init", str(s1), "--steps2", "2", *flags))
+    cfg = json.loads((s2 / "config.json").read_text())
+    assert (cfg["max_slices"], cfg["upscale"], cfg["max_length"], cfg["lora_rank"], cfg["lora_alpha"],
+            cfg["lora_dropout"]) == (2, True, 400, 4, 8.0, 0.1)
+    sd = load_file(s2 / "model.safetensors")
+    assert {v.shape[0] for k, v in sd.items() if k.endswith("lora_A")} == {4}
+    with pytest.raises(SystemExit, match=r"^train.py: error: --sampler qformer: .* trained the sms sampler in stage 1"):
+        train.main(tiny_args(tmp_path / "s3", data_dir, "--stage", "2", "--init", str(s1), "--sampler", "qformer"))
+    with pytest.raises(SystemExit, match=r"--lora-rank 8: the LoRA of .* is trained \(rank 4\)"):
+        train.main(tiny_args(tmp_path / "s4", data_dir, "--stage", "2", "--init", str(s2), "--lora-rank", "8"))
+
+
+def test_backbone_paths_are_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip.pt").write_bytes(b"")
+    (tmp_path / "vicuna").mkdir()
+    args = train.parse_args(["--clip", "clip.pt", "--llm", "vicuna", "--data1", "a.json", "--data2", "b.json"])
+    cfg = train.model_config(args)
+    assert (cfg.clip_weights, cfg.llm_path, cfg.tokenizer_path) == (
+        str(tmp_path / "clip.pt"), str(tmp_path / "vicuna"), str(tmp_path / "vicuna" / "tokenizer.model"))
