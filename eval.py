@@ -609,13 +609,18 @@ def read_predictions(path, bench, samples):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
-                    "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json.",
+                    "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json. "
+                    "With --image: ask the checkpoint about one image (--ask, or questions read from stdin).",
         epilog="benchmarks: default --split, default --max-new-tokens, expected files in --data DIR:\n" +
                "\n".join(f"  {n:15s} {b.split:5s} {b.max_new_tokens:5d}  {b.files}" for n, b in BENCHES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--bench", required=True, choices=list(BENCHES), help="benchmark to run")
-    a("--data", required=True, help="folder holding the benchmark's released files (see below)")
+    a("--bench", choices=list(BENCHES), help="benchmark to run")
+    a("--data", help="folder holding the benchmark's released files (see below)")
+    a("--image", help="ask about this image instead of running a benchmark")
+    a("--ask", help="with --image: the question (without it, one question per line from stdin)")
+    a("--temperature", type=float, default=0.0, help="with --image: 0 is greedy, else sampled with --top-p")
+    a("--top-p", type=float, default=1.0, help="with --image: nucleus sampling mass")
     a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
     a("--out", help="output folder (default: runs/eval/<bench>)")
     a("--clip", help="CLIP weights file, if moved since training (default: the checkpoint's)")
@@ -638,7 +643,48 @@ def parse_args(argv=None):
         p.error("--batch-size and --limit must be >= 1")
     if not args.ckpt and not args.predictions:
         p.error("--ckpt is required unless --predictions is given")
+    if not args.image and not (args.bench and args.data):
+        p.error("--bench and --data are required (or --image FILE to ask about one image)")
+    if args.image and not args.ckpt:
+        p.error("--image needs --ckpt")
     return args
+
+def ask(args):
+    """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
+    import hires
+    import llama
+    import torch
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
+    try:
+        pre = model.preprocess(hires.load_image(args.image))
+    except hires.ImageError as e:
+        raise EvalError(str(e)) from None
+    image_tokens, (m, n) = model.cfg.image_tokens(pre[2]), pre[2]
+    print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
+    questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
+    amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    torch.manual_seed(args.seed)
+    answers = []
+    for q in questions:
+        prompt = q if "<image>" in q else "<image>\n" + q
+        n_tokens = len(llama.encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
+        try:
+            with torch.inference_mode(), amp:
+                answer = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,
+                                        temperature=args.temperature, top_p=args.top_p)[0]
+        except hires.PromptTooLong as e:
+            raise EvalError(str(e)) from None
+        print(f"[{n_tokens} prompt tokens] {answer}")
+        answers.append(answer)
+    return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
+
+def input_line():
+    """A question typed at the prompt; None at the end of input or on an empty line."""
+    try:
+        return input("USER: ").strip() or None
+    except EOFError:
+        return None
 
 def run(args):
     bench = BENCHES[args.bench]
@@ -672,6 +718,8 @@ def run(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.image:
+            return ask(args)
         metrics = run(args)
     except EvalError as e:
         raise SystemExit(f"eval.py: error: {e}") from None

@@ -546,3 +546,28 @@ def test_checkpoint_pointed_at_moved_backbones(tmp_path, tiny_ckpt):
     with open(tmp_path / "o2" / "predictions.json") as a, open(tmp_path / "o3" / "predictions.json") as b:
         assert json.load(a) == json.load(b)
     assert metrics["anls"] == reference["anls"]
+
+
+def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    import hires
+    import torch
+    png(str(tmp_path / "photo.png"), (20, 90, 200), (100, 70))
+    ask = ["--ckpt", tiny_ckpt, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "6"]
+    out = ev.main(ask + ["--ask", "What does the sign say?"])
+    model = hires.load_checkpoint(tiny_ckpt)
+    pre = model.preprocess(hires.load_image(tmp_path / "photo.png"))
+    assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.cfg.image_tokens(pre[2])
+    assert out["answers"] == model.generate([pre], ["What does the sign say?"], max_new_tokens=6)  # greedy
+    printed = capsys.readouterr().out
+    assert "overview + 2x2 slices" in printed and f"{out['image_tokens']} image tokens" in printed
+    assert f"] {out['answers'][0]}" in printed
+    sampled = [ev.main(ask + ["--ask", "Hi?", "--temperature", "1.0", "--seed", str(s)])["answers"][0]
+               for s in (1, 1, 2, 3, 4)]
+    torch.manual_seed(1)
+    assert sampled[0] == sampled[1] == model.generate([pre], ["Hi?"], max_new_tokens=6, temperature=1.0)[0]
+    assert len(set(sampled)) > 1  # sampled, not greedy
+    lines = iter(["What colour?", "And the shape?", ""])  # interactive: one question per line, empty line ends
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    assert len(ev.main(ask)["answers"]) == 2
+    with pytest.raises(SystemExit, match="image file not found"):
+        ev.main(["--ckpt", tiny_ckpt, "--image", str(tmp_path / "nope.png"), "--ask", "Hi?"])
