@@ -9,7 +9,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from clip import CLIP_MEAN, CLIP_STD, CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, \
     save_vision_tower
 from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenizer, apply_lora, atomic_write,
-                   encode_prompt, train_tokenizer)
+                   encode_prompt, merge_lora, train_tokenizer)
 
 OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
 # separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD; HIRES_LLAVA.md 2.6)
@@ -496,16 +496,19 @@ def pad_batch(seqs, T, left=False):
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints and the tiny preset
 
-def save_checkpoint(model, path):
-    """Directory with config.json (HiResConfig) and model.safetensors (trainable tensors only), each atomic."""
+def save_checkpoint(model, path, cfg=None):
+    """Directory with config.json (HiResConfig, default model.cfg) and model.safetensors (the trainable tensors
+    cfg has: no LoRA ones when its lora_rank is 0), each atomic."""
     from safetensors.torch import save_file
+    cfg = cfg or model.cfg
     os.makedirs(path, exist_ok=True)
-    sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()
+          if cfg.lora_rank or "lora_" not in k}
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
 
     def write_json(p):
         with open(p, "w") as f:
-            json.dump(asdict(model.cfg), f, indent=2)
+            json.dump(asdict(cfg), f, indent=2)
     atomic_write(os.path.join(path, "config.json"), write_json)
 
 
@@ -532,6 +535,29 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, adapter_dtype=None,
     except ValueError as e:
         raise ValueError(f"{files[1]}: {e}") from None
     return model
+
+
+def merge_checkpoint(ckpt, out):
+    """Deployment form of a stage-2 checkpoint, as LLaVA's merge_lora_weights.py: the LoRA folded into the LLM,
+    written as a standard HF LLaMA directory OUT/llm (config.json, model.safetensors in the LLM's own dtype,
+    tokenizer.model), beside OUT/config.json (lora_rank 0) and OUT/model.safetensors (SRA, sampler, projector): a
+    checkpoint eval.py loads as it is."""
+    import shutil
+    with open(os.path.join(ckpt, "config.json")) as f:
+        llm_path = json.load(f)["llm_path"]
+    with open(os.path.join(llm_path, "config.json")) as f:
+        dtype = getattr(torch, json.load(f).get("torch_dtype") or "float32")  # Vicuna-7B-v1.5: float16
+    model = load_checkpoint(ckpt, dtype=dtype, adapter_dtype=torch.float32)
+    merge_lora(model.llm)  # W + (alpha / r) B A, computed in fp32
+    llm_dir = os.path.abspath(os.path.join(out, "llm"))
+    model.llm.save_pretrained(llm_dir)
+    shutil.copyfile(model.cfg.tokenizer_path, os.path.join(llm_dir, "tokenizer.model"))
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(llm_path, name)):  # HF's own tokenizer files, when the LLM has them
+            shutil.copyfile(os.path.join(llm_path, name), os.path.join(llm_dir, name))
+    cfg = replace(model.cfg, llm_path=llm_dir, tokenizer_path=os.path.join(llm_dir, "tokenizer.model"), lora_rank=0)
+    save_checkpoint(model, out, cfg)
+    return cfg
 
 
 def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
@@ -579,8 +605,12 @@ def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=3
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid.")
-    ap.add_argument("--show", metavar="IMAGE", required=True, help="image file to slice")
+    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid; or merge "
+                                 "a stage-2 checkpoint's LoRA into its LLM for deployment (--merge CKPT --out DIR).")
+    ap.add_argument("--show", metavar="IMAGE", help="image file to slice")
+    ap.add_argument("--merge", metavar="CKPT", help="stage-2 checkpoint to merge: writes OUT/llm (HF LLaMA "
+                    "directory) and OUT/config.json + OUT/model.safetensors (the adapters), which eval.py loads")
+    ap.add_argument("--out", help="output directory of --merge")
     ap.add_argument("--png", default="slicing.png", help="output PNG path (default: slicing.png)")
     ap.add_argument("--base", type=int, default=336, help="slice / overview resolution S (default 336)")
     ap.add_argument("--max-slices", type=int, default=16, help="maximum number of slices N (default 16)")
@@ -588,6 +618,12 @@ def main(argv=None):
     ap.add_argument("--kernel", type=int, default=2, help="sampler kernel k, for the token count (default 2)")
     ap.add_argument("--patch", type=int, default=14, help="ViT patch size, for the token count (default 14)")
     args = ap.parse_args(argv)
+    if bool(args.show) == bool(args.merge) or bool(args.merge) != bool(args.out):
+        ap.error("give --show IMAGE, or --merge CKPT with --out DIR")
+    if args.merge:
+        cfg = merge_checkpoint(args.merge, args.out)
+        print(f"wrote {cfg.llm_path} (HF LLaMA, LoRA merged) and {args.out}/model.safetensors (adapters)")
+        return
     try:
         img = load_image(args.show)
     except ImageError as e:

@@ -181,6 +181,15 @@ def make_optimizer(model, lr, lora_lr):
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=ADAM_BETAS, weight_decay=0.0)
 
 
+def trainable_counts(model):
+    """{group: trainable parameter count}: sra, sampler, projector, lora (LLaVA users ask for it)."""
+    counts = dict.fromkeys(("sra", "sampler", "projector", "lora"), 0)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            counts["lora" if "lora_" in n else n.split(".")[0]] += p.numel()
+    return {g: c for g, c in counts.items() if c}
+
+
 def write_atomic(path, text):
     llama.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
@@ -277,6 +286,8 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     if master:
         print(f"stage {stage}: {len(data)} samples, {total} steps of {global_batch} (micro {args.micro_batch} x "
               f"{accum} accum x {world} proc), trainable {n_train:,} / {n_total:,} params")
+        groups = ", ".join(f"{g} {n:,}" for g, n in trainable_counts(model).items())
+        print(f"stage {stage}: trainable by group: {groups}")
     net = model
     if world > 1:  # only the trainable tensors take part in DDP: frozen weights are neither broadcast nor reduced
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]

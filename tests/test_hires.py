@@ -245,3 +245,32 @@ def test_show_draws_the_slicing_png(tmp_path, capsys):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(SystemExit, match="empty.png"):
         hires.main(["--show", str(tmp_path / "empty.png")])
+
+
+def test_merged_checkpoint_is_an_hf_llama_and_answers_the_same(tiny, tmp_path, capsys):
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import eval as ev
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    model = hires.HiResLLaVA(tiny[0])
+    with torch.no_grad():  # a trained-looking LoRA and SRA, so merging has something to fold in
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.startswith("sra."):
+                p.normal_(0, 0.05)
+    hires.save_checkpoint(model, tmp_path / "ckpt")
+    hires.main(["--merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")])
+    assert "LoRA merged" in capsys.readouterr().out
+    llm = tmp_path / "merged" / "llm"
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(llm))
+    merged = ev.load_model(str(tmp_path / "merged"))  # eval.py runs from it as from any checkpoint
+    assert merged.cfg.lora_rank == 0 and not any("lora_" in n for n, _ in merged.named_parameters())
+    tokens = torch.randint(3, 300, (2, 12))
+    hf = LlamaForCausalLM.from_pretrained(llm).eval()
+    with torch.no_grad():  # fp32, same ops up to order: float rounding only
+        torch.testing.assert_close(hf(tokens).logits, model.llm(tokens), atol=1e-4, rtol=1e-4)
+    images = [Image.new("RGB", s, c) for s, c in (((100, 40), "red"), ((30, 90), "blue"), ((64, 64), "green"))]
+    prompts = ["what is this?", "which colour is the shape on the left?", "count"]
+    model.eval()
+    assert merged.generate(images, prompts, max_new_tokens=8) == model.generate(images, prompts, max_new_tokens=8)

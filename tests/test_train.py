@@ -277,7 +277,7 @@ def test_micro_batch_without_labels_gives_zero_loss_and_no_gradient():
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir):
+def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir, capsys):
     s1, s2 = tmp_path / "s1" / "stage1", tmp_path / "s2" / "stage2"
     train.main(tiny_args(tmp_path / "s1", data_dir, "--stage", "1", "--steps1", "1"))
     stored = json.loads((s1 / "config.json").read_text())
@@ -286,6 +286,14 @@ def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir):
              "--lora-dropout", "0.1"]
     train.main(tiny_args(tmp_path / "s2", data_dir, "--stage", "2", "--init", str(s1), "--steps2", "2", *flags))
     cfg = json.loads((s2 / "config.json").read_text())
+    model = hires.load_checkpoint(str(s2))
+    model.set_stage(2)
+    groups = {g: sum(p.numel() for n, p in model.named_parameters() if (n.startswith(g + ".") and "lora_" not in n)
+                     or (g == "lora" and "lora_" in n)) for g in ("sra", "sampler", "projector", "lora")}
+    assert train.trainable_counts(model) == groups and groups["lora"] == 2 * 4 * (128 + 96 + 96 + 128 + 3 * (64 + 172))
+    # rank 4 x (in + out) of q, k, v (GQA: 32 out), o, gate, up, down; 2 layers
+    assert "stage 2: trainable by group: " + ", ".join(f"{g} {n:,}" for g, n in groups.items()) in \
+        capsys.readouterr().out
     assert (cfg["max_slices"], cfg["upscale"], cfg["max_length"], cfg["lora_rank"], cfg["lora_alpha"],
             cfg["lora_dropout"]) == (2, True, 400, 4, 8.0, 0.1)
     sd = load_file(s2 / "model.safetensors")
