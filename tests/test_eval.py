@@ -408,7 +408,7 @@ def test_default_generation_length_is_the_benchmarks(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: Fixed())
     make_chartqa(str(tmp_path / "d"))
     ev.main(["--bench", "chartqa", "--data", str(tmp_path / "d"), "--ckpt", "unused", "--out", str(tmp_path / "o")])
-    assert calls == [16] * 3  # 3 questions at the default batch size 1; lmms-eval's ChartQA length (Bench.max_new_tokens), no --max-new-tokens given
+    assert calls == [16] * 3  # batch size 1 (default); lmms-eval's ChartQA length, no --max-new-tokens given
 
 
 def test_prompt_longer_than_context_gives_empty_prediction(tmp_path, tiny_ckpt, capsys):
