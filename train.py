@@ -578,10 +578,10 @@ def setup(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
+        if device.type == "cuda":  # before the process group: NCCL then binds each rank to its own GPU, not GPU 0
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     if device.type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))

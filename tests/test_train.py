@@ -312,3 +312,32 @@ def test_backbone_paths_are_stored_absolute(tmp_path, monkeypatch):
     cfg = train.model_config(args)
     assert (cfg.clip_weights, cfg.llm_path, cfg.tokenizer_path) == (
         str(tmp_path / "clip.pt"), str(tmp_path / "vicuna"), str(tmp_path / "vicuna" / "tokenizer.model"))
+
+
+def test_stage2_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
+    """Stage 2 (LoRA + SRA + sampler + projector) under DDP on 2 CPU processes matches 1 process."""
+    train.main(tiny_args(tmp_path / "s1", data_dir, "--stage", "1", "--steps1", "2"))
+    common = ["--stage", "2", "--init", str(tmp_path / "s1" / "stage1"), "--steps2", "3", "--threads", "1"]
+    train.main(tiny_args(tmp_path / "one", data_dir, *common))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(ROOT, "train.py"), *tiny_args(tmp_path / "two", data_dir, *common)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    for key in ("loss", "grad_norm"):  # same micro-batches, gradients averaged in another order: float rounding
+        assert history(tmp_path / "two", 2, key) == pytest.approx(history(tmp_path / "one", 2, key), rel=1e-4)
+    one, two = (load_file(tmp_path / d / "stage2" / "model.safetensors") for d in ("one", "two"))
+    assert any("lora_" in k for k in one) and any(k.startswith("sra.") for k in one)
+    for k in one:  # the trained LoRA and SRA agree too
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_device_is_set_before_the_process_group(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    args = train.parse_args(tiny_args(tmp_path, "unused", "--device", "cuda", "--dtype", "fp32"))
+    ctx = train.setup(args)
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx["device"] == torch.device("cuda", 1)
