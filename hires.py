@@ -325,16 +325,17 @@ def separator_ids(tokenizer, text):
 class HiResLLaVA(nn.Module):
     """Frozen CLIP ViT (+ SRA) -> sampler -> projector -> spliced into the frozen LLM (+ LoRA)."""
 
-    def __init__(self, cfg, dtype=torch.float32, device="cpu", adapter_dtype=None):
+    def __init__(self, cfg, dtype=torch.float32, device="cpu", adapter_dtype=None, vision=None, llm=None):
         """dtype: the frozen ViT and LLM weights; adapter_dtype (default dtype): the tensors training updates
-        (SRA, sampler, projector, LoRA), e.g. fp32 beside bf16 backbones. The LLM is read straight onto device."""
+        (SRA, sampler, projector, LoRA), e.g. fp32 beside bf16 backbones. The LLM is read straight onto device.
+        vision, llm: backbones already built (bench.py: random weights at the paper's shapes) instead of read."""
         super().__init__()
         self.cfg = cfg
         clip_cfg = CLIPConfig.from_preset(cfg.clip_preset)
-        if not cfg.llm_path:
+        if not cfg.llm_path and llm is None:
             raise ValueError("HiResConfig.llm_path is required (an HF LLaMA directory)")
-        self.vision = VisionTower(clip_cfg, cfg.clip_weights or None)
-        self.llm = Llama.from_pretrained(cfg.llm_path, dtype=dtype, device=device)
+        self.vision = vision or VisionTower(clip_cfg, cfg.clip_weights or None)
+        self.llm = llm or Llama.from_pretrained(cfg.llm_path, dtype=dtype, device=device)
         self.tokenizer = Tokenizer(cfg.tokenizer_path)
         self.context = cfg.max_length or self.llm.cfg.max_seq_len  # tokens of one sequence, images included
         if self.context > self.llm.cfg.max_seq_len:
