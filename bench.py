@@ -281,7 +281,7 @@ def random_model(args, dtype, device):
                             upscale=preset["upscale"], lora_rank=preset["lora_rank"],
                             lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
     model = hires.HiResLLaVA(cfg, dtype=dtype, device=device, adapter_dtype=torch.float32, vision=vision, llm=llm)
-    model.llm.gradient_checkpointing = preset["grad_ckpt"]
+    model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = preset["grad_ckpt"]
     return model, preset
 
 

@@ -146,9 +146,16 @@ def slice_grid(width, height, base=336, max_slices=16, upscale=True):
 
 
 def to_tensor(img):
-    """RGB PIL image -> CLIP-normalised (3, H, W) float32."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    """RGB PIL image -> (3, H, W) uint8: 4x smaller than floats through DataLoader workers; normalize() on the
+    device."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+
+
+def normalize(pixels):
+    """uint8 pixels (..., 3, S, S) -> CLIP-normalised float32 on their device."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def make_overview(img, base):
@@ -163,8 +170,8 @@ def make_overview(img, base):
 
 
 def preprocess_image(img, base=336, max_slices=16, upscale=True, slices=True):
-    """PIL image (any mode) -> (overview (3,S,S), slices (m*n,3,S,S) row-major, (m, n)); with slices=False the
-    slices tensor is empty and the grid (0, 0)."""
+    """PIL image (any mode) -> (overview (3,S,S), slices (m*n,3,S,S) row-major, (m, n)), uint8 pixels; with
+    slices=False the slices tensor is empty and the grid (0, 0)."""
     img = to_rgb(img)
     overview = to_tensor(make_overview(img, base))                          # (3, S, S)
     if not slices:
@@ -406,7 +413,7 @@ class HiResLLaVA(nn.Module):
                 groups.append(tuple(grid))
                 is_overview += [False] * len(slices)
         adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
-        feats = self.vision(torch.cat(pixels).to(device), groups, adapters)      # (N, L, D)
+        feats = self.vision(normalize(torch.cat(pixels).to(device)), groups, adapters)  # (N, L, D)
         if cfg.sample_overview:
             tokens = list(self.projector(self.sampler(feats)))                   # N x (L/k^2, C)
         else:

@@ -39,7 +39,7 @@ PRESETS = {  # every value is a command-line default; see --help
                  lr1=1e-3, lr2=1e-3, lora_lr=1e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=2,
                  train_size=1536, test_size=540, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=0,
-                  lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=16, epochs1=1, epochs2=1,
+                  lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4),
 }
 # flag -> HiResConfig field: what a stage-2 start from --init takes from the command line over the stored config
@@ -542,7 +542,8 @@ def parse_args(argv):
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this value")
     a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype on CUDA (auto: bf16 if "
       "supported else fp16); CPU always fp32")
-    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing in the LLM (7B)")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing in the LLM and in the "
+      "ViT blocks that carry SRA (paper preset: on)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
     a("--num-workers", type=int, help="DataLoader worker processes per rank")
@@ -621,7 +622,7 @@ def run(args, ctx):
             print(f"stage 2 from {args.init}; flags over its config: {over or 'none'}")
     else:
         model = hires.HiResLLaVA(model_config(args), **where)
-    model.llm.gradient_checkpointing = args.grad_ckpt
+    model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_ckpt
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
     for stage in ([1, 2] if args.stage == "all" else [int(args.stage)]):
         template = "plain" if stage == 1 else "vicuna_v1"

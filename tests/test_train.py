@@ -341,3 +341,31 @@ def test_cuda_device_is_set_before_the_process_group(tmp_path, monkeypatch):
     args = train.parse_args(tiny_args(tmp_path, "unused", "--device", "cuda", "--dtype", "fp32"))
     ctx = train.setup(args)
     assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx["device"] == torch.device("cuda", 1)
+
+
+def test_readme_memory_arithmetic_uses_the_models_counts():
+    """The paper-preset memory table quotes parameter and token counts: they are the code's (meta device, no RAM)."""
+    import dataclasses
+    import clip
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    args = train.parse_args(["--clip", __file__, "--llm", ROOT, "--data1", "a", "--data2", "b"])
+    cfg = train.model_config(args)
+    with torch.device("meta"):
+        llm = llama.Llama(llama.LlamaConfig.from_preset("vicuna-7b"))
+        n_llm = sum(p.numel() for p in llm.parameters())
+        llama.apply_lora(llm, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        n_lora = sum(p.numel() for n, p in llm.named_parameters() if "lora_" in n)
+        ccfg = clip.CLIPConfig.from_preset(cfg.clip_preset)
+        layers = (torch.nn.Linear(D, C), torch.nn.Linear(C, C))  # LLaVA's mlp2x_gelu
+        n_proj = sum(q.numel() for layer in layers for q in layer.parameters())
+        D, C = ccfg.width, llm.cfg.dim
+        n_sra = sum(p.numel() for p in hires.SliceRestoreAdapter(D, ccfg.heads, ccfg.grid).parameters())
+        n_sms = sum(p.numel() for p in hires.SelfMiningSampler(D, ccfg.heads, ccfg.grid, cfg.kernel).parameters())
+        n_proj = sum(q.numel() for layer in (torch.nn.Linear(D, C), torch.nn.Linear(C, C)) for q in layer.parameters())
+    total = n_lora + len(cfg.sra_layers) * n_sra + n_sms + n_proj
+    for n in (n_llm, n_vit, n_lora, n_sra, n_sms, n_proj, total):
+        assert f"{n:,}" in readme, n
+    assert f"SRA {len(cfg.sra_layers)} x" in readme and f"blocks {cfg.sra_layers[0]}-{ccfg.layers - 2}" in readme
+    assert cfg.image_tokens((4, 4)) == 2465 and "(2465 tokens)" in readme
+    assert args.micro_batch == 8 and args.grad_ckpt and f"micro-batch {args.micro_batch} (accumulation " \
+        f"{args.batch2} / ({args.micro_batch} x 8 GPUs) = {args.batch2 // (args.micro_batch * 8)}" in readme
