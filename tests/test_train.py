@@ -356,12 +356,13 @@ def test_readme_memory_arithmetic_uses_the_models_counts():
         llama.apply_lora(llm, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         n_lora = sum(p.numel() for n, p in llm.named_parameters() if "lora_" in n)
         ccfg = clip.CLIPConfig.from_preset(cfg.clip_preset)
-        layers = (torch.nn.Linear(D, C), torch.nn.Linear(C, C))  # LLaVA's mlp2x_gelu
-        n_proj = sum(q.numel() for layer in layers for q in layer.parameters())
+        vit = clip.build_vision_tower(dataclasses.replace(ccfg, pretrained=False))
+        n_vit = sum(p.numel() for p in vit.parameters())
         D, C = ccfg.width, llm.cfg.dim
         n_sra = sum(p.numel() for p in hires.SliceRestoreAdapter(D, ccfg.heads, ccfg.grid).parameters())
         n_sms = sum(p.numel() for p in hires.SelfMiningSampler(D, ccfg.heads, ccfg.grid, cfg.kernel).parameters())
-        n_proj = sum(q.numel() for layer in (torch.nn.Linear(D, C), torch.nn.Linear(C, C)) for q in layer.parameters())
+        layers = (torch.nn.Linear(D, C), torch.nn.Linear(C, C))  # LLaVA's mlp2x_gelu
+        n_proj = sum(q.numel() for layer in layers for q in layer.parameters())
     total = n_lora + len(cfg.sra_layers) * n_sra + n_sms + n_proj
     for n in (n_llm, n_vit, n_lora, n_sra, n_sms, n_proj, total):
         assert f"{n:,}" in readme, n
