@@ -13,9 +13,11 @@ Notation: B images, L = h*w patch tokens (CLS excluded), D ViT width, m rows and
 """
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock, VisionTransformer
 
 from llama import atomic_write
@@ -141,6 +143,7 @@ class VisionTower(nn.Module):
         # the hook below re-uses the block's own submodules; it relies on open_clip's default block layout
         assert self.vit.transformer.batch_first and all(type(b) is ResidualAttentionBlock for b in blocks)
         self.feature_layer = cfg.layers - 2  # LLaVA: output of the penultimate block
+        self.gradient_checkpointing = False  # recompute the blocks autograd runs through (SRA) in backward
 
     def train(self, mode=True):
         super().train(mode)
@@ -180,9 +183,12 @@ class VisionTower(nn.Module):
         return x
 
     def _blocks(self, x, start, stop, groups, sizes, adapters):
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i in range(start, stop):
             blk = self.vit.transformer.resblocks[i]
-            x = blk(x) if i not in adapters else adapted_block(blk, x, adapters[i], groups, sizes)
+            run = blk if i not in adapters else partial(adapted_block, blk, adapter=adapters[i], groups=groups,
+                                                         sizes=sizes)
+            x = checkpoint(run, x, use_reentrant=False) if ckpt else run(x)  # ckpt: keeps only x, (N, 1+L, D)
         return x
 
 

@@ -15,8 +15,10 @@ import json
 import os
 import re
 import string
+import subprocess
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 
 class EvalError(Exception):
@@ -223,14 +225,17 @@ class Bench:
     answer_key: str       # record field the submission holds the model's text in
     split: str
     max_new_tokens: int   # LLaVA-1.5's (or lmms-eval's) generation length for the benchmark
+    slicing: dict = None  # checkpoint config fields the benchmark fixes (EntityGrid-QA: its 2 x 2 grid)
 
     def qid(self, record):
         return "/".join(str(record[k]) for k in self.id_keys)
 
-def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128):
+def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128,
+             slicing=None):
     """Decorator: adds a loader (data_dir, split) -> list[Sample] to BENCHES under `name`."""
     def add(load):
-        BENCHES[name] = Bench(name, load, score, files, source, id_keys, answer_key, split, max_new_tokens)
+        BENCHES[name] = Bench(name, load, score, files, source, id_keys, answer_key, split, max_new_tokens,
+                              slicing)
         return load
     return add
 
@@ -444,8 +449,11 @@ def score_entitygrid(samples, answers):
     import entitygrid
     return entitygrid.score([s.gt for s in samples], {s.gt["id"]: a for s, a in zip(samples, answers)})
 
+# the 2S x 2S canvas is built for exactly 2 x 2 slices (entitygrid.py): with upscale (the paper preset) it would be
+# 4 x 4, and the slice borders would cut the edge cells too, so every checkpoint is evaluated without upscaling
 @register("entitygrid", score_entitygrid, "DIR/questions.jsonl and its images (written by `python entitygrid.py`)",
-          "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16)
+          "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16,
+          slicing=dict(upscale=False, max_slices=4))
 def load_entitygrid(data, split):
     """EntityGrid-QA (docs/method.md#entitygrid-qa) through entitygrid.py's own reader, prompt and score."""
     import entitygrid
@@ -479,15 +487,30 @@ def read_partial(path):
             f.truncate(good)
     return records
 
-def load_model(ckpt, device="cpu"):
-    """hires.load_checkpoint in eval mode, with one-line errors for a missing or non-fitting checkpoint."""
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+def resolve_dtype(name, device):
+    """--dtype auto: bf16 on CUDA, fp32 elsewhere."""
+    return name if name != "auto" else "bf16" if device.startswith("cuda") else "fp32"
+
+def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
+    """hires.load_checkpoint in eval mode, backbones in dtype and the trained adapters in fp32 as training keeps
+    them (overrides: config fields), with one-line errors for a missing or non-fitting checkpoint."""
     import hires
     import torch
     if not os.path.isdir(ckpt):
         raise EvalError(f"{ckpt}: checkpoint folder not found (train.py writes one)")
     try:
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        return hires.load_checkpoint(ckpt, device=device, dtype=dtype).eval()
+        with open(os.path.join(ckpt, "config.json")) as f:
+            cfg = {**json.load(f), **overrides}
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{ckpt}: checkpoint does not fit the model: {e}") from None
+    for key, flag in (("clip_weights", "--clip"), ("llm_path", "--llm"), ("tokenizer_path", "--tokenizer")):
+        if cfg.get(key) and not os.path.exists(cfg[key]):
+            raise EvalError(f"{cfg[key]}: the {key} of {ckpt} is not there; moved? point to it with {flag}")
+    try:
+        return hires.load_checkpoint(ckpt, device=device, dtype=getattr(torch, DTYPES[dtype]),
+                                     adapter_dtype=torch.float32, **overrides).eval()
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
 
@@ -501,8 +524,25 @@ def open_image(sample, tmp):
         f.write(sample.image)
     return hires.load_image(path)
 
+def preprocess(model, bench, sample, img):
+    """The image through the model's slicing -> preprocess tuple; a benchmark with fixed slicing gets exactly it."""
+    pre = model.preprocess(img)
+    if bench.name == "entitygrid" and tuple(pre[2]) != (2, 2):
+        raise EvalError(f"{sample.image}: {img.width}x{img.height} slices {pre[2][0]}x{pre[2][1]}, not 2x2, at this "
+                        f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
+    return pre
+
+def backbones(args):
+    """--clip/--llm/--tokenizer as absolute config overrides (backbones moved since training)."""
+    out = {k: os.path.abspath(v) for k, v in (("clip_weights", args.clip), ("llm_path", args.llm),
+                                               ("tokenizer_path", args.tokenizer)) if v}
+    if args.llm and not args.tokenizer and os.path.isfile(os.path.join(args.llm, "tokenizer.model")):
+        out["tokenizer_path"] = os.path.abspath(os.path.join(args.llm, "tokenizer.model"))
+    return out
+
 def generate_all(bench, samples, args, partial):
-    """Answers parallel to samples and the counts of bad images and over-long prompts; --resume continues."""
+    """Answers parallel to samples, the counts of bad images and over-long prompts, and the slice grids used;
+    --resume continues."""
     import hires
     import torch
     from tqdm import tqdm
@@ -513,40 +553,73 @@ def generate_all(bench, samples, args, partial):
     if os.path.exists(partial) and not args.resume:
         raise EvalError(f"{partial} exists from an earlier run: pass --resume to continue it, or delete it")
     done = read_partial(partial) if os.path.exists(partial) else {}
+    torch.manual_seed(args.seed)
     todo = [s for s in samples if s.qid not in done]
     if todo:
-        model = load_model(args.ckpt, args.device)
+        dtype = resolve_dtype(args.dtype, args.device)
+        model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}), **backbones(args))
+        # under autocast as in training: bf16 matmuls, fp32 adapters, fp32 norms and softmax
+        amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
                 batch, ask = todo[i:i + args.batch_size], []
                 for s in batch:
                     try:
-                        ask.append((s, open_image(s, tmp)))
+                        img = open_image(s, tmp)
+                        ask.append((s, img if img is None else preprocess(model, bench, s, img)))
                     except hires.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
-                with torch.inference_mode():  # a prompt beyond the context gets its PromptTooLong as answer
+                with torch.inference_mode(), amp:  # a prompt beyond the context gets its PromptTooLong as answer
                     texts = answer(model, ask, args, bench) if ask else []
-                for (s, _), t in zip(ask, texts):  # hires.generate returns the answers stripped
+                for (s, pre), t in zip(ask, texts):  # hires.generate returns the answers stripped
                     done[s.qid] = failed(s, t, "too_long") if isinstance(t, hires.PromptTooLong) else \
-                        {"qid": s.qid, "text": t}
+                        {"qid": s.qid, "text": t, **({"grid": list(pre[2])} if pre is not None else {})}
                 f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
                 f.flush()
                 os.fsync(f.fileno())  # an answer on disk is never generated again
                 bar.update(len(batch))
     kinds = [done[s.qid].get("kind") for s in samples]
-    return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}
+    grids = sorted("x".join(map(str, done[s.qid]["grid"])) for s in samples if "grid" in done[s.qid])
+    return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
+        {g: grids.count(g) for g in dict.fromkeys(grids)}
 
-def answer(model, ask, args, bench):
+def git_commit():
+    """HEAD of the repository eval.py lives in (+ "-dirty" with uncommitted changes), None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+def provenance(args, bench, samples, grids):
+    """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
+    path, cfg = os.path.join(args.ckpt, "config.json"), {}
+    if os.path.isfile(path):  # a --resume with every answer already written may run without the checkpoint
+        with open(path) as f:
+            cfg = json.load(f)
+    cfg.update(bench.slicing or {}, **backbones(args))
+    return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
+            "llm_path", "tokenizer_path")}, "prompt_template": "vicuna_v1", "example_prompt": samples[0].prompt,
+            "max_new_tokens": args.max_new_tokens or bench.max_new_tokens, "temperature": 0.0,
+            "batch_size": args.batch_size, "dtype": resolve_dtype(args.dtype, args.device), "device": args.device,
+            "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
+                                           "grids": grids}, "git_commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+def answer(model, batch, args, bench):
     """Greedy answers to [(sample, image)]; with --mc rank, multiple-choice samples get the letter of the option
     the model finds most likely (the option texts after the letter-free prompt; the scorer parses that letter)."""
     import hires
-    rank = [s.options is not None and args.mc == "rank" for s, _ in ask]
-    texts = iter(model.generate([img for (_, img), r in zip(ask, rank) if not r],
-                                [s.text() for (s, _), r in zip(ask, rank) if not r], temperature=0.0,
+    rank = [s.options is not None and args.mc == "rank" for s, _ in batch]
+    texts = iter(model.generate([img for (_, img), r in zip(batch, rank) if not r],
+                                [s.text() for (s, _), r in zip(batch, rank) if not r], temperature=0.0,
                                 max_new_tokens=args.max_new_tokens or bench.max_new_tokens, too_long="return")
                  if not all(rank) else [])
-    ranked = [(s, img) for (s, img), r in zip(ask, rank) if r]
+    ranked = [(s, img) for (s, img), r in zip(batch, rank) if r]
     scores = iter(model.option_logprobs([img for _, img in ranked], [s.text("rank") for s, _ in ranked],
                                         [s.options for s, _ in ranked], too_long="return") if ranked else [])
     out = []
@@ -579,19 +652,31 @@ def read_predictions(path, bench, samples):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
-                    "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json.",
+                    "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json. "
+                    "With --image: ask the checkpoint about one image (--ask, or questions read from stdin).",
         epilog="benchmarks: default --split, default --max-new-tokens, expected files in --data DIR:\n" +
                "\n".join(f"  {n:15s} {b.split:5s} {b.max_new_tokens:5d}  {b.files}" for n, b in BENCHES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--bench", required=True, choices=list(BENCHES), help="benchmark to run")
-    a("--data", required=True, help="folder holding the benchmark's released files (see below)")
+    a("--bench", choices=list(BENCHES), help="benchmark to run")
+    a("--data", help="folder holding the benchmark's released files (see below)")
+    a("--image", help="ask about this image instead of running a benchmark")
+    a("--ask", help="with --image: the question (without it, one question per line from stdin)")
+    a("--temperature", type=float, default=0.0, help="with --image: 0 is greedy, else sampled with --top-p")
+    a("--top-p", type=float, default=1.0, help="with --image: nucleus sampling mass")
     a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
     a("--out", help="output folder (default: runs/eval/<bench>)")
+    a("--clip", help="CLIP weights file, if moved since training (default: the checkpoint's)")
+    a("--llm", help="LLM directory, if moved since training (default: the checkpoint's)")
+    a("--tokenizer", help="sentencepiece model (default: LLM/tokenizer.model with --llm, else the checkpoint's)")
     a("--split", help="split to read (default: the benchmark's, listed below)")
-    a("--device", default="cpu", help="torch device, e.g. cuda (bfloat16 there, float32 on cpu)")
-    a("--batch-size", type=int, default=8, help="questions generated together (default 8)")
+    a("--device", default="cpu", help="torch device, e.g. cuda")
+    a("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="backbone weights and autocast (adapters "
+      "stay fp32, as in training); auto: bf16 on cuda, fp32 on cpu")
+    a("--batch-size", type=int, default=1, help="questions generated together (default 1, as LLaVA's model_vqa; "
+      "greedy answers are the same at any batch size in fp32, not always in bf16: see the README)")
     a("--limit", type=int, help="evaluate only the first N questions (quick checks)")
+    a("--seed", type=int, default=0, help="torch seed set before generation (recorded in metrics.json)")
     a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
       "(without it, an existing partial file is an error)")
     a("--max-new-tokens", type=int, help="generation length cap (default: LLaVA-1.5's for the benchmark, below)")
@@ -604,7 +689,48 @@ def parse_args(argv=None):
         p.error("--batch-size and --limit must be >= 1")
     if not args.ckpt and not args.predictions:
         p.error("--ckpt is required unless --predictions is given")
+    if not args.image and not (args.bench and args.data):
+        p.error("--bench and --data are required (or --image FILE to ask about one image)")
+    if args.image and not args.ckpt:
+        p.error("--image needs --ckpt")
     return args
+
+def ask(args):
+    """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
+    import hires
+    import llama
+    import torch
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
+    try:
+        pre = model.preprocess(hires.load_image(args.image))
+    except hires.ImageError as e:
+        raise EvalError(str(e)) from None
+    image_tokens, (m, n) = model.cfg.image_tokens(pre[2]), pre[2]
+    print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
+    questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
+    amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    torch.manual_seed(args.seed)
+    answers = []
+    for q in questions:
+        prompt = q if "<image>" in q else "<image>\n" + q
+        n_tokens = len(llama.encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
+        try:
+            with torch.inference_mode(), amp:
+                answer = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,
+                                        temperature=args.temperature, top_p=args.top_p)[0]
+        except hires.PromptTooLong as e:
+            raise EvalError(str(e)) from None
+        print(f"[{n_tokens} prompt tokens] {answer}")
+        answers.append(answer)
+    return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
+
+def input_line():
+    """A question typed at the prompt; None at the end of input or on an empty line."""
+    try:
+        return input("USER: ").strip() or None
+    except EOFError:
+        return None
 
 def run(args):
     bench = BENCHES[args.bench]
@@ -620,8 +746,10 @@ def run(args):
     os.makedirs(out, exist_ok=True)
     if args.predictions:
         answers, errors = read_predictions(args.predictions, bench, samples), {"bad_images": 0, "too_long": 0}
+        run_info = {}
     else:
-        answers, errors = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
+        answers, errors, grids = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
+        run_info = {"provenance": provenance(args, bench, samples, grids)}
         submission = [{**s.record, bench.answer_key: a} for s, a in zip(samples, answers)]
         write_json(os.path.join(out, "predictions.json"), submission)
         if args.bench == "llava-w":  # LLaVA's judge reads JSON lines
@@ -629,13 +757,16 @@ def run(args):
                 f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in submission)
     scores = ({"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
               if any(s.gt is None for s in samples) else bench.score(samples, answers))
-    metrics = {"bench": args.bench, "split": split, "n": len(samples), "mc": args.mc, **scores, **errors}
+    metrics = {"bench": args.bench, "split": split, "n": len(samples), "mc": args.mc, **scores, **errors,
+               **run_info}
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.image:
+            return ask(args)
         metrics = run(args)
     except EvalError as e:
         raise SystemExit(f"eval.py: error: {e}") from None

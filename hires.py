@@ -10,7 +10,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from clip import CLIP_MEAN, CLIP_STD, CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, \
     save_vision_tower
 from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenizer, apply_lora, atomic_write,
-                   encode_conversation, encode_prompt, train_tokenizer)
+                   encode_conversation, encode_prompt, merge_lora, train_tokenizer)
 
 OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
 # separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;
@@ -50,7 +50,7 @@ class HiResConfig:
     kernel: int = 2                 # k: (h/k)*(w/k) tokens per image
     sms_window: bool = False        # restrict each SMS query to its own k x k window (design choice, off)
     sample_overview: bool = True    # the overview also goes through the sampler (design choice)
-    max_length: int = 4096          # LLM context the spliced sequence is truncated to (Vicuna's 4096)
+    max_length: int = 0             # context of one spliced sequence (image tokens too); 0: the LLM's (Vicuna 4096)
     lora_rank: int = 128            # paper 4.1: rank 128, alpha 256; 0 disables LoRA
     lora_alpha: float = 256.0
     lora_dropout: float = 0.05      # LLaVA's LoRA dropout (design choice)
@@ -75,6 +75,18 @@ class HiResConfig:
             raise ValueError("max_slices must be >= 1 and lora_rank >= 0")
         if not self.tokenizer_path and self.llm_path:
             self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
+
+    def image_tokens(self, grid):
+        """LLM tokens of one image whose slice grid is (m, n), as encode_images lays them out."""
+        h = CLIPConfig.from_preset(self.clip_preset).grid
+        per_image = (h // self.kernel) ** 2
+        m, n = grid if self.slices else (0, 0)
+        count = image_token_count(m, n, per_image)
+        if not self.sample_overview:
+            count += h * h - per_image                     # the overview keeps all h*w tokens
+        if not self.overview:
+            count -= (h * h if not self.sample_overview else per_image) + 1  # no overview, no separator (a)
+        return count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,9 +151,16 @@ def slice_grid(width, height, base=336, max_slices=16, upscale=True):
 
 
 def to_tensor(img):
-    """RGB PIL image -> CLIP-normalised (3, H, W) float32."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    """RGB PIL image -> (3, H, W) uint8: 4x smaller than floats through DataLoader workers; normalize() on the
+    device."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+
+
+def normalize(pixels):
+    """uint8 pixels (..., 3, S, S) -> CLIP-normalised float32 on their device."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def make_overview(img, base):
@@ -156,8 +175,8 @@ def make_overview(img, base):
 
 
 def preprocess_image(img, base=336, max_slices=16, upscale=True, slices=True):
-    """PIL image (any mode) -> (overview (3,S,S), slices (m*n,3,S,S) row-major, (m, n)); with slices=False the
-    slices tensor is empty and the grid (0, 0)."""
+    """PIL image (any mode) -> (overview (3,S,S), slices (m*n,3,S,S) row-major, (m, n)), uint8 pixels; with
+    slices=False the slices tensor is empty and the grid (0, 0)."""
     img = to_rgb(img)
     overview = to_tensor(make_overview(img, base))                          # (3, S, S)
     if not slices:
@@ -326,17 +345,21 @@ class Prefix(NamedTuple):
 class HiResLLaVA(nn.Module):
     """Frozen CLIP ViT (+ SRA) -> sampler -> projector -> spliced into the frozen LLM (+ LoRA)."""
 
-    def __init__(self, cfg, dtype=torch.float32, device="cpu", adapter_dtype=None):
+    def __init__(self, cfg, dtype=torch.float32, device="cpu", adapter_dtype=None, vision=None, llm=None):
         """dtype: the frozen ViT and LLM weights; adapter_dtype (default dtype): the tensors training updates
-        (SRA, sampler, projector, LoRA), e.g. fp32 beside bf16 backbones. The LLM is read straight onto device."""
+        (SRA, sampler, projector, LoRA), e.g. fp32 beside bf16 backbones. The LLM is read straight onto device.
+        vision, llm: backbones already built (bench.py: random weights at the paper's shapes) instead of read."""
         super().__init__()
         self.cfg = cfg
         clip_cfg = CLIPConfig.from_preset(cfg.clip_preset)
-        if not cfg.llm_path:
+        if not cfg.llm_path and llm is None:
             raise ValueError("HiResConfig.llm_path is required (an HF LLaMA directory)")
-        self.vision = VisionTower(clip_cfg, cfg.clip_weights or None)
-        self.llm = Llama.from_pretrained(cfg.llm_path, dtype=dtype, device=device)
+        self.vision = vision or VisionTower(clip_cfg, cfg.clip_weights or None)
+        self.llm = llm or Llama.from_pretrained(cfg.llm_path, dtype=dtype, device=device)
         self.tokenizer = Tokenizer(cfg.tokenizer_path)
+        self.context = cfg.max_length or self.llm.cfg.max_seq_len  # tokens of one sequence, images included
+        if self.context > self.llm.cfg.max_seq_len:
+            raise ValueError(f"max_length {cfg.max_length} exceeds the LLM's context {self.llm.cfg.max_seq_len}")
         D, heads, h = clip_cfg.width, clip_cfg.heads, clip_cfg.grid
         C = self.llm.model.embed_tokens.weight.shape[1]
         self.sra = nn.ModuleDict({str(i): SliceRestoreAdapter(D, heads, h) for i in cfg.sra_layers}) \
@@ -397,8 +420,8 @@ class HiResLLaVA(nn.Module):
         """preprocess() tuples -> Prefix tuples: each image's hidden states after the ViT blocks before the first SRA
         layer, which are frozen in both stages (so train.py can compute them once per image)."""
         device = self.llm.model.embed_tokens.weight.device
-        x = self.vision.prefix(torch.cat([torch.cat([o[None], s]) for o, s, _ in images]).to(device),
-                               min(self.cfg.sra_layers))                        # (N, 1+L, D)
+        pixels = torch.cat([torch.cat([o[None], s]) for o, s, _ in images]).to(device)
+        x = self.vision.prefix(normalize(pixels), min(self.cfg.sra_layers))     # (N, 1+L, D)
         parts = torch.split(x, [1 + len(s) for _, s, _ in images])
         return [Prefix(p[0], p[1:], tuple(g)) for p, (_, _, g) in zip(parts, images)]
 
@@ -421,7 +444,8 @@ class HiResLLaVA(nn.Module):
                 groups.append(tuple(grid))
                 is_overview += [False] * len(slices)
         adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
-        feats = self.vision(torch.cat(pixels).to(device), groups, adapters,
+        x = torch.cat(pixels).to(device)                                         # uint8 pixels or Prefix states
+        feats = self.vision(x if cached else normalize(x), groups, adapters,
                             start=min(cfg.sra_layers) if cached else 0)          # (N, L, D)
         if cfg.sample_overview:
             tokens = list(self.projector(self.sampler(feats)))                   # N x (L/k^2, C)
@@ -469,7 +493,7 @@ class HiResLLaVA(nn.Module):
     def forward(self, input_ids, labels, images):
         """Batch of token lists, label lists and preprocess() tuples (or None) -> mean next-token loss."""
         seqs = self._embed_batch(input_ids, labels, images)
-        T = min(max(len(e) for e, _ in seqs), self.cfg.max_length, self.llm.cfg.max_seq_len)
+        T = min(max(len(e) for e, _ in seqs), self.context)
         E, Lb, M = pad_batch(seqs, T)
         loss = self.llm(input_embeds=E, attention_mask=M, labels=Lb)
         return loss
@@ -481,7 +505,7 @@ class HiResLLaVA(nn.Module):
         pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
         ids = [encode_prompt(p if im is None or "<image>" in p else "<image>\n" + p, self.tokenizer)
                for p, im in zip(prompts, pre)]
-        seqs, ctx = self._embed_batch(ids, [None] * len(ids), pre), self.llm.cfg.max_seq_len
+        seqs, ctx = self._embed_batch(ids, [None] * len(ids), pre), self.context
         answers = [PromptTooLong(f"prompt is {len(e)} tokens with its image; the LLM context holds {ctx}, so no "
                                  f"answer fits") if len(e) >= ctx else None for e, _ in seqs]
         errors = [a for a in answers if a is not None]
@@ -546,16 +570,19 @@ def pad_batch(seqs, T, left=False):
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints and the tiny preset
 
-def save_checkpoint(model, path):
-    """Directory with config.json (HiResConfig) and model.safetensors (trainable tensors only), each atomic."""
+def save_checkpoint(model, path, cfg=None):
+    """Directory with config.json (HiResConfig, default model.cfg) and model.safetensors (the trainable tensors
+    cfg has: no LoRA ones when its lora_rank is 0), each atomic."""
     from safetensors.torch import save_file
+    cfg = cfg or model.cfg
     os.makedirs(path, exist_ok=True)
-    sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()
+          if cfg.lora_rank or "lora_" not in k}
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
 
     def write_json(p):
         with open(p, "w") as f:
-            json.dump(asdict(model.cfg), f, indent=2)
+            json.dump(asdict(cfg), f, indent=2)
     atomic_write(os.path.join(path, "config.json"), write_json)
 
 
@@ -582,6 +609,29 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, adapter_dtype=None,
     except ValueError as e:
         raise ValueError(f"{files[1]}: {e}") from None
     return model
+
+
+def merge_checkpoint(ckpt, out):
+    """Deployment form of a stage-2 checkpoint, as LLaVA's merge_lora_weights.py: the LoRA folded into the LLM,
+    written as a standard HF LLaMA directory OUT/llm (config.json, model.safetensors in the LLM's own dtype,
+    tokenizer.model), beside OUT/config.json (lora_rank 0) and OUT/model.safetensors (SRA, sampler, projector): a
+    checkpoint eval.py loads as it is."""
+    import shutil
+    with open(os.path.join(ckpt, "config.json")) as f:
+        llm_path = json.load(f)["llm_path"]
+    with open(os.path.join(llm_path, "config.json")) as f:
+        dtype = getattr(torch, json.load(f).get("torch_dtype") or "float32")  # Vicuna-7B-v1.5: float16
+    model = load_checkpoint(ckpt, dtype=dtype, adapter_dtype=torch.float32)
+    merge_lora(model.llm)  # W + (alpha / r) B A, computed in fp32
+    llm_dir = os.path.abspath(os.path.join(out, "llm"))
+    model.llm.save_pretrained(llm_dir)
+    shutil.copyfile(model.cfg.tokenizer_path, os.path.join(llm_dir, "tokenizer.model"))
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(llm_path, name)):  # HF's own tokenizer files, when the LLM has them
+            shutil.copyfile(os.path.join(llm_path, name), os.path.join(llm_dir, name))
+    cfg = replace(model.cfg, llm_path=llm_dir, tokenizer_path=os.path.join(llm_dir, "tokenizer.model"), lora_rank=0)
+    save_checkpoint(model, out, cfg)
+    return cfg
 
 
 def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
@@ -629,8 +679,12 @@ def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=3
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid.")
-    ap.add_argument("--show", metavar="IMAGE", required=True, help="image file to slice")
+    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid; or merge "
+                                 "a stage-2 checkpoint's LoRA into its LLM for deployment (--merge CKPT --out DIR).")
+    ap.add_argument("--show", metavar="IMAGE", help="image file to slice")
+    ap.add_argument("--merge", metavar="CKPT", help="stage-2 checkpoint to merge: writes OUT/llm (HF LLaMA "
+                    "directory) and OUT/config.json + OUT/model.safetensors (the adapters), which eval.py loads")
+    ap.add_argument("--out", help="output directory of --merge")
     ap.add_argument("--png", default="slicing.png", help="output PNG path (default: slicing.png)")
     ap.add_argument("--base", type=int, default=336, help="slice / overview resolution S (default 336)")
     ap.add_argument("--max-slices", type=int, default=16, help="maximum number of slices N (default 16)")
@@ -638,6 +692,12 @@ def main(argv=None):
     ap.add_argument("--kernel", type=int, default=2, help="sampler kernel k, for the token count (default 2)")
     ap.add_argument("--patch", type=int, default=14, help="ViT patch size, for the token count (default 14)")
     args = ap.parse_args(argv)
+    if bool(args.show) == bool(args.merge) or bool(args.merge) != bool(args.out):
+        ap.error("give --show IMAGE, or --merge CKPT with --out DIR")
+    if args.merge:
+        cfg = merge_checkpoint(args.merge, args.out)
+        print(f"wrote {cfg.llm_path} (HF LLaMA, LoRA merged) and {args.out}/model.safetensors (adapters)")
+        return
     try:
         img = load_image(args.show)
     except ImageError as e:

@@ -33,19 +33,23 @@ import entitygrid
 import hires
 import llama
 
-ADAM_BETAS = (0.9, 0.98)  # design choice: the paper does not give its betas (docs/method.md#training-stages)
+ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_len=512,
-                 lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=32, epochs1=1, epochs2=4,
+                 lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=1, epochs2=4,
                  train_size=6000, test_size=540, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
                  train_llm=True, mc="rank", cache_vit=True),
-    "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=2048,
-                  lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=16, epochs1=1, epochs2=1,
+    "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=0,
+                  lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
                   train_llm=False, mc="letter", cache_vit=False),
 }
+# flag -> HiResConfig field: what a stage-2 start from --init takes from the command line over the stored config
+CONFIG_FLAGS = dict(max_slices="max_slices", upscale="upscale", sampler="sampler", max_len="max_length",
+                    lora_rank="lora_rank", lora_alpha="lora_alpha", lora_dropout="lora_dropout", sra="sra",
+                    slices="slices", overview="overview", train_llm="train_llm")
 SKIP_REASONS = ("missing image", "bad image", "empty or malformed conversation", "<image> without an image",
-                "image without <image> (prepended)", "too long (truncated)")
+                "image without <image> (prepended)", "too long (truncated)", "too long (no answer left)")
 
 
 class TrainError(Exception):
@@ -59,7 +63,10 @@ class LlavaData(torch.utils.data.Dataset):
     """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
     is counted under its SKIP_REASONS entry and replaced by the next usable one, so batches keep their size."""
 
-    def __init__(self, path, folder, tokenizer, template, preprocess, max_len, prefixes=None):
+    def __init__(self, path, folder, tokenizer, template, preprocess, context, image_tokens, prefixes=None):
+        """context: tokens of one spliced sequence (HiResLLaVA.context); image_tokens: slice grid -> LLM tokens of
+        the image (HiResConfig.image_tokens), so the length check counts what the model will see; prefixes: image
+        path -> hires.Prefix (--cache-vit)."""
         try:
             with open(path) as f:
                 self.items = json.load(f)
@@ -68,8 +75,8 @@ class LlavaData(torch.utils.data.Dataset):
         if not isinstance(self.items, list) or not self.items:
             raise TrainError(f"{path}: expected a non-empty JSON list of {{id, image, conversations}} samples")
         self.folder, self.tokenizer, self.template = folder, tokenizer, template
-        self.preprocess, self.max_len = preprocess, max_len
-        self.prefixes = prefixes if prefixes is not None else {}  # image path -> hires.Prefix (--cache-vit)
+        self.preprocess, self.context, self.image_tokens = preprocess, context, image_tokens
+        self.prefixes = prefixes if prefixes is not None else {}
 
     def __len__(self):
         return len(self.items)
@@ -107,22 +114,25 @@ class LlavaData(torch.utils.data.Dataset):
             ids, labels = llama.encode_conversation(turns, self.tokenizer, self.template)
         except ValueError:  # roles not alternating human, gpt
             return None, "empty or malformed conversation"
-        if len(ids) > self.max_len:  # text alone beyond the context: truncate; the model truncates after images too
-            ids, labels, reason = ids[:self.max_len], labels[:self.max_len], "too long (truncated)"
-            if all(x == llama.IGNORE_INDEX for x in labels):
-                return None, "too long (truncated)"
         image = None
         if "image" in item:
             path = os.path.join(self.folder, str(item["image"]))
-            if path in self.prefixes:
-                return (ids, labels, self.prefixes[path]), reason
-            if not os.path.exists(path):
+            if path in self.prefixes:  # the frozen ViT blocks already ran on it (--cache-vit)
+                image = self.prefixes[path]
+            elif not os.path.exists(path):
                 return None, "missing image"
-            try:
-                image = self.preprocess(hires.load_image(path))
-            except hires.ImageError as e:
-                warnings.warn(str(e))
-                return None, "bad image"
+            else:
+                try:
+                    image = self.preprocess(hires.load_image(path))
+                except hires.ImageError as e:
+                    warnings.warn(str(e))
+                    return None, "bad image"
+        extra = self.image_tokens(image[2]) - 1 if image is not None else 0  # the image replaces its placeholder
+        if len(ids) + extra > self.context:  # cut here, where it is counted, not silently in the model
+            keep = self.context - extra
+            ids, labels, reason = ids[:max(0, keep)], labels[:max(0, keep)], "too long (truncated)"
+            if all(x == llama.IGNORE_INDEX for x in labels):  # the answers lie beyond the context
+                return None, "too long (no answer left)"
         return (ids, labels, image), reason
 
 
@@ -196,6 +206,16 @@ def make_optimizer(model, lr, lora_lr):
     groups = [dict(params=[p for n, p in named if "lora_" in n], lr=lora_lr, base_lr=lora_lr, name="lora"),
               dict(params=[p for n, p in named if "lora_" not in n], lr=lr, base_lr=lr, name="other")]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=ADAM_BETAS, weight_decay=0.0)
+
+
+def trainable_counts(model):
+    """{group: trainable parameter count}: sra, sampler, projector, lora, llm (LLaVA users ask for it)."""
+    counts = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            group = "lora" if "lora_" in n else n.split(".")[0]  # llm: the whole LLM trains (train_llm)
+            counts[group] = counts.get(group, 0) + p.numel()
+    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm") if g in counts}
 
 
 def write_atomic(path, text):
@@ -275,6 +295,8 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     if master:
         print(f"stage {stage}: {len(data)} samples, {total} steps of {global_batch} (micro {args.micro_batch} x "
               f"{accum} accum x {world} proc), trainable {n_train:,} / {n_total:,} params")
+        groups = ", ".join(f"{g} {n:,}" for g, n in trainable_counts(model).items())
+        print(f"stage {stage}: trainable by group: {groups}")
     net = ddp_wrap(model, ctx)
     sampler = MicroBatchSampler(len(data), global_batch, args.micro_batch, ctx["rank"], world, args.seed, start)
     # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
@@ -484,12 +506,55 @@ def model_config(args):
             paths = {k: v for k, v in json.load(f).items() if k in ("clip_weights", "llm_path", "tokenizer_path")}
         paths["clip_preset"] = "tiny"
     else:
-        paths = dict(clip_preset="vit-l-14-336", clip_weights=args.clip, llm_path=args.llm,
-                     tokenizer_path=args.tokenizer or os.path.join(args.llm, "tokenizer.model"))
+        paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
     return hires.HiResConfig(**paths, max_slices=args.max_slices, upscale=args.upscale, sampler=args.sampler,
                              sra=args.sra, slices=args.slices, overview=args.overview,
                              max_length=args.max_len, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                              lora_dropout=args.lora_dropout, train_llm=args.train_llm)
+
+
+def backbone_paths(args):
+    """--clip/--llm/--tokenizer as absolute HiResConfig paths (a checkpoint must work from any folder)."""
+    paths = {}
+    if args.clip:
+        paths["clip_weights"] = os.path.abspath(args.clip)
+    if args.llm:
+        paths["llm_path"] = os.path.abspath(args.llm)
+    if args.tokenizer or args.llm:
+        paths["tokenizer_path"] = os.path.abspath(args.tokenizer or os.path.join(args.llm, "tokenizer.model"))
+    return paths
+
+
+def init_model(args, where):
+    """Stage 2 from a stage-1 checkpoint: its config, with every flag the user passed winning over it. The sampler
+    cannot change (stage 1 trained it); a new LoRA rank starts fresh, as stage 1 leaves LoRA at its init."""
+    try:
+        with open(os.path.join(args.init, "config.json")) as f:
+            stored = json.load(f)
+        sd = load_file(os.path.join(args.init, "model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise TrainError(f"--init {args.init}: not a stage-1 checkpoint ({e})") from None
+    over = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items() if flag in args.given}
+    over.update(backbone_paths(args))
+    if over.get("sampler", stored["sampler"]) != stored["sampler"]:
+        raise TrainError(f"--sampler {over['sampler']}: {args.init} trained the {stored['sampler']} sampler in stage "
+                         f"1, so stage 2 keeps it (run stage 1 with --sampler {over['sampler']})")
+    for key in ("clip_weights", "llm_path", "tokenizer_path"):
+        path = over.get(key, stored[key])
+        if not os.path.exists(path):
+            raise TrainError(f"{path}: the {key} of {args.init} is not there; pass --clip/--llm/--tokenizer")
+    model = hires.HiResLLaVA(hires.HiResConfig(**{**stored, **over}), **where)
+    if model.cfg.lora_rank != stored["lora_rank"]:
+        if any(v.any() for k, v in sd.items() if k.endswith("lora_B")):
+            raise TrainError(f"--lora-rank {model.cfg.lora_rank}: the LoRA of {args.init} is trained (rank "
+                             f"{stored['lora_rank']}); its rank cannot change")
+        own = model.trainable_state_dict()
+        sd = {**{k: v for k, v in sd.items() if "lora_" not in k}, **{k: v for k, v in own.items() if "lora_" in k}}
+    try:
+        model.load_trainable_state_dict(sd)
+    except ValueError as e:
+        raise TrainError(f"--init {args.init}: {e}") from None
+    return model, over
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -548,17 +613,18 @@ def parse_args(argv):
     a("--vocab-size", type=int, help="tiny: sentencepiece vocabulary size trained from the data")
     a("--max-slices", type=int, help="maximum slices per image N (paper 16)")
     a("--upscale", action=argparse.BooleanOptionalAction, help="double the grid of small images when 4mn <= N")
-    a("--sampler", default="sms", choices=("sms", "qformer", "avgpool"), help="token sampler (paper: sms)")
-    a("--sra", default=True, action=argparse.BooleanOptionalAction, help="SliceRestore Adapter in the ViT "
-      "(--no-sra: the ablation without it)")
-    a("--slices", default=True, action=argparse.BooleanOptionalAction, help="the slices of the image "
-      "(--no-slices: overview only, the no-slicing baseline)")
-    a("--overview", default=True, action=argparse.BooleanOptionalAction, help="the low-res overview "
-      "(--no-overview: slices only)")
+    a("--sampler", choices=("sms", "qformer", "avgpool"), help="token sampler (default and paper: sms)")
+    a("--sra", action=argparse.BooleanOptionalAction, help="SliceRestore Adapter in the ViT (default; --no-sra: "
+      "the ablation without it)")
+    a("--slices", action=argparse.BooleanOptionalAction, help="the slices of the image (default; --no-slices: "
+      "overview only, the no-slicing baseline)")
+    a("--overview", action=argparse.BooleanOptionalAction, help="the low-res overview (default; --no-overview: "
+      "slices only)")
     a("--lora-rank", type=int, help="LoRA rank r (paper 128)")
     a("--lora-alpha", type=float, help="LoRA alpha; scaling alpha/r (paper 256)")
     a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
-    a("--max-len", type=int, help="LLM context in tokens; longer samples are truncated (paper 2048)")
+    a("--max-len", type=int, help="tokens of one sequence, image tokens included (HiResConfig.max_length); 0: the "
+      "LLM's own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
     a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
     a("--lr2", type=float, help="stage-2 learning rate of SRA, sampler, projector (paper 2e-5)")
     a("--lora-lr", type=float, help="stage-2 learning rate of LoRA (paper 2e-4)")
@@ -573,7 +639,8 @@ def parse_args(argv):
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this value")
     a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype on CUDA (auto: bf16 if "
       "supported else fp16); CPU always fp32")
-    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing in the LLM (7B)")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing in the LLM and in the "
+      "ViT blocks that carry SRA (paper preset: on)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
     a("--num-workers", type=int, help="DataLoader worker processes per rank")
@@ -591,6 +658,10 @@ def parse_args(argv):
       "SRA layer once per training image and reuse them every epoch (memory: ~(1+L)*D floats per image)")
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.clip or args.llm else "tiny")
+    args.given = {k for k in CONFIG_FLAGS if getattr(args, k) is not None}  # these win over an --init config
+    args.sampler = args.sampler or "sms"
+    for switch in ("sra", "slices", "overview"):
+        setattr(args, switch, True if getattr(args, switch) is None else getattr(args, switch))
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -613,10 +684,10 @@ def setup(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
+        if device.type == "cuda":  # before the process group: NCCL then binds each rank to its own GPU, not GPU 0
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     if device.type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
@@ -651,14 +722,18 @@ def run(args, ctx):
     # frozen weights in the autocast dtype, read straight onto the device (7B: no 27 GB fp32 copy on each GPU);
     # the trained tensors stay fp32 for the optimizer
     where = dict(device=ctx["device"], dtype=ctx["dtype"], adapter_dtype=torch.float32)
-    model = hires.load_checkpoint(args.init, **where) if args.stage == "2" else \
-        hires.HiResLLaVA(model_config(args), **where)
-    model.llm.gradient_checkpointing = args.grad_ckpt
+    if args.stage == "2":
+        model, over = init_model(args, where)
+        if master:
+            print(f"stage 2 from {args.init}; flags over its config: {over or 'none'}")
+    else:
+        model = hires.HiResLLaVA(model_config(args), **where)
+    model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_ckpt
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
     stages = [1, 2] if args.stage == "all" else [int(args.stage)]
     data = {stage: LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "", model.tokenizer,
-                             "plain" if stage == 1 else "vicuna_v1", model.preprocess, args.max_len)
-            for stage in stages}
+                             "plain" if stage == 1 else "vicuna_v1", model.preprocess, model.context,
+                             model.cfg.image_tokens) for stage in stages}
     if args.cache_vit:
         prefixes = cache_prefixes(model, list(data.values()), master)
         for d in data.values():

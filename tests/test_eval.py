@@ -314,11 +314,14 @@ class Recorder:
         self.calls.append((images, prompts, kw))
         return self.model.generate(images, prompts, **kw)
 
+    def __getattr__(self, name):  # preprocess, cfg, ...: the real model's
+        return getattr(self.model, name)
+
 
 @pytest.fixture
 def recorded(monkeypatch):
     calls, load = [], ev.load_model
-    monkeypatch.setattr(ev, "load_model", lambda *a: Recorder(load(*a), calls))
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: Recorder(load(*a, **k), calls))
     return calls
 
 
@@ -340,7 +343,7 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     assert all(kw == {"max_new_tokens": 3, "temperature": 0.0, "too_long": "return"} for _, _, kw in recorded)
     assert all(len(images) <= 2 for images, _, _ in recorded)
     assert [img is None for img, _ in asked] == [s.image is None for s in samples]
-    assert all(img.mode == "RGB" for img, _ in asked if img is not None)
+    assert all(img[0].shape[0] == 3 for img, _ in asked if img is not None)  # preprocessed: (overview, slices, grid)
     # predictions.json: the official records in the official order, the model's text in the answer field
     with open(f"{out}/predictions.json") as f:
         sub = json.load(f)
@@ -352,7 +355,10 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     # scoring the written file reproduces the run's metrics
     again = ev.main(["--bench", bench, "--data", data, "--predictions", f"{out}/predictions.json",
                      "--out", str(tmp_path / "rescored")])
+    run_info = metrics.pop("provenance")  # what only a model run knows
+    assert run_info["batch_size"] == 2 and run_info["dtype"] == "fp32"
     assert again == metrics and metrics["bad_images"] == 0 and metrics["n"] == len(known)
+    assert sum(run_info["slicing"]["grids"].values()) == sum(img is not None for img, _ in asked)
     if bench == "llava-w":
         with open(f"{out}/answers.jsonl") as f:
             assert [json.loads(line) for line in f] == sub
@@ -371,9 +377,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_ckpt
     recorded.clear()
     run_tiny("pope", data, cut, tiny_ckpt, "--batch-size", "1", "--resume")
     assert [p for _, prompts, _ in recorded for p in prompts] == ["Is there a dog in the image?" + ev.SHORT] * 2
-    for name in ("predictions.json", "metrics.json", "predictions.partial.jsonl"):
+    for name in ("predictions.json", "predictions.partial.jsonl"):
         with open(f"{full}/{name}") as a, open(f"{cut}/{name}") as b:
             assert a.read() == b.read(), name
+    with open(f"{full}/metrics.json") as a, open(f"{cut}/metrics.json") as b:
+        m_full, m_cut = json.load(a), json.load(b)
+    m_full["provenance"].pop("date"), m_cut["provenance"].pop("date")  # the runs' own clock times
+    assert m_full == m_cut
 
 
 def test_bad_image_gives_empty_prediction_and_warning(tmp_path, tiny_ckpt, capsys):
@@ -394,13 +404,16 @@ def test_default_generation_length_is_the_benchmarks(tmp_path, monkeypatch):
     calls = []
 
     class Fixed:  # stands in for the model: only the generation settings matter here
+        def preprocess(self, img):
+            return None, None, (1, 1)
+
         def generate(self, images, prompts, **kw):
             calls.append(kw["max_new_tokens"])
             return ["0.5"] * len(prompts)
-    monkeypatch.setattr(ev, "load_model", lambda *a: Fixed())
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: Fixed())
     make_chartqa(str(tmp_path / "d"))
     ev.main(["--bench", "chartqa", "--data", str(tmp_path / "d"), "--ckpt", "unused", "--out", str(tmp_path / "o")])
-    assert calls == [16]  # lmms-eval's ChartQA length (Bench.max_new_tokens), no --max-new-tokens given
+    assert calls == [16] * 3  # batch size 1 (default); lmms-eval's ChartQA length, no --max-new-tokens given
 
 
 def test_prompt_longer_than_context_gives_empty_prediction(tmp_path, tiny_ckpt, capsys):
@@ -457,3 +470,133 @@ def test_mc_rank_answers_the_most_likely_options_letter(tmp_path, tiny_ckpt, mon
     with open(f"{out}/predictions.json") as f:
         assert [e["text"] for e in json.load(f)] == best
     assert metrics["mc"] == "rank" and metrics["too_long"] == 0
+
+
+def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatch):
+    """A checkpoint saved with upscale=True and N=16 would slice the 2S x 2S canvas 4 x 4; eval.py fixes 2 x 2."""
+    import hires
+    ckpt = tmp_path / "upscaled"
+    ckpt.mkdir()
+    for name in os.listdir(tiny_ckpt):
+        with open(os.path.join(tiny_ckpt, name), "rb") as src, open(ckpt / name, "wb") as dst:
+            dst.write(src.read())
+    cfg = json.loads((ckpt / "config.json").read_text())
+    dump(str(ckpt / "config.json"), {**cfg, "upscale": True, "max_slices": 16})
+    data = str(tmp_path / "data")
+    make_entitygrid(data)
+    img = Image.open(os.path.join(data, ev.BENCHES["entitygrid"].load(data, "all")[0].image))
+    assert hires.load_checkpoint(str(ckpt)).preprocess(img)[2] == (4, 4)  # what the stored config does
+    grids, preprocess = [], hires.preprocess_image
+    monkeypatch.setattr(hires, "preprocess_image", lambda *a, **k: grids.append(preprocess(*a, **k)[2]) or
+                        preprocess(*a, **k))
+    metrics = run_tiny("entitygrid", data, str(tmp_path / "out"), str(ckpt))
+    assert grids == [(2, 2)] * 4
+    assert metrics["provenance"]["slicing"] == {"upscale": False, "max_slices": 4, "grids": {"2x2": 4}}
+    with open(tmp_path / "out" / "metrics.json") as f:
+        assert json.load(f)["provenance"]["slicing"]["grids"] == {"2x2": 4}
+    Image.new("RGB", (96, 40)).save(img.filename)  # a canvas the benchmark never draws: a one-line error
+    with pytest.raises(SystemExit, match="96x40 slices 1x2, not 2x2"):
+        run_tiny("entitygrid", data, str(tmp_path / "out2"), str(ckpt))
+
+
+def test_greedy_answers_do_not_depend_on_the_batch_size_in_fp32(tmp_path, tiny_ckpt):
+    """Batch 1 and left-padded batches of 4 (prompts and images of different lengths) give the same answers."""
+    data = tmp_path / "data"
+    sizes = [(40, 28), (130, 60), (100, 100), (20, 90), (64, 64), (200, 30), (33, 33), (90, 120)]
+    rows = [{"questionId": i, "question": "What is written" + " here" * i + "?", "image": f"{i}.png",
+             "answers": ["x"]} for i in range(len(sizes))]
+    dump(str(data / "val_v1.0.json"), {"data": rows})
+    for i, size in enumerate(sizes):
+        png(str(data / f"{i}.png"), (30 * i, 200 - 20 * i, 90), size)
+    answers = {}
+    for b in (1, 4):
+        metrics = run_tiny("docvqa", str(data), str(tmp_path / f"b{b}"), tiny_ckpt, "--batch-size", str(b),
+                           "--max-new-tokens", "8")
+        assert metrics["provenance"]["batch_size"] == b
+        with open(tmp_path / f"b{b}" / "predictions.json") as f:
+            answers[b] = [e["answer"] for e in json.load(f)]
+    assert answers[1] == answers[4] and len(set(answers[1])) > 1
+
+
+def test_bf16_backbones_keep_fp32_adapters_under_autocast(tmp_path, tiny_ckpt, monkeypatch):
+    import torch
+    seen, load = [], ev.load_model
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: seen.append(load(*a, **k)) or seen[-1])
+    data = str(tmp_path / "data")
+    make_docvqa(data)
+    metrics = run_tiny("docvqa", data, str(tmp_path / "out"), tiny_ckpt, "--dtype", "bf16")
+    assert metrics["provenance"]["dtype"] == "bf16" and metrics["bad_images"] == 0
+    dtypes = {n: p.dtype for n, p in seen[0].named_parameters()}
+    assert {d for n, d in dtypes.items() if seen[0]._is_adapter(n)} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not seen[0]._is_adapter(n)} == {torch.bfloat16}
+
+
+def test_metrics_record_provenance(tmp_path, tiny_ckpt):
+    import subprocess
+    from datetime import datetime, timezone
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    make_docvqa(data)
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    run_tiny("docvqa", data, out, tiny_ckpt, "--seed", "7")
+    with open(f"{out}/metrics.json") as f:
+        p = json.load(f)["provenance"]
+    with open(os.path.join(tiny_ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    assert p["checkpoint"] == os.path.abspath(tiny_ckpt) and os.path.isabs(p["clip_weights"])
+    assert (p["clip_weights"], p["llm_path"], p["tokenizer_path"]) == (cfg["clip_weights"], cfg["llm_path"],
+                                                                       cfg["tokenizer_path"])
+    assert p["prompt_template"] == "vicuna_v1" and p["example_prompt"].endswith(ev.SHORT)
+    assert (p["max_new_tokens"], p["batch_size"], p["dtype"], p["seed"]) == (3, 2, "fp32", 7)
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a fresh clone; an exported tree has no commit to record
+        assert p["git_commit"].removesuffix("-dirty") == head.stdout.strip()
+    assert before <= datetime.fromisoformat(p["date"]) <= datetime.now(timezone.utc)
+
+
+def test_checkpoint_pointed_at_moved_backbones(tmp_path, tiny_ckpt):
+    import shutil
+    cfg = json.loads(open(os.path.join(tiny_ckpt, "config.json")).read())
+    moved = tmp_path / "moved"
+    shutil.copytree(os.path.dirname(cfg["llm_path"]), moved)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    gone = {k: str(tmp_path / "gone" / os.path.relpath(cfg[k], os.path.dirname(cfg["llm_path"])))
+            for k in ("clip_weights", "llm_path", "tokenizer_path")}
+    dump(str(ckpt / "config.json"), {**cfg, **gone})  # as if the backbones were moved after training
+    data = str(tmp_path / "data")
+    make_docvqa(data)
+    with pytest.raises(SystemExit, match=r"the clip_weights of .* is not there; moved\? point to it with --clip"):
+        run_tiny("docvqa", data, str(tmp_path / "o1"), str(ckpt))
+    new = {k: str(moved / os.path.relpath(cfg[k], os.path.dirname(cfg["llm_path"]))) for k in gone}
+    metrics = run_tiny("docvqa", data, str(tmp_path / "o2"), str(ckpt), "--clip", new["clip_weights"],
+                       "--llm", new["llm_path"], "--tokenizer", new["tokenizer_path"])
+    reference = run_tiny("docvqa", data, str(tmp_path / "o3"), tiny_ckpt)
+    assert {k: metrics["provenance"][k] for k in new} == new
+    with open(tmp_path / "o2" / "predictions.json") as a, open(tmp_path / "o3" / "predictions.json") as b:
+        assert json.load(a) == json.load(b)
+    assert metrics["anls"] == reference["anls"]
+
+
+def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    import hires
+    import torch
+    png(str(tmp_path / "photo.png"), (20, 90, 200), (100, 70))
+    ask = ["--ckpt", tiny_ckpt, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "6"]
+    out = ev.main(ask + ["--ask", "What does the sign say?"])
+    model = hires.load_checkpoint(tiny_ckpt)
+    pre = model.preprocess(hires.load_image(tmp_path / "photo.png"))
+    assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.cfg.image_tokens(pre[2])
+    assert out["answers"] == model.generate([pre], ["What does the sign say?"], max_new_tokens=6)  # greedy
+    printed = capsys.readouterr().out
+    assert "overview + 2x2 slices" in printed and f"{out['image_tokens']} image tokens" in printed
+    assert f"] {out['answers'][0]}" in printed
+    sampled = [ev.main(ask + ["--ask", "Hi?", "--temperature", "1.0", "--seed", str(s)])["answers"][0]
+               for s in (1, 1, 2, 3, 4)]
+    torch.manual_seed(1)
+    assert sampled[0] == sampled[1] == model.generate([pre], ["Hi?"], max_new_tokens=6, temperature=1.0)[0]
+    assert len(set(sampled)) > 1  # sampled, not greedy
+    lines = iter(["What colour?", "And the shape?", ""])  # interactive: one question per line, empty line ends
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    assert len(ev.main(ask)["answers"]) == 2
+    with pytest.raises(SystemExit, match="image file not found"):
+        ev.main(["--ckpt", tiny_ckpt, "--image", str(tmp_path / "nope.png"), "--ask", "Hi?"])

@@ -155,11 +155,20 @@ def test_token_layout_and_separators(model):
     seps = [a] + [b if j < n - 1 else c for r in range(m) for j in range(n)]  # (a), then (b) in a row, (c) at its end
     for e, sep in zip(ends, seps):
         assert torch.equal(out[e:e + 1], sep)
+    assert model.cfg.image_tokens((m, n)) == out.shape[0]
     model.cfg.sample_overview = False  # the overview keeps all L tokens
     try:
         assert model.encode_images([im])[0].shape[0] == hires.image_token_count(m, n, per) - per + L
+        assert model.cfg.image_tokens((m, n)) == hires.image_token_count(m, n, per) - per + L
     finally:
         model.cfg.sample_overview = True
+    for flag in ("overview", "slices"):  # the length check of training counts what encode_images lays out
+        setattr(model.cfg, flag, False)
+        try:
+            im = model.preprocess(Image.new("RGB", (100, 40)))
+            assert model.cfg.image_tokens(im[2]) == model.encode_images([im])[0].shape[0]
+        finally:
+            setattr(model.cfg, flag, True)
 
 
 @torch.no_grad()
@@ -304,3 +313,73 @@ def test_train_llm_trains_and_saves_the_whole_llm(tiny, tmp_path):
     assert torch.equal(loaded.llm.lm_head.weight, model.llm.lm_head.weight)
     assert set(loaded.trainable_state_dict()) == set(model.trainable_state_dict()) >= {"llm." + n for n in (
         "lm_head.weight", "model.norm.weight", "model.embed_tokens.weight")}
+
+
+def test_merged_checkpoint_is_an_hf_llama_and_answers_the_same(tiny, tmp_path, capsys):
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import eval as ev
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    model = hires.HiResLLaVA(tiny[0])
+    with torch.no_grad():  # a trained-looking LoRA and SRA, so merging has something to fold in
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.startswith("sra."):
+                p.normal_(0, 0.05)
+    hires.save_checkpoint(model, tmp_path / "ckpt")
+    hires.main(["--merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")])
+    assert "LoRA merged" in capsys.readouterr().out
+    llm = tmp_path / "merged" / "llm"
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(llm))
+    merged = ev.load_model(str(tmp_path / "merged"))  # eval.py runs from it as from any checkpoint
+    assert merged.cfg.lora_rank == 0 and not any("lora_" in n for n, _ in merged.named_parameters())
+    tokens = torch.randint(3, 300, (2, 12))
+    hf = LlamaForCausalLM.from_pretrained(llm).eval()
+    with torch.no_grad():  # fp32, same ops up to order: float rounding only
+        torch.testing.assert_close(hf(tokens).logits, model.llm(tokens), atol=1e-4, rtol=1e-4)
+    images = [Image.new("RGB", s, c) for s, c in (((100, 40), "red"), ((30, 90), "blue"), ((64, 64), "green"))]
+    prompts = ["what is this?", "which colour is the shape on the left?", "count"]
+    model.eval()
+    assert merged.generate(images, prompts, max_new_tokens=8) == model.generate(images, prompts, max_new_tokens=8)
+
+
+def test_pixels_travel_as_uint8_and_are_normalised_on_the_device():
+    img = Image.fromarray(np.random.RandomState(1).randint(0, 256, (50, 70, 3), dtype=np.uint8))
+    ov, sl, _ = hires.preprocess_image(img, base=32, max_slices=4)
+    assert ov.dtype == sl.dtype == torch.uint8  # a 16-slice ViT-L sample: 5.8 MB instead of 23 MB of float32
+    x = torch.from_numpy(np.asarray(hires.make_overview(img, 32), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    reference = (x - torch.tensor(clip.CLIP_MEAN)[:, None, None]) / torch.tensor(clip.CLIP_STD)[:, None, None]
+    assert hires.normalize(ov).dtype == torch.float32 and torch.equal(hires.normalize(ov), reference)
+
+
+def test_vit_checkpointing_through_sra_blocks_same_gradients_less_memory(model):
+    """Activation checkpointing in the ViT blocks autograd runs through (SRA ones up to the feature block): the same
+    gradients, and far fewer activations kept for backward."""
+    im = [model.preprocess(Image.new("RGB", (100, 40), "red")), model.preprocess(Image.new("RGB", (60, 90)))]
+    model.set_stage(2)
+    with torch.no_grad():
+        for a in model.sra.values():
+            a.proj.weight.normal_(0, 0.02)  # a non-zero SRA output, so its inputs get gradients too
+    saved, grads = {}, {}
+    try:
+        for ckpt in (False, True):
+            model.vision.gradient_checkpointing = ckpt
+            model.zero_grad(set_to_none=True)
+            sizes = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                          lambda t: t):
+                out = torch.cat(model.encode_images(im))
+            out.pow(2).sum().backward()
+            saved[ckpt] = sum(sizes)
+            grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("sra.")}
+    finally:
+        model.vision.gradient_checkpointing = False
+        for a in model.sra.values():
+            torch.nn.init.zeros_(a.proj.weight)
+        model.zero_grad(set_to_none=True)
+        model.set_stage(1)
+    assert saved[True] < saved[False] / 2, saved
+    assert grads[True].keys() == grads[False].keys() and all(g.any() for g in grads[False].values())
+    for n in grads[False]:  # the recomputed forward is the same computation: equal up to float rounding
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7)

@@ -90,7 +90,7 @@ def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir):
             names = [by_id[id(p)] for p in g["params"]]
             assert g["lr"] == g["base_lr"] == (5e-4 if g["name"] == "lora" else 1e-3) and g["weight_decay"] == 0.0
             assert all(("lora_" in n) == (g["name"] == "lora") for n in names)
-            assert g["betas"] == (0.9, 0.98)
+            assert g["betas"] == (0.9, 0.999)  # LLaVA's (HF Trainer AdamW defaults)
         assert any("lora_" in n for n in trainable) == (stage == 2)
 
 
@@ -186,12 +186,16 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     items = [x for b in bad for x in (b, good)]  # each bad sample is followed by a good one
     path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
-    data = train.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, max_len=256)
+    data = train.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, 256,
+                           model.cfg.image_tokens)
     batch = train.collate([data[i] for i in range(len(data))])
     expected = {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
-                "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 2}
+                "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 1,
+                "too long (no answer left)": 1}
     assert dict(batch["skipped"]) == expected
-    assert all(len(ids) <= 256 for ids in batch["input_ids"])
+    # the spliced length (image tokens in place of the placeholder) fits, and so nothing is cut in the model
+    lengths = [len(i) + model.cfg.image_tokens(im[2]) - 1 for i, im in zip(batch["input_ids"], batch["images"])]
+    assert max(lengths) == 256
     assert len(batch["input_ids"]) == len(items)  # every bad one was replaced, so batches keep their size
     loss = model(batch["input_ids"], batch["labels"], batch["images"])
     assert torch.isfinite(loss)
@@ -237,7 +241,7 @@ def fit_fixed_batch(args, n=16, steps=100):
     model.set_stage(2)
     train_dir = os.path.join(args.data_dir, "train")
     data = train.LlavaData(os.path.join(train_dir, "text_qa.json"), train_dir, model.tokenizer, "vicuna_v1",
-                           model.preprocess, args.max_len)
+                           model.preprocess, model.context, model.cfg.image_tokens)
     batch = train.collate([data[i] for i in range(n)])
     batch["images"] = model.prefix(batch["images"])  # the frozen ViT blocks once, as --cache-vit does
     opt = train.make_optimizer(model, args.lr2, args.lora_lr)
@@ -276,3 +280,134 @@ def test_stage2_checkpoint_reloads_to_the_same_answers(tmp_path, data_dir):
     with open(tmp_path / "eval" / "predictions.json") as f:
         reloaded = {e["id"]: e["answer"] for e in json.load(f)}
     assert reloaded == in_process and again["accuracy"] == metrics["accuracy"] and again["mc"] == "rank"
+
+
+def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_dir):
+    """A 640x480 COCO image under the paper preset slices 4x4: 2465 image tokens. With the default context (the
+    LLM's own, Vicuna-7B-v1.5's 4096) its answer is kept; under the old 2048 no answer token is left, and the sample
+    is counted under its own reason and replaced, not trained on."""
+    (tmp_path / "clip.pt").write_bytes(b"")
+    (tmp_path / "vicuna").mkdir()
+    args = train.parse_args(["--clip", str(tmp_path / "clip.pt"), "--llm", str(tmp_path / "vicuna"),
+                             "--data1", "unused.json", "--data2", "unused.json"])
+    cfg = train.model_config(args)
+    assert cfg.max_length == 0 and cfg.image_tokens((4, 4)) == 2465
+    context = llama.LlamaConfig.from_preset("vicuna-7b").max_seq_len  # what HiResLLaVA resolves 0 to
+    assert context == 4096
+    tiny = train.parse_args(tiny_args(tmp_path / "tiny", data_dir))
+    train.prepare_tiny(tiny)
+    tok = llama.Tokenizer(train.model_config(tiny).tokenizer_path)
+    Image.new("RGB", (640, 480), (10, 120, 30)).save(tmp_path / "coco.jpg")
+    Image.new("RGB", (300, 200), (10, 120, 30)).save(tmp_path / "small.jpg")
+    item = {"id": "coco", "image": "coco.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": "green"}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([item, dict(item, id="small", image="small.jpg")]))
+    pre = lambda img: hires.preprocess_image(img, 336, cfg.max_slices, cfg.upscale)
+    data = train.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, context, cfg.image_tokens)
+    (ids, labels, image), reason = data.encode(item)
+    assert image[2] == (4, 4) and reason is None
+    answer = [x for x in labels if x != llama.IGNORE_INDEX]
+    assert answer == tok.encode("green", bos=False) + [tok.eos_id]
+    assert len(ids) - 1 + 2465 <= context
+    old = train.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, 2048, cfg.image_tokens)
+    (ids, _, image), skipped = old[0]
+    assert skipped == ["too long (no answer left)"] and image[2] == (2, 2)  # the next sample, 300x200 -> 2x2
+
+
+def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir, capsys):
+    s1, s2 = tmp_path / "s1" / "stage1", tmp_path / "s2" / "stage2"
+    # the paper's recipe (frozen LLM + LoRA) on the tiny backbones
+    train.main(tiny_args(tmp_path / "s1", data_dir, "--stage", "1", "--steps1", "1", "--lora-rank", "64",
+                         "--no-train-llm"))
+    stored = json.loads((s1 / "config.json").read_text())
+    assert (stored["max_slices"], stored["upscale"], stored["max_length"], stored["lora_rank"]) == (4, False, 512, 64)
+    flags = ["--max-slices", "2", "--upscale", "--max-len", "400", "--lora-rank", "4", "--lora-alpha", "8",
+             "--lora-dropout", "0.1"]
+    train.main(tiny_args(tmp_path / "s2", data_dir, "--stage", "2", "--init", str(s1), "--steps2", "2", *flags))
+    cfg = json.loads((s2 / "config.json").read_text())
+    model = hires.load_checkpoint(str(s2))
+    model.set_stage(2)
+    groups = {g: sum(p.numel() for n, p in model.named_parameters() if (n.startswith(g + ".") and "lora_" not in n)
+                     or (g == "lora" and "lora_" in n)) for g in ("sra", "sampler", "projector", "lora")}
+    assert train.trainable_counts(model) == groups and groups["lora"] == 2 * 4 * (128 + 96 + 96 + 128 + 3 * (64 + 172))
+    # rank 4 x (in + out) of q, k, v (GQA: 32 out), o, gate, up, down; 2 layers
+    assert "stage 2: trainable by group: " + ", ".join(f"{g} {n:,}" for g, n in groups.items()) in \
+        capsys.readouterr().out
+    assert (cfg["max_slices"], cfg["upscale"], cfg["max_length"], cfg["lora_rank"], cfg["lora_alpha"],
+            cfg["lora_dropout"]) == (2, True, 400, 4, 8.0, 0.1)
+    sd = load_file(s2 / "model.safetensors")
+    assert {v.shape[0] for k, v in sd.items() if k.endswith("lora_A")} == {4}
+    with pytest.raises(SystemExit, match=r"^train.py: error: --sampler qformer: .* trained the sms sampler in stage 1"):
+        train.main(tiny_args(tmp_path / "s3", data_dir, "--stage", "2", "--init", str(s1), "--sampler", "qformer"))
+    with pytest.raises(SystemExit, match=r"--lora-rank 8: the LoRA of .* is trained \(rank 4\)"):
+        train.main(tiny_args(tmp_path / "s4", data_dir, "--stage", "2", "--init", str(s2), "--lora-rank", "8"))
+
+
+def test_backbone_paths_are_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip.pt").write_bytes(b"")
+    (tmp_path / "vicuna").mkdir()
+    args = train.parse_args(["--clip", "clip.pt", "--llm", "vicuna", "--data1", "a.json", "--data2", "b.json"])
+    cfg = train.model_config(args)
+    assert (cfg.clip_weights, cfg.llm_path, cfg.tokenizer_path) == (
+        str(tmp_path / "clip.pt"), str(tmp_path / "vicuna"), str(tmp_path / "vicuna" / "tokenizer.model"))
+
+
+def test_stage2_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
+    """Stage 2 (LoRA + SRA + sampler + projector) under DDP on 2 CPU processes matches 1 process."""
+    train.main(tiny_args(tmp_path / "s1", data_dir, "--stage", "1", "--steps1", "2", "--lora-rank", "8",
+                         "--no-train-llm"))
+    common = ["--stage", "2", "--init", str(tmp_path / "s1" / "stage1"), "--steps2", "3", "--threads", "1"]
+    train.main(tiny_args(tmp_path / "one", data_dir, *common))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(ROOT, "train.py"), *tiny_args(tmp_path / "two", data_dir, *common)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    for key in ("loss", "grad_norm"):  # same micro-batches, gradients averaged in another order: float rounding
+        assert history(tmp_path / "two", 2, key) == pytest.approx(history(tmp_path / "one", 2, key), rel=1e-4)
+    one, two = (load_file(tmp_path / d / "stage2" / "model.safetensors") for d in ("one", "two"))
+    assert any("lora_" in k for k in one) and any(k.startswith("sra.") for k in one)
+    for k in one:  # the trained LoRA and SRA agree too
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_device_is_set_before_the_process_group(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    args = train.parse_args(tiny_args(tmp_path, "unused", "--device", "cuda", "--dtype", "fp32"))
+    ctx = train.setup(args)
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx["device"] == torch.device("cuda", 1)
+
+
+def test_readme_memory_arithmetic_uses_the_models_counts():
+    """The paper-preset memory table quotes parameter and token counts: they are the code's (meta device, no RAM)."""
+    import dataclasses
+    import clip
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    args = train.parse_args(["--clip", __file__, "--llm", ROOT, "--data1", "a", "--data2", "b"])
+    cfg = train.model_config(args)
+    with torch.device("meta"):
+        llm = llama.Llama(llama.LlamaConfig.from_preset("vicuna-7b"))
+        n_llm = sum(p.numel() for p in llm.parameters())
+        llama.apply_lora(llm, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        n_lora = sum(p.numel() for n, p in llm.named_parameters() if "lora_" in n)
+        ccfg = clip.CLIPConfig.from_preset(cfg.clip_preset)
+        vit = clip.build_vision_tower(dataclasses.replace(ccfg, pretrained=False))
+        n_vit = sum(p.numel() for p in vit.parameters())
+        D, C = ccfg.width, llm.cfg.dim
+        n_sra = sum(p.numel() for p in hires.SliceRestoreAdapter(D, ccfg.heads, ccfg.grid).parameters())
+        n_sms = sum(p.numel() for p in hires.SelfMiningSampler(D, ccfg.heads, ccfg.grid, cfg.kernel).parameters())
+        layers = (torch.nn.Linear(D, C), torch.nn.Linear(C, C))  # LLaVA's mlp2x_gelu
+        n_proj = sum(q.numel() for layer in layers for q in layer.parameters())
+    total = n_lora + len(cfg.sra_layers) * n_sra + n_sms + n_proj
+    for n in (n_llm, n_vit, n_lora, n_sra, n_sms, n_proj, total):
+        assert f"{n:,}" in readme, n
+    assert f"SRA {len(cfg.sra_layers)} x" in readme and f"blocks {cfg.sra_layers[0]}-{ccfg.layers - 2}" in readme
+    assert cfg.image_tokens((4, 4)) == 2465 and "(2465 tokens)" in readme
+    assert args.micro_batch == 8 and args.grad_ckpt and f"micro-batch {args.micro_batch} (accumulation " \
+        f"{args.batch2} / ({args.micro_batch} x 8 GPUs) = {args.batch2 // (args.micro_batch * 8)}" in readme
