@@ -543,7 +543,11 @@ def init_model(args, where):
         path = over.get(key, stored[key])
         if not os.path.exists(path):
             raise TrainError(f"{path}: the {key} of {args.init} is not there; pass --clip/--llm/--tokenizer")
-    model = hires.HiResLLaVA(hires.HiResConfig(**{**stored, **over}), **where)
+    try:
+        cfg = hires.HiResConfig(**{**stored, **over})
+    except (TypeError, ValueError) as e:  # unknown keys, impossible combinations
+        raise TrainError(f"--init {args.init}: {e}") from None
+    model = hires.HiResLLaVA(cfg, **where)
     if model.cfg.lora_rank != stored["lora_rank"]:
         if any(v.any() for k, v in sd.items() if k.endswith("lora_B")):
             raise TrainError(f"--lora-rank {model.cfg.lora_rank}: the LoRA of {args.init} is trained (rank "

@@ -342,6 +342,9 @@ def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir, capsys):
         train.main(tiny_args(tmp_path / "s3", data_dir, "--stage", "2", "--init", str(s1), "--sampler", "qformer"))
     with pytest.raises(SystemExit, match=r"--lora-rank 8: the LoRA of .* is trained \(rank 4\)"):
         train.main(tiny_args(tmp_path / "s4", data_dir, "--stage", "2", "--init", str(s2), "--lora-rank", "8"))
+    (s2 / "config.json").write_text(json.dumps({**cfg, "sra_layer": [1]}))  # a config this code cannot read
+    with pytest.raises(SystemExit, match=r"^train.py: error: --init .*unexpected keyword argument 'sra_layer'"):
+        train.main(tiny_args(tmp_path / "s5", data_dir, "--stage", "2", "--init", str(s2)))
 
 
 def test_backbone_paths_are_stored_absolute(tmp_path, monkeypatch):
