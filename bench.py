@@ -1,8 +1,9 @@
 """Speed and memory figures for hires-llava, each measured against its reference in one run on this machine.
 
   python bench.py llama       llama.py vs transformers' LlamaForCausalLM on the same random ~125M-parameter
-                              LLaMA (GQA, fp32, batch 1): prefill tok/s (512-token prompt) and greedy decode
-                              tok/s with KV cache (128 new tokens). Needs transformers (requirements-test.txt).
+                              LLaMA (GQA, fp32, batch 1): prefill tok/s and greedy decode tok/s with KV cache
+                              (128 new tokens) for 64- and 512-token prompts, their ratios and whether both
+                              produce the same tokens. Needs transformers (requirements-test.txt).
   python bench.py hires       the HiRes-LLaVA vision path (ViT + SliceRestore Adapters + Self-Mining Sampler) vs
                               the plain sliced ViT on one overview + 16-slice image; one SRA vs full joint
                               self-attention over all slice tokens at 4, 9, 16 slices; peak RSS of a 16-slice
@@ -95,7 +96,7 @@ def bench_llama(args):
     kv_heads = 4 if heads % 4 == 0 else 1  # grouped-query attention
     cfg = LlamaConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=heads, n_kv_heads=kv_heads,
                       hidden_dim=256 * max(1, round(args.dim * 8 / 3 / 256)),
-                      max_seq_len=args.prompt_len + args.new_tokens)
+                      max_seq_len=max(args.prompt_len) + args.new_tokens)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         src = Llama(cfg)  # random weights (std 0.02), written once as an HF checkpoint that both sides load
@@ -107,35 +108,38 @@ def bench_llama(args):
     print(f"\n== llama: llama.py vs transformers {transformers.__version__} LlamaForCausalLM")
     print(f"  config: {n_params / 1e6:.0f}M params, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
           f"{cfg.n_kv_heads} kv heads, MLP {cfg.hidden_dim}, vocab {cfg.vocab_size}, fp32, batch 1, "
-          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens greedy")
-    ids = torch.randint(3, cfg.vocab_size, (1, args.prompt_len))
-    mask = torch.ones_like(ids)
+          f"{args.new_tokens} new tokens greedy")
+    N, rows = args.new_tokens, []
+    for P in args.prompt_len:
+        ids = torch.randint(3, cfg.vocab_size, (1, P))
+        mask = torch.ones_like(ids)
 
-    def run_ours(n):  # eos_id=-1: never stops early, like min_new_tokens on the HF side
-        return ours.generate(ids, max_new_tokens=n, temperature=0.0, eos_id=-1)[0]
+        def run_ours(n):  # eos_id=-1: never stops early, like min_new_tokens on the HF side
+            return ours.generate(ids, max_new_tokens=n, temperature=0.0, eos_id=-1)[0]
 
-    def run_hf(n):
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          use_cache=True, pad_token_id=cfg.pad_id)
-        return out[0, args.prompt_len:].tolist()
+        def run_hf(n):
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              use_cache=True, pad_token_id=cfg.pad_id)
+            return out[0, P:].tolist()
 
-    N = args.new_tokens
-    same = run_ours(N) == run_hf(N)
-    # prefill = generate(1 token): one forward of the prompt (last-position logits) + one greedy pick;
-    # decode = generate(N) - generate(1): the N-1 one-token forwards with the KV cache. Same rule for both.
-    t = median_times({"ours1": lambda: run_ours(1), "oursN": lambda: run_ours(N),
-                      "hf1": lambda: run_hf(1), "hfN": lambda: run_hf(N)}, args.repeats)
-    rows, rates = [], {}
-    for name, key in (("llama.py", "ours"), ("transformers", "hf")):
-        t1, tN = t[key + "1"], t[key + "N"]
-        rates[key] = (args.prompt_len / t1, (N - 1) / (tN - t1))
-        rows.append([name, f"{rates[key][0]:.0f}", f"{rates[key][1]:.1f}", f"{1000 * (tN - t1) / (N - 1):.1f}",
-                     f"{tN:.2f}"])
-    rows.append(["speed ratio llama.py/transformers", f"{rates['ours'][0] / rates['hf'][0]:.2f}",
-                 f"{rates['ours'][1] / rates['hf'][1]:.2f}", "", f"{t['hfN'] / t['oursN']:.2f}"])
-    print_table(["", "prefill tok/s", "decode tok/s", "decode ms/tok", f"generate {N} s"], rows)
-    print(f"  (median of {args.repeats}; ratios > 1: llama.py faster; decode target >= 1.0; "
-          f"identical greedy tokens: {'yes' if same else 'NO'})")
+        same = run_ours(N) == run_hf(N)
+        # prefill = generate(1 token): one forward of the prompt (last-position logits) + one greedy pick;
+        # decode = generate(N) - generate(1): the N-1 one-token forwards with the KV cache. Same rule for both.
+        t = median_times({"ours1": lambda: run_ours(1), "oursN": lambda: run_ours(N),
+                          "hf1": lambda: run_hf(1), "hfN": lambda: run_hf(N)}, args.repeats)
+        rates = {}
+        for name, key in (("llama.py", "ours"), ("transformers", "hf")):
+            t1, tN = t[key + "1"], t[key + "N"]
+            rates[key] = (P / t1, (N - 1) / (tN - t1))
+            rows.append([P, name, f"{rates[key][0]:.0f}", f"{rates[key][1]:.1f}",
+                         f"{1000 * (tN - t1) / (N - 1):.1f}", f"{tN:.2f}", ""])
+        rows.append([P, "ratio llama.py/transformers", f"{rates['ours'][0] / rates['hf'][0]:.2f}",
+                     f"{rates['ours'][1] / rates['hf'][1]:.2f}", "", f"{t['hfN'] / t['oursN']:.2f}",
+                     "yes" if same else "NO"])
+    print_table(["prompt", "", "prefill tok/s", "decode tok/s", "decode ms/tok", f"generate {N} s",
+                 "same tokens"], rows)
+    print(f"  (median of {args.repeats}, the four runs of a prompt length interleaved; ratios > 1: llama.py faster; "
+          f"decode target >= 1.3)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +264,8 @@ def main(argv=None):
     common.add_argument("--repeats", type=int, default=3,
                         help="timed runs per measurement, after one warm-up run; the median is reported (default 3)")
     lm = argparse.ArgumentParser(add_help=False)
-    lm.add_argument("--prompt-len", type=int, default=512, help="llama: random prompt length in tokens (default 512)")
+    lm.add_argument("--prompt-len", type=int, nargs="+", default=[64, 512],
+                    help="llama: random prompt lengths in tokens, one table row each (default 64 512)")
     lm.add_argument("--new-tokens", type=int, default=128, help="llama: greedy new tokens, >= 2 (default 128)")
     lm.add_argument("--layers", type=int, default=12, help="llama: decoder layers (default 12)")
     lm.add_argument("--dim", type=int, default=768,
@@ -288,7 +293,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         ap.error("--repeats and --threads must be >= 1")
-    if args.bench in ("llama", "all") and (args.new_tokens < 2 or args.dim % 64 or args.prompt_len < 1):
+    if args.bench in ("llama", "all") and (args.new_tokens < 2 or args.dim % 64 or min(args.prompt_len) < 1):
         ap.error("--new-tokens must be >= 2, --prompt-len >= 1 and --dim a multiple of 64")
     if args.bench in ("hires", "all"):
         try:
@@ -306,7 +311,8 @@ def main(argv=None):
     for bench in benches:
         t0 = time.perf_counter()
         bench(args)
-        print(f"  [{bench.__name__} wall time {time.perf_counter() - t0:.0f} s]")
+        load = f", 1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+        print(f"  [{bench.__name__} wall time {time.perf_counter() - t0:.0f} s{load}]")
 
 
 if __name__ == "__main__":
