@@ -32,17 +32,20 @@ import time
 import torch
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def median_times(fns, repeats):
     """fns: name -> zero-argument callable. One warm-up call each, then `repeats` interleaved rounds.
-    Returns name -> median seconds."""
+    Returns name -> median seconds (of CLOCK)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(CLOCK() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -406,6 +409,9 @@ def main(argv=None):
                         help=f"torch intra-op threads, torch.set_num_threads (default: all {cores} cores)")
     common.add_argument("--repeats", type=int, default=3,
                         help="timed runs per measurement, after one warm-up run; the median is reported (default 3)")
+    common.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (default); cpu: this process's CPU time, which time-sharing with "
+                             "other jobs does not inflate (on a shared machine, with --threads 1)")
     lm = argparse.ArgumentParser(add_help=False)
     lm.add_argument("--prompt-len", type=int, nargs="+", default=[64, 512],
                     help="llama: random prompt lengths in tokens, one table row each (default 64 512)")
@@ -454,7 +460,9 @@ def main(argv=None):
         except ValueError as e:
             ap.error(f"hires ViT flags: {e}")
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine(args.threads)}")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"machine: {machine(args.threads)}, {args.clock} clock")
     busy = cpu_busy()
     if busy is not None and busy > 0.1:
         print(f"WARNING: other processes kept {100 * busy:.0f}% of the CPU busy just before the start; "
