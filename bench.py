@@ -1,14 +1,19 @@
 """Speed and memory figures for hires-llava, each measured against its reference in one run on this machine.
 
   python bench.py llama       llama.py vs transformers' LlamaForCausalLM on the same random ~125M-parameter
-                              LLaMA (GQA, fp32, batch 1): prefill tok/s (512-token prompt) and greedy decode
-                              tok/s with KV cache (128 new tokens). Needs transformers (requirements-test.txt).
+                              LLaMA (GQA, fp32, batch 1): prefill tok/s and greedy decode tok/s with KV cache
+                              (128 new tokens) for 64- and 512-token prompts, their ratios and whether both
+                              produce the same tokens. Needs transformers (requirements-test.txt).
   python bench.py hires       the HiRes-LLaVA vision path (ViT + SliceRestore Adapters + Self-Mining Sampler) vs
                               the plain sliced ViT on one overview + 16-slice image; one SRA vs full joint
                               self-attention over all slice tokens at 4, 9, 16 slices; peak RSS of a 16-slice
                               forward in a fresh process. Random weights, CPU-sized ViT (width 384, 336 px, /14).
+  python bench.py ttft        time to first token on one 1344x1344 image + a short question: HiRes-LLaVA (overview
+                              + 4x4 slices, SRA, SMS) vs transformers' LlavaNextForConditionalGeneration (anyres
+                              4x4 grid) with the same random ViT (as a CLIPVisionConfig) and LLaMA configs; LLM
+                              tokens per image and peak RSS in a fresh process each. Needs transformers.
   python bench.py entitygrid  EntityGrid-QA generation speed (samples/s) at base 336, pinned to one CPU core.
-  python bench.py all         the three above, in that order.
+  python bench.py all         the four above, in that order.
   python bench.py gpu         smoke run of the paper shapes from random weights on one CUDA device (ViT-L-14-336,
                               a LLaMA with Vicuna-7B's config, bf16 backbones, fp32 adapters): a few stage-2
                               steps at the paper preset's micro-batch on 16-slice images (step time, tokens/s,
@@ -32,17 +37,20 @@ import time
 import torch
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def median_times(fns, repeats):
     """fns: name -> zero-argument callable. One warm-up call each, then `repeats` interleaved rounds.
-    Returns name -> median seconds."""
+    Returns name -> median seconds (of CLOCK)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(CLOCK() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -100,7 +108,7 @@ def bench_llama(args):
     kv_heads = 4 if heads % 4 == 0 else 1  # grouped-query attention
     cfg = LlamaConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=heads, n_kv_heads=kv_heads,
                       hidden_dim=256 * max(1, round(args.dim * 8 / 3 / 256)),
-                      max_seq_len=args.prompt_len + args.new_tokens)
+                      max_seq_len=max(args.prompt_len) + args.new_tokens)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         src = Llama(cfg)  # random weights (std 0.02), written once as an HF checkpoint that both sides load
@@ -112,35 +120,38 @@ def bench_llama(args):
     print(f"\n== llama: llama.py vs transformers {transformers.__version__} LlamaForCausalLM")
     print(f"  config: {n_params / 1e6:.0f}M params, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
           f"{cfg.n_kv_heads} kv heads, MLP {cfg.hidden_dim}, vocab {cfg.vocab_size}, fp32, batch 1, "
-          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens greedy")
-    ids = torch.randint(3, cfg.vocab_size, (1, args.prompt_len))
-    mask = torch.ones_like(ids)
+          f"{args.new_tokens} new tokens greedy")
+    N, rows = args.new_tokens, []
+    for P in args.prompt_len:
+        ids = torch.randint(3, cfg.vocab_size, (1, P))
+        mask = torch.ones_like(ids)
 
-    def run_ours(n):  # eos_id=-1: never stops early, like min_new_tokens on the HF side
-        return ours.generate(ids, max_new_tokens=n, temperature=0.0, eos_id=-1)[0]
+        def run_ours(n):  # eos_id=-1: never stops early, like min_new_tokens on the HF side
+            return ours.generate(ids, max_new_tokens=n, temperature=0.0, eos_id=-1)[0]
 
-    def run_hf(n):
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          use_cache=True, pad_token_id=cfg.pad_id)
-        return out[0, args.prompt_len:].tolist()
+        def run_hf(n):
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              use_cache=True, pad_token_id=cfg.pad_id)
+            return out[0, P:].tolist()
 
-    N = args.new_tokens
-    same = run_ours(N) == run_hf(N)
-    # prefill = generate(1 token): one forward of the prompt (last-position logits) + one greedy pick;
-    # decode = generate(N) - generate(1): the N-1 one-token forwards with the KV cache. Same rule for both.
-    t = median_times({"ours1": lambda: run_ours(1), "oursN": lambda: run_ours(N),
-                      "hf1": lambda: run_hf(1), "hfN": lambda: run_hf(N)}, args.repeats)
-    rows, rates = [], {}
-    for name, key in (("llama.py", "ours"), ("transformers", "hf")):
-        t1, tN = t[key + "1"], t[key + "N"]
-        rates[key] = (args.prompt_len / t1, (N - 1) / (tN - t1))
-        rows.append([name, f"{rates[key][0]:.0f}", f"{rates[key][1]:.1f}", f"{1000 * (tN - t1) / (N - 1):.1f}",
-                     f"{tN:.2f}"])
-    rows.append(["speed ratio llama.py/transformers", f"{rates['ours'][0] / rates['hf'][0]:.2f}",
-                 f"{rates['ours'][1] / rates['hf'][1]:.2f}", "", f"{t['hfN'] / t['oursN']:.2f}"])
-    print_table(["", "prefill tok/s", "decode tok/s", "decode ms/tok", f"generate {N} s"], rows)
-    print(f"  (median of {args.repeats}; ratios > 1: llama.py faster; decode target >= 1.0; "
-          f"identical greedy tokens: {'yes' if same else 'NO'})")
+        same = run_ours(N) == run_hf(N)
+        # prefill = generate(1 token): one forward of the prompt (last-position logits) + one greedy pick;
+        # decode = generate(N) - generate(1): the N-1 one-token forwards with the KV cache. Same rule for both.
+        t = median_times({"ours1": lambda: run_ours(1), "oursN": lambda: run_ours(N),
+                          "hf1": lambda: run_hf(1), "hfN": lambda: run_hf(N)}, args.repeats)
+        rates = {}
+        for name, key in (("llama.py", "ours"), ("transformers", "hf")):
+            t1, tN = t[key + "1"], t[key + "N"]
+            rates[key] = (P / t1, (N - 1) / (tN - t1))
+            rows.append([P, name, f"{rates[key][0]:.0f}", f"{rates[key][1]:.1f}",
+                         f"{1000 * (tN - t1) / (N - 1):.1f}", f"{tN:.2f}", ""])
+        rows.append([P, "ratio llama.py/transformers", f"{rates['ours'][0] / rates['hf'][0]:.2f}",
+                     f"{rates['ours'][1] / rates['hf'][1]:.2f}", "", f"{t['hfN'] / t['oursN']:.2f}",
+                     "yes" if same else "NO"])
+    print_table(["prompt", "", "prefill tok/s", "decode tok/s", "decode ms/tok", f"generate {N} s",
+                 "same tokens"], rows)
+    print(f"  (median of {args.repeats}, the four runs of a prompt length interleaved; ratios > 1: llama.py faster; "
+          f"decode target >= 1.3)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +237,145 @@ def bench_hires(args):
     print("\n  peak memory of one 16-slice image forward (17 ViT passes, fp32, no grad), fresh process each:")
     print_table(["vision path", "RSS before MB", "peak RSS in fwd MB", "fwd growth MB"], rows)
     print("  (RSS before = python + torch + weights + input; peak = VmHWM, reset just before the forward)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ttft: time to first token, HiRes-LLaVA vs LLaVA-NeXT with matched random backbones
+
+QUESTION = "What is written in the top left cell?"
+
+
+def ttft_backbones(args, path):
+    """Backbones shared by both models, written to path: a sentencepiece tokenizer and a random LLaMA (HF directory,
+    one vocabulary row more than the tokenizer: LLaVA-NeXT's <image> token); the ViT as a clip.CLIPConfig and as the
+    transformers CLIPVisionConfig of the same network. -> (tokenizer, LlamaConfig, CLIPConfig, CLIPVisionConfig)"""
+    import transformers
+    from clip import CLIPConfig
+    from llama import Llama, LlamaConfig, SYSTEM_PROMPT, train_tokenizer
+    torch.manual_seed(0)
+    tok = train_tokenizer([SYSTEM_PROMPT, QUESTION, "USER: ASSISTANT: , \n"] * 4, os.path.join(path, "tok.model"),
+                          vocab_size=300)
+    heads = args.llm_dim // 64
+    llm = LlamaConfig(vocab_size=tok.vocab_size + 1, dim=args.llm_dim, n_layers=args.llm_layers, n_heads=heads,
+                      n_kv_heads=max(1, heads // 2), hidden_dim=256 * max(1, round(args.llm_dim * 8 / 3 / 256)),
+                      max_seq_len=16384)
+    Llama(llm).save_pretrained(os.path.join(path, "llm"))
+    vit = CLIPConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
+                     layers=args.vit_layers, heads=args.vit_heads, output_dim=args.vit_width, pretrained=False)
+    hf_vit = transformers.CLIPVisionConfig(hidden_size=vit.width, intermediate_size=int(vit.width * vit.mlp_ratio),
+                                           num_hidden_layers=vit.layers, num_attention_heads=vit.heads,
+                                           image_size=vit.image_size, patch_size=vit.patch_size,
+                                           hidden_act="quick_gelu", projection_dim=vit.output_dim)
+    return tok, llm, vit, hf_vit
+
+
+def test_image():
+    import numpy as np
+    from PIL import Image
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (1344, 1344, 3), dtype=np.uint8))
+
+
+def hires_first_token(path, llm, vit):
+    """HiRes-LLaVA (overview + 4x4 slices, SRA, SMS k=2) on the backbones in path -> (first-token function, LLM
+    tokens per image). HiResConfig names its ViT by clip.py preset and the bench ViT is none of them, so the model is
+    built on the tiny preset and its vision modules are replaced by ones of `vit`, built as HiResLLaVA.__init__ does."""
+    from clip import VisionTower, default_adapter_layers
+    from hires import HiResConfig, HiResLLaVA, SliceRestoreAdapter, make_sampler
+    torch.manual_seed(0)
+    model = HiResLLaVA(HiResConfig(clip_preset="tiny", llm_path=os.path.join(path, "llm"),
+                                   tokenizer_path=os.path.join(path, "tok.model"), lora_rank=0))
+    model.vision = VisionTower(vit)
+    model.sra = torch.nn.ModuleDict({str(i): SliceRestoreAdapter(vit.width, vit.heads, vit.grid)
+                                     for i in default_adapter_layers(vit.layers)})
+    model.sampler = make_sampler("sms", vit.width, vit.heads, vit.grid, 2, False)
+    model.projector = torch.nn.Sequential(torch.nn.Linear(vit.width, llm.dim), torch.nn.GELU(),
+                                          torch.nn.Linear(llm.dim, llm.dim))
+    model.eval()
+    img = test_image()
+    with torch.no_grad():
+        n_tokens = len(model.encode_images([model.preprocess(img)])[0])
+    return lambda: model.generate([img], [QUESTION], max_new_tokens=1), n_tokens
+
+
+def next_first_token(path, llm, vit, hf_vit):
+    """transformers' LLaVA-NeXT (anyres up to 4x4 tiles of the ViT resolution, spatial_unpad, image newline) with
+    the same ViT and LLaMA configs, random weights -> (first-token function, LLM tokens per image). The function
+    includes LlavaNextImageProcessor, as HiResLLaVA.generate includes its preprocessing."""
+    import transformers
+    from llama import IMAGE_TOKEN_INDEX, Tokenizer, encode_prompt
+    transformers.utils.logging.disable_progress_bar()
+    S = vit.image_size
+    pinpoints = [[S * r, S * c] for r in range(1, 5) for c in range(1, 5)]
+    cfg = transformers.LlavaNextConfig(
+        vision_config=hf_vit, text_config=transformers.LlamaConfig.from_pretrained(os.path.join(path, "llm")),
+        image_token_index=llm.vocab_size - 1, image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=vit.grid ** 2)
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    proc = transformers.LlavaNextImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
+                                                image_grid_pinpoints=pinpoints)
+    img = test_image()
+    pix = proc(img, return_tensors="pt")
+    with torch.no_grad():
+        n_tokens = len(model.model.get_image_features(pix["pixel_values"], pix["image_sizes"]).pooler_output[0])
+    ids = encode_prompt("<image>\n" + QUESTION, Tokenizer(os.path.join(path, "tok.model")))
+    j = ids.index(IMAGE_TOKEN_INDEX)
+    ids = torch.tensor([ids[:j] + [cfg.image_token_index] * n_tokens + ids[j + 1:]])  # as LlavaNextProcessor
+
+    @torch.no_grad()
+    def first_token():
+        p = proc(img, return_tensors="pt")
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=p["pixel_values"],
+                              image_sizes=p["image_sizes"], max_new_tokens=1, do_sample=False, pad_token_id=0)
+    return first_token, n_tokens
+
+
+def ttft_model(path, name, configs):
+    llm, vit, hf_vit = configs
+    return hires_first_token(path, llm, vit) if name == "HiRes-LLaVA" else next_first_token(path, llm, vit, hf_vit)
+
+
+def ttft_peak_rss(args, path, name, configs):
+    """Runs in a fresh process: build one model, time its first token -> (RSS before, peak during) MB."""
+    torch.set_num_threads(args.threads)
+    fn, _ = ttft_model(path, name, configs)
+    before, _ = rss_mb(reset_peak=True)
+    fn()
+    return before, rss_mb()[1]
+
+
+def bench_ttft(args):
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("bench.py ttft needs transformers as the reference: pip install -r requirements-test.txt")
+    names = ("HiRes-LLaVA", "LLaVA-NeXT")
+    with tempfile.TemporaryDirectory() as d:
+        configs = ttft_backbones(args, d)[1:]
+        models = {name: ttft_model(d, name, configs) for name in names}
+        t = median_times({name: fn for name, (fn, _) in models.items()}, args.repeats)
+        tokens = {name: n for name, (_, n) in models.items()}
+        del models
+        peaks = {}
+        if os.path.isfile("/proc/self/clear_refs"):
+            ctx = mp.get_context("spawn")
+            for name in names:
+                with ctx.Pool(1) as pool:  # a fresh interpreter each: no allocator caches from the timings
+                    peaks[name] = pool.apply(ttft_peak_rss, (args, d, name, configs))
+    llm, vit, _ = configs
+    print(f"\n== ttft: time to first token, HiRes-LLaVA vs transformers {transformers.__version__} "
+          f"LlavaNextForConditionalGeneration")
+    print(f"  one 1344x1344 image (overview + 4x4 tiles) + a {len(QUESTION.split())}-word question, vicuna_v1 prompt, "
+          f"fp32, batch 1, random weights; ViT {vit.image_size} px, patch {vit.patch_size}, width {vit.width}, "
+          f"{vit.layers} layers, {vit.heads} heads (the same as a CLIPVisionConfig); LLaMA dim {llm.dim}, "
+          f"{llm.n_layers} layers, {llm.n_heads} heads, {llm.n_kv_heads} kv heads, MLP {llm.hidden_dim}")
+    rows = [[name, f"{t[name]:.2f}", tokens[name],
+             f"{peaks[name][1]:.0f} (+{peaks[name][1] - peaks[name][0]:.0f})" if peaks else "n/a"] for name in names]
+    print_table(["model", "TTFT s", "LLM tokens per image", "peak RSS MB (growth in first token)"], rows)
+    print(f"  TTFT ratio LLaVA-NeXT / HiRes-LLaVA: {t['LLaVA-NeXT'] / t['HiRes-LLaVA']:.2f}x; image tokens "
+          f"{tokens['LLaVA-NeXT'] / tokens['HiRes-LLaVA']:.2f}x")
+    print(f"  (median of {args.repeats}, interleaved; TTFT = image preprocessing + ViT + LLM prefill + first greedy "
+          f"token; peak = VmHWM of one first token in a fresh process with that model built)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,20 +516,31 @@ def main(argv=None):
                         help=f"torch intra-op threads, torch.set_num_threads (default: all {cores} cores)")
     common.add_argument("--repeats", type=int, default=3,
                         help="timed runs per measurement, after one warm-up run; the median is reported (default 3)")
+    common.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (default); cpu: this process's CPU time, which time-sharing with "
+                             "other jobs does not inflate (on a shared machine, with --threads 1)")
     lm = argparse.ArgumentParser(add_help=False)
-    lm.add_argument("--prompt-len", type=int, default=512, help="llama: random prompt length in tokens (default 512)")
+    lm.add_argument("--prompt-len", type=int, nargs="+", default=[64, 512],
+                    help="llama: random prompt lengths in tokens, one table row each (default 64 512)")
     lm.add_argument("--new-tokens", type=int, default=128, help="llama: greedy new tokens, >= 2 (default 128)")
     lm.add_argument("--layers", type=int, default=12, help="llama: decoder layers (default 12)")
     lm.add_argument("--dim", type=int, default=768,
                     help="llama: model width, a multiple of 64; heads = dim/64, 4 kv heads (1 if heads %% 4), "
                          "MLP ~8/3 dim rounded to 256 (default 768 -> 12 heads, MLP 2048)")
-    vit = argparse.ArgumentParser(add_help=False)
-    vit.add_argument("--vit-width", type=int, default=384, help="hires: ViT width D (default 384; ViT-L is 1024)")
-    vit.add_argument("--vit-layers", type=int, default=12, help="hires: ViT blocks (default 12; ViT-L is 24)")
-    vit.add_argument("--vit-heads", type=int, default=6, help="hires: ViT attention heads (default 6)")
-    vit.add_argument("--image-size", type=int, default=336, help="hires: base resolution S of overview and slices "
-                                                                 "(default 336)")
-    vit.add_argument("--patch-size", type=int, default=14, help="hires: ViT patch size (default 14)")
+    def vit_flags(width, layers, heads):  # hires' ViT, and a smaller one for ttft alone (both models in ~2 min)
+        vit = argparse.ArgumentParser(add_help=False)
+        vit.add_argument("--vit-width", type=int, default=width, help=f"ViT width D (default {width}; ViT-L: 1024)")
+        vit.add_argument("--vit-layers", type=int, default=layers, help=f"ViT blocks (default {layers}; ViT-L: 24)")
+        vit.add_argument("--vit-heads", type=int, default=heads, help=f"ViT attention heads (default {heads})")
+        vit.add_argument("--image-size", type=int, default=336, help="ViT resolution, the base S of overview and "
+                                                                     "slices (default 336)")
+        vit.add_argument("--patch-size", type=int, default=14, help="ViT patch size (default 14)")
+        return vit
+    vit = vit_flags(384, 12, 6)
+    tt = argparse.ArgumentParser(add_help=False)
+    tt.add_argument("--llm-dim", type=int, default=384, help="ttft: LLaMA width, a multiple of 64; heads = dim/64, "
+                                                             "half as many kv heads (default 384)")
+    tt.add_argument("--llm-layers", type=int, default=6, help="ttft: LLaMA layers (default 6)")
     eg = argparse.ArgumentParser(add_help=False)
     eg.add_argument("--samples", type=int, default=300, help="entitygrid: samples generated per run (default 300)")
     eg.add_argument("--base", type=int, default=336, help="entitygrid: base S; images are 2S x 2S (default 336)")
@@ -396,11 +557,12 @@ def main(argv=None):
                      help="gpu: the device's dense bf16 peak for MFU (default 989: H100/H200 SXM)")
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="bench", required=True, metavar="{llama,hires,entitygrid,all,gpu}")
+    sub = ap.add_subparsers(dest="bench", required=True, metavar="{llama,hires,ttft,entitygrid,all,gpu}")
     helps = {"llama": ("llama.py vs transformers: prefill and decode tok/s", [common, lm]),
              "hires": ("vision path overhead of SRA+SMS, SRA vs joint attention, peak RSS", [common, vit]),
+             "ttft": ("time to first token vs LLaVA-NeXT on a 1344x1344 image", [common, vit_flags(256, 6, 4), tt]),
              "entitygrid": ("EntityGrid-QA generation samples/s on one core", [common, eg]),
-             "all": ("llama, hires and entitygrid in turn", [common, lm, vit, eg]),
+             "all": ("llama, hires, ttft and entitygrid in turn", [common, lm, vit, tt, eg]),
              "gpu": ("stage-2 steps and generation at the paper's shapes, random weights, one device",
                      [common, gpu])}
     for name, (text, parents) in helps.items():
@@ -408,25 +570,32 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         ap.error("--repeats and --threads must be >= 1")
-    if args.bench in ("llama", "all") and (args.new_tokens < 2 or args.dim % 64 or args.prompt_len < 1):
+    if args.bench in ("llama", "all") and (args.new_tokens < 2 or args.dim % 64 or min(args.prompt_len) < 1):
         ap.error("--new-tokens must be >= 2, --prompt-len >= 1 and --dim a multiple of 64")
-    if args.bench in ("hires", "all"):
+    if args.bench in ("ttft", "all") and (args.llm_dim % 64 or args.llm_layers < 1):
+        ap.error("--llm-dim must be a multiple of 64 and --llm-layers >= 1")
+    if args.bench in ("hires", "ttft", "all"):
         try:
             vit_config(args)
         except ValueError as e:
             ap.error(f"hires ViT flags: {e}")
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine(args.threads)}")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"machine: {machine(args.threads)}, {args.clock} clock")
     busy = cpu_busy()
     if busy is not None and busy > 0.1:
         print(f"WARNING: other processes kept {100 * busy:.0f}% of the CPU busy just before the start; "
               f"they compete with the benchmark, so every figure below is unreliable")
-    benches = {"llama": [bench_llama], "hires": [bench_hires], "entitygrid": [bench_entitygrid],
-               "all": [bench_llama, bench_hires, bench_entitygrid], "gpu": [bench_gpu]}[args.bench]
+    benches = {"llama": [bench_llama], "hires": [bench_hires], "ttft": [bench_ttft],
+               "entitygrid": [bench_entitygrid],
+               "all": [bench_llama, bench_hires, bench_ttft, bench_entitygrid], "gpu": [bench_gpu]}[args.bench]
     for bench in benches:
         t0 = time.perf_counter()
         result = bench(args)
-        print(f"  [{bench.__name__} wall time {time.perf_counter() - t0:.0f} s]")
+        load = f", 1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" \
+            if hasattr(os, "getloadavg") else ""
+        print(f"  [{bench.__name__} wall time {time.perf_counter() - t0:.0f} s{load}]")
     return result
 
 

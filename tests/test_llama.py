@@ -191,6 +191,28 @@ def test_left_padded_batch_equals_single_and_eos_stop(monkeypatch):
     assert len(m.generate(torch.zeros(1, 62, dtype=torch.long), max_new_tokens=8, eos_id=-1)[0]) == 2  # context end
 
 
+def greedy_full_forward(m, ids, mask, n):
+    """Reference decoder: n greedy steps, each one full forward of the whole sequence, no cache."""
+    T = ids.shape[1]
+    for _ in range(n):
+        nxt = m(ids, attention_mask=mask)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids[:, T:].tolist()
+
+
+def test_cached_decode_equals_full_forward_greedy_padded_and_unpadded():
+    m = tiny(2)
+    assert m.lm_head.weight.t().is_contiguous()  # column-major on CPU (the faster one-row GEMM), same values
+    ids = torch.randint(3, 97, (3, 10))
+    ones = torch.ones_like(ids)
+    # no padding: the decode step runs without any mask
+    assert m.generate(ids, max_new_tokens=12, eos_id=-1) == greedy_full_forward(m, ids, ones, 12)
+    mask = ones.clone()
+    mask[0, :4], mask[2, :7] = 0, 0  # left padding: the decode step masks the pad keys
+    ids = ids.masked_fill(mask == 0, 0)
+    assert m.generate(ids, attention_mask=mask, max_new_tokens=12, eos_id=-1) == greedy_full_forward(m, ids, mask, 12)
+
+
 def test_sample_temperature_and_nucleus():
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(2000, 4)  # softmax: .03 .09 .24 .64
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,31 @@
+"""bench.py ttft: both contestants build from the shared backbones, count their image tokens as their models do,
+and produce a first token (tiny sizes; the timing itself is not tested)."""
+import argparse
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+from hires import image_token_count  # noqa: E402
+from llama import encode_prompt  # noqa: E402
+
+pytest.importorskip("transformers")
+
+
+def test_ttft_models_token_counts_and_first_token(tmp_path):
+    args = argparse.Namespace(image_size=336, patch_size=14, vit_width=64, vit_layers=3, vit_heads=2, llm_dim=64,
+                              llm_layers=1)
+    tok, llm, vit, hf_vit = bench.ttft_backbones(args, str(tmp_path))
+    assert (hf_vit.hidden_size, hf_vit.num_hidden_layers, hf_vit.image_size, hf_vit.patch_size) == (64, 3, 336, 14)
+    assert llm.vocab_size == tok.vocab_size + 1  # the extra row is LLaVA-NeXT's <image> token
+    hires_fn, hires_tokens = bench.ttft_model(str(tmp_path), "HiRes-LLaVA", (llm, vit, hf_vit))
+    next_fn, next_tokens = bench.ttft_model(str(tmp_path), "LLaVA-NeXT", (llm, vit, hf_vit))
+    # HiRes-LLaVA: overview + 4x4 slices of 24x24 patches, SMS k=2 -> 144 each, plus separators
+    assert hires_tokens == image_token_count(4, 4, 144) == 2465
+    # LLaVA-NeXT: 576 overview tokens + the 96x96 grid of the 4x4 tiles with one newline per row
+    assert next_tokens == 576 + 96 * (96 + 1)
+    assert isinstance(hires_fn()[0], str)
+    prompt = len(encode_prompt("<image>\n" + bench.QUESTION, tok)) - 1 + next_tokens  # <image> -> its tokens
+    assert next_fn().shape == (1, prompt + 1)  # the prompt and one new token
