@@ -257,21 +257,21 @@ def scene_split(entities, base):
     return ("train", "test")[digest[0] & 1], digest.hex()
 
 
-def sample_scene(rng, task, cell):
+def sample_scene(rng, task, cell, families=FAMILIES):
     """Entities and (question, correct option, distractors) for one task with the questioned entity in `cell`."""
     if task == "recognition":
-        e = sample_entity(rng, rng.choice(FAMILIES), cell)
+        e = sample_entity(rng, rng.choice(families), cell)
         return [e], "What is the object in the image?", e.name, same_family_names(rng, e, 3)
     if task == "position":
-        a = sample_entity(rng, rng.choice(FAMILIES), cell)
-        b = sample_entity(rng, rng.choice(FAMILIES), rng.choice([j for j in CELLS if j != cell]))
+        a = sample_entity(rng, rng.choice(families), cell)
+        b = sample_entity(rng, rng.choice(families), rng.choice([j for j in CELLS if j != cell]))
         while b.name == a.name:
-            b = sample_entity(rng, rng.choice(FAMILIES), b.cell)
+            b = sample_entity(rng, rng.choice(families), b.cell)
         correct = relation(a.cell, b.cell)
         question = f"Where is {noun(a)} relative to {noun(b)} in the image?"
         return [a, b], question, correct, rng.sample([r for r in RELATIONS if r != correct], 3)
     # counting: copies of one entity in distinct cells, all edge or all non-edge like the questioned one
-    e = sample_entity(rng, rng.choice(("object", "shape")), cell)
+    e = sample_entity(rng, rng.choice([f for f in ("object", "shape") if f in families]), cell)
     pool = [j for j in (EDGE_CELLS if cell in EDGE_CELLS else OTHER_CELLS) if j != cell]
     cells = [cell] + rng.sample(pool, rng.randint(1, 4) - 1)
     copies = [Entity(e.family, e.name, e.color, j) for j in cells]
@@ -290,7 +290,7 @@ def schedule(rng, num, tasks=TASKS):
     return [(t, c, letter) for (t, c), letter in zip(pairs[:num], letters[:num])]
 
 
-def check_options(num, base, split):
+def check_options(num, base, split, tasks=TASKS, families=FAMILIES):
     """ValueError naming the first bad generate() argument (the CLI shows it as --name ...)."""
     if num <= 0:
         raise ValueError(f"num must be a positive integer, got {num}")
@@ -299,17 +299,22 @@ def check_options(num, base, split):
                          f"entity), got {base}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not tasks or set(tasks) - set(TASKS):
+        raise ValueError(f"tasks must be some of {TASKS}, got {tasks}")
+    if set(families) - set(FAMILIES) or not {"object", "shape"} & set(families):
+        raise ValueError(f"families must be some of {FAMILIES} with object or shape (counting), got {families}")
 
 
-def generate(out_dir, num, seed, base=336, split="train", tasks=TASKS):
-    """Write out_dir/images/*.png, questions.jsonl and llava.json; return the question dicts."""
-    check_options(num, base, split)
+def generate(out_dir, num, seed, base=336, split="train", tasks=TASKS, families=FAMILIES):
+    """Write out_dir/images/*.png, questions.jsonl and llava.json; return the question dicts. tasks and families
+    restrict the split (e.g. a small model's training set); the benchmark uses all of them."""
+    check_options(num, base, split, tasks, families)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = random.Random(f"entitygrid/{split}/{seed}")
     seen, questions = set(), []
     for i, (task, cell, letter) in enumerate(tqdm(schedule(rng, num, tasks), desc=f"entitygrid {split}", unit="img")):
         while True:  # resample the scene until it belongs to this split and is new in this run
-            entities, question, correct, distractors = sample_scene(rng, task, cell)
+            entities, question, correct, distractors = sample_scene(rng, task, cell, families)
             for e in entities:
                 place(rng, e, base)
             owner, digest = scene_split(entities, base)
