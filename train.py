@@ -38,11 +38,11 @@ PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_len=512,
                  lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=1, epochs2=4,
                  train_size=6000, test_size=540, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
-                 train_llm=True, mc="rank", cache_vit=True),
+                 train_llm=True, mc="rank", cache_vit=True, families="object,shape"),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=0,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
-                  train_llm=False, mc="letter", cache_vit=False),
+                  train_llm=False, mc="letter", cache_vit=False, families=",".join(entitygrid.FAMILIES)),
 }
 # flag -> HiResConfig field: what a stage-2 start from --init takes from the command line over the stored config
 CONFIG_FLAGS = dict(max_slices="max_slices", upscale="upscale", sampler="sampler", max_len="max_length",
@@ -476,7 +476,8 @@ def prepare_tiny(args):
     for split, num in (("train", args.train_size), ("test", args.test_size)):
         d = os.path.join(args.data_dir, split)
         if not os.path.isfile(os.path.join(d, "llava.json")):
-            entitygrid.generate(d, num, args.seed, base=clip.CLIPConfig.from_preset("tiny").image_size, split=split)
+            entitygrid.generate(d, num, args.seed, base=clip.CLIPConfig.from_preset("tiny").image_size, split=split,
+                                families=args.families.split(","))
     train_dir = os.path.join(args.data_dir, "train")
     captions, text_qa = (os.path.join(train_dir, f) for f in ("captions.json", "text_qa.json"))
     for path, make in ((captions, entitygrid_captions), (text_qa, entitygrid_text_qa)):
@@ -614,6 +615,9 @@ def parse_args(argv):
       "when missing)")
     a("--train-size", type=int, help="tiny: number of EntityGrid-QA training questions to generate")
     a("--test-size", type=int, help="tiny: number of EntityGrid-QA test questions to generate and evaluate")
+    a("--families", help="tiny: comma-separated EntityGrid-QA entity families of the generated splits (of "
+      f"{','.join(entitygrid.FAMILIES)}; default object,shape: a random tiny ViT cannot read words and numbers, "
+      "see README)")
     a("--vocab-size", type=int, help="tiny: sentencepiece vocabulary size trained from the data")
     a("--max-slices", type=int, help="maximum slices per image N (paper 16)")
     a("--upscale", action=argparse.BooleanOptionalAction, help="double the grid of small images when 4mn <= N")
@@ -670,6 +674,10 @@ def parse_args(argv):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("runs", args.preset)
+    families = args.families.split(",")
+    if set(families) - set(entitygrid.FAMILIES) or not {"object", "shape"} & set(families):
+        p.error(f"--families {args.families}: choose from {','.join(entitygrid.FAMILIES)}, with object or shape "
+                "(the counting questions draw those)")
     if args.preset == "paper" and not (args.clip and args.llm):
         p.error("the paper preset needs --clip (open_clip ViT-L-14-336 weights file) and --llm (Vicuna-7B-v1.5 "
                 "directory); without both, run the tiny preset (no weight flags)")

@@ -185,7 +185,7 @@ def make_llava_w(d):
 
 def make_entitygrid(d):
     import entitygrid
-    qs = entitygrid.generate(d, num=4, seed=0, base=48, split="test")
+    qs = entitygrid.generate(d, num=4, seed=0, base=64, split="test")
     preds = [{"id": q["id"], "answer": q["answer"] if i < 3 else "Z"} for i, q in enumerate(qs)]
     return preds, {"num": 4, "accuracy": 0.75}
 
@@ -494,8 +494,8 @@ def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatc
     assert metrics["provenance"]["slicing"] == {"upscale": False, "max_slices": 4, "grids": {"2x2": 4}}
     with open(tmp_path / "out" / "metrics.json") as f:
         assert json.load(f)["provenance"]["slicing"]["grids"] == {"2x2": 4}
-    Image.new("RGB", (96, 40)).save(img.filename)  # a canvas the benchmark never draws: a one-line error
-    with pytest.raises(SystemExit, match="96x40 slices 1x2, not 2x2"):
+    Image.new("RGB", (192, 80)).save(img.filename)  # a canvas the benchmark never draws: a one-line error
+    with pytest.raises(SystemExit, match="192x80 slices 1x2, not 2x2"):
         run_tiny("entitygrid", data, str(tmp_path / "out2"), str(ckpt))
 
 
@@ -580,7 +580,7 @@ def test_checkpoint_pointed_at_moved_backbones(tmp_path, tiny_ckpt):
 def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
     import hires
     import torch
-    png(str(tmp_path / "photo.png"), (20, 90, 200), (100, 70))
+    png(str(tmp_path / "photo.png"), (20, 90, 200), (150, 140))
     ask = ["--ckpt", tiny_ckpt, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "6"]
     out = ev.main(ask + ["--ask", "What does the sign say?"])
     model = hires.load_checkpoint(tiny_ckpt)

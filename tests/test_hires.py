@@ -66,7 +66,7 @@ def test_sra_zero_init_and_cross_slice_context():
     cfg = clip.CLIPConfig.from_preset("tiny")
     tower = clip.VisionTower(cfg)
     sra = hires.SliceRestoreAdapter(cfg.width, cfg.heads, cfg.grid)
-    x = torch.randn(4, 3, 64, 64)
+    x = torch.randn(4, 3, cfg.image_size, cfg.image_size)
     with torch.no_grad():  # bit-identical in the same grad mode (MultiheadAttention's fast path differs by ulps)
         assert torch.equal(_slice_features(tower, sra, x, (2, 2)), tower(x))  # untrained adapter: ViT unchanged
     torch.nn.init.normal_(sra.proj.weight, std=0.1)
