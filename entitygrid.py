@@ -205,6 +205,15 @@ def relation(cell_a, cell_b):
     return h or v
 
 
+def family_of(name):
+    """The family of an entity from its name (the answer text): word, number, object or shape."""
+    if name in WORDS:
+        return "word"
+    if name in OBJECTS:
+        return "object"
+    return "number" if re.fullmatch(r"\d\.\d{3}", name) else "shape"
+
+
 def noun(e):
     return {"word": f'the word "{e.name}"', "number": f"the number {e.name}"}.get(e.family, f"the {e.name}")
 
@@ -399,7 +408,8 @@ def score(questions, predictions):
     copy, and all copies share its edge/other class). Acc_i = mean over the tasks WITH samples at cell i of the task's
     accuracy at cell i; a cell without any sample is None and left out of the edge/other means. edge_accuracy and
     other_accuracy are means of Acc_i over edge cells (2,4,5,6,8) and other cells (1,3,7,9); discrepancy = |edge -
-    other|. per_task_discrepancy applies the same formula to one task's per-cell accuracies. Values in [0, 1].
+    other|. per_task_discrepancy applies the same formula to one task's per-cell accuracies; recognition_per_family
+    is the recognition accuracy by the questioned entity's family (None without questions). Values in [0, 1].
     """
     hits = {(t, i): [] for t in TASKS for i in CELLS}
     for q in questions:
@@ -413,7 +423,10 @@ def score(questions, predictions):
         "per_task": {t: mean(x for i in CELLS for x in hits[t, i]) for t in TASKS},
         "per_position": per_position, "per_task_position": per_task_position,
         "edge_accuracy": edge, "other_accuracy": other, "discrepancy": disc,
-        "per_task_discrepancy": {t: discrepancy(per_task_position[t])[2] for t in TASKS}}
+        "per_task_discrepancy": {t: discrepancy(per_task_position[t])[2] for t in TASKS},
+        "recognition_per_family": {f: mean(parse_letter(predictions.get(q["id"], "")) == q["answer"] for q in questions
+                                           if q["task"] == "recognition" and q.get("entities")
+                                           and family_of(q["entities"][0]) == f) for f in FAMILIES}}
 
 
 # ----------------------------------------------------------------------------- contact sheet

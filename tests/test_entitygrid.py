@@ -275,3 +275,15 @@ def test_cli_generates_and_draws_contact_sheet(tmp_path):
                               capture_output=True, text=True).stdout
     for flag in ("--out", "--num", "--seed", "--base", "--split", "--show", "--png"):
         assert flag in helptext
+
+
+def test_recognition_per_family():
+    """family_of names every generated entity's family; score reports recognition accuracy per family."""
+    import random
+    for f in eg.FAMILIES:
+        assert all(eg.family_of(eg.sample_entity(random.Random(i), f, 1).name) == f for i in range(100))
+    qs = [{"id": str(i), "task": "recognition", "cell": 1, "answer": "A", "entities": [name]}
+          for i, name in enumerate(["apple", "3.141", "house", "red star", "tree"])]
+    qs.append({"id": "p", "task": "position", "cell": 2, "answer": "A", "entities": ["house", "apple"]})
+    got = eg.score(qs, {"0": "A", "1": "B", "2": "A", "3": "A", "4": "C", "p": "A"})["recognition_per_family"]
+    assert got == {"word": 1.0, "number": 0.0, "object": 0.5, "shape": 1.0}
