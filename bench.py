@@ -13,7 +13,10 @@
                               4x4 grid) with the same random ViT (as a CLIPVisionConfig) and LLaMA configs; LLM
                               tokens per image and peak RSS in a fresh process each. Needs transformers.
   python bench.py entitygrid  EntityGrid-QA generation speed (samples/s) at base 336, pinned to one CPU core.
-  python bench.py all         the four above, in that order.
+  python bench.py tinystep    one tiny-preset stage-2 step of 32 samples (forward + backward), samples/s: images
+                              decoded every step, one micro-batch, LM head everywhere vs the ViT-prefix cache +
+                              head at labels (same loss) vs the preset's micro-batch 8.
+  python bench.py all         llama, hires, ttft and entitygrid, in that order.
   python bench.py gpu         smoke run of the paper shapes from random weights on one CUDA device (ViT-L-14-336,
                               a LLaMA with Vicuna-7B's config, bf16 backbones, fp32 adapters): a few stage-2
                               steps at the paper preset's micro-batch on 16-slice images (step time, tokens/s,
@@ -404,8 +407,61 @@ def bench_entitygrid(args):
     print(f"  (median of {args.repeats}; PNGs + questions.jsonl + llava.json written to a temp dir; target >= 200/s)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# command line
+def bench_tinystep(args):
+    """One tiny-preset stage-2 step (forward + backward) on 32 EntityGrid-QA samples, samples/s, three ways:
+    before: images decoded and preprocessed each step, one micro-batch of 32, the LM head at every position;
+    + cache + head at labels: the frozen ViT prefix from --cache-vit, logits only where a label is (same math:
+    the loss is printed beside); + micro-batch 8: the preset (4 x 8; the mean is taken per micro-batch)."""
+    import torch.nn.functional as F
+    import hires
+    import llama
+    import train
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as d, contextlib.redirect_stderr(io.StringIO()):
+        targs = train.parse_args(["--out", f"{d}/run", "--data-dir", f"{d}/data", "--train-size", "64",
+                                  "--test-size", "27"])
+        train.prepare_tiny(targs)
+        torch.manual_seed(0)
+        model = hires.HiResLLaVA(train.model_config(targs))
+        model.set_stage(2)
+        folder = f"{d}/data/train"
+        data = train.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1", model.preprocess,
+                               model.context, model.cfg.image_tokens)
+        cached = train.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1", model.preprocess,
+                                 model.context, model.cfg.image_tokens)
+        cached.prefixes = train.cache_prefixes(model, [cached], master=False)
+        losses = {}
+
+        def before():
+            b = train.collate([data[i] for i in range(32)])  # PNG decode + slicing + tensors every step
+            seqs = model._embed_batch(b["input_ids"], b["labels"], b["images"])
+            E, Lb, M = hires.pad_batch(seqs, min(max(len(e) for e, _ in seqs), model.context))
+            logits = model.llm(input_embeds=E, attention_mask=M)  # (B, T, V): the head at every position
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), Lb[:, 1:].flatten(), ignore_index=llama.IGNORE_INDEX)
+            loss.backward()
+            losses["before"] = loss.item()
+
+        def step(micro):
+            def run():
+                b = train.collate([cached[i] for i in range(32)])
+                total = 0.0
+                for i in range(0, 32, micro):
+                    loss = model(b["input_ids"][i:i + micro], b["labels"][i:i + micro], b["images"][i:i + micro])
+                    (loss * micro / 32).backward()
+                    total += loss.item() * micro / 32
+                losses[micro] = total
+            return run
+        fns = {"before": before, "cache": step(32), "micro8": step(8)}
+        times = median_times({k: (lambda f: lambda: (f(), model.zero_grad(set_to_none=True)))(f) for k, f in
+                              fns.items()}, args.repeats)
+    print(f"\n== tinystep: one stage-2 step of 32 samples, tiny preset, {args.threads} thread(s)")
+    names = {"before": "before: pixels each step, micro 32, head everywhere", "cache": "+ ViT-prefix cache, head at "
+             "labels (micro 32)", "micro8": "+ micro-batch 8 (the preset)"}
+    print_table(["step", "seconds", "samples/s", "x before", "loss"],
+                [[names[k], f"{times[k]:.2f}", f"{32 / times[k]:.1f}", f"{times['before'] / times[k]:.2f}",
+                  f"{losses['before' if k == 'before' else 32 if k == 'cache' else 8]:.5f}"] for k in fns])
+    return dict(times=times, losses=losses)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # gpu: stage-2 training steps and generation at the paper's shapes, random weights
@@ -557,11 +613,12 @@ def main(argv=None):
                      help="gpu: the device's dense bf16 peak for MFU (default 989: H100/H200 SXM)")
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="bench", required=True, metavar="{llama,hires,ttft,entitygrid,all,gpu}")
+    sub = ap.add_subparsers(dest="bench", required=True, metavar="{llama,hires,ttft,entitygrid,tinystep,all,gpu}")
     helps = {"llama": ("llama.py vs transformers: prefill and decode tok/s", [common, lm]),
              "hires": ("vision path overhead of SRA+SMS, SRA vs joint attention, peak RSS", [common, vit]),
              "ttft": ("time to first token vs LLaVA-NeXT on a 1344x1344 image", [common, vit_flags(256, 6, 4), tt]),
              "entitygrid": ("EntityGrid-QA generation samples/s on one core", [common, eg]),
+             "tinystep": ("tiny-preset stage-2 step samples/s, before and after its speed-ups", [common]),
              "all": ("llama, hires, ttft and entitygrid in turn", [common, lm, vit, tt, eg]),
              "gpu": ("stage-2 steps and generation at the paper's shapes, random weights, one device",
                      [common, gpu])}
@@ -588,7 +645,7 @@ def main(argv=None):
         print(f"WARNING: other processes kept {100 * busy:.0f}% of the CPU busy just before the start; "
               f"they compete with the benchmark, so every figure below is unreliable")
     benches = {"llama": [bench_llama], "hires": [bench_hires], "ttft": [bench_ttft],
-               "entitygrid": [bench_entitygrid],
+               "entitygrid": [bench_entitygrid], "tinystep": [bench_tinystep],
                "all": [bench_llama, bench_hires, bench_ttft, bench_entitygrid], "gpu": [bench_gpu]}[args.bench]
     for bench in benches:
         t0 = time.perf_counter()

@@ -29,3 +29,10 @@ def test_ttft_models_token_counts_and_first_token(tmp_path):
     assert isinstance(hires_fn()[0], str)
     prompt = len(encode_prompt("<image>\n" + bench.QUESTION, tok)) - 1 + next_tokens  # <image> -> its tokens
     assert next_fn().shape == (1, prompt + 1)  # the prompt and one new token
+
+
+def test_tinystep_speedups_keep_the_loss():
+    """bench.py tinystep: the ViT-prefix cache and the head at labelled positions give the loss of the plain step."""
+    out = bench.main(["tinystep", "--repeats", "1", "--threads", "1"])
+    assert out["losses"][32] == pytest.approx(out["losses"]["before"], rel=1e-5)  # fp32, other op order
+    assert set(out["times"]) == {"before", "cache", "micro8"} and all(t > 0 for t in out["times"].values())
