@@ -288,18 +288,17 @@ def sample_scene(rng, task, cell, families=FAMILIES):
     return copies, f"How many {plural(e)} are there in the image?", correct, [n for n in "1234" if n != correct]
 
 
-def schedule(rng, num, tasks=TASKS):
-    """Balanced (task, cell, letter) per sample: blocks of 27 (9 per task) hold every (task, cell), blocks of 4
-    every letter."""
+def schedule(rng, num):
+    """Balanced (task, cell, letter) per sample: blocks of 27 hold every (task, cell), blocks of 4 every letter."""
     pairs, letters = [], []
     while len(pairs) < num:
-        pairs += rng.sample([(t, c) for t in tasks for c in CELLS], len(tasks) * len(CELLS))
+        pairs += rng.sample([(t, c) for t in TASKS for c in CELLS], 27)
     while len(letters) < num:
         letters += rng.sample(LETTERS, 4)
     return [(t, c, letter) for (t, c), letter in zip(pairs[:num], letters[:num])]
 
 
-def check_options(num, base, split, tasks=TASKS, families=FAMILIES):
+def check_options(num, base, split, families=FAMILIES):
     """ValueError naming the first bad generate() argument (the CLI shows it as --name ...)."""
     if num <= 0:
         raise ValueError(f"num must be a positive integer, got {num}")
@@ -308,20 +307,18 @@ def check_options(num, base, split, tasks=TASKS, families=FAMILIES):
                          f"entity), got {base}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not tasks or set(tasks) - set(TASKS):
-        raise ValueError(f"tasks must be some of {TASKS}, got {tasks}")
     if set(families) - set(FAMILIES) or not {"object", "shape"} & set(families):
         raise ValueError(f"families must be some of {FAMILIES} with object or shape (counting), got {families}")
 
 
-def generate(out_dir, num, seed, base=336, split="train", tasks=TASKS, families=FAMILIES):
-    """Write out_dir/images/*.png, questions.jsonl and llava.json; return the question dicts. tasks and families
-    restrict the split (e.g. a small model's training set); the benchmark uses all of them."""
-    check_options(num, base, split, tasks, families)
+def generate(out_dir, num, seed, base=336, split="train", families=FAMILIES):
+    """Write out_dir/images/*.png, questions.jsonl and llava.json; return the question dicts. families restricts the
+    entities (e.g. the tiny preset's splits); the benchmark uses all four."""
+    check_options(num, base, split, families)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = random.Random(f"entitygrid/{split}/{seed}")
     seen, questions = set(), []
-    for i, (task, cell, letter) in enumerate(tqdm(schedule(rng, num, tasks), desc=f"entitygrid {split}", unit="img")):
+    for i, (task, cell, letter) in enumerate(tqdm(schedule(rng, num), desc=f"entitygrid {split}", unit="img")):
         while True:  # resample the scene until it belongs to this split and is new in this run
             entities, question, correct, distractors = sample_scene(rng, task, cell, families)
             for e in entities:
@@ -346,19 +343,6 @@ def generate(out_dir, num, seed, base=336, split="train", tasks=TASKS, families=
     with open(os.path.join(out_dir, "llava.json"), "w") as f:
         json.dump(llava, f, indent=1)
     return questions
-
-
-def reversed_position(q):
-    """A position question asked the other way round ("Where is B relative to A?"): the same image, the opposite
-    relation, distractors drawn by a generator seeded with the question's id. Training data only."""
-    a, b = re.fullmatch(r"Where is (.+) relative to (.+) in the image\?", q["question"]).groups()
-    correct = relation(q["positions"][1], q["positions"][0])
-    rng = random.Random(q["id"])
-    options = rng.sample([r for r in RELATIONS if r != correct], 3)
-    letter = rng.choice(LETTERS)
-    options.insert(LETTERS.index(letter), correct)
-    return {**q, "question": f"Where is {b} relative to {a} in the image?", "options": options, "answer": letter,
-            "cell": q["positions"][1], "positions": q["positions"][::-1], "entities": q["entities"][::-1]}
 
 
 def load_questions(out_dir):

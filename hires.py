@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from clip import CLIP_MEAN, CLIP_STD, CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, \
     save_vision_tower
 from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenizer, apply_lora, atomic_write,
-                   encode_conversation, encode_prompt, merge_lora, train_tokenizer)
+                   encode_conversation, encode_prompt, image_first, merge_lora, train_tokenizer)
 
 OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
 # separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;
@@ -503,8 +503,7 @@ class HiResLLaVA(nn.Module):
         """PIL images (or None) and user texts -> answers; vicuna_v1 prompt, left-padded batched generation.
         A prompt that fills the LLM context raises PromptTooLong, or with too_long="return" gets it as its answer."""
         pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
-        ids = [encode_prompt(p if im is None or "<image>" in p else "<image>\n" + p, self.tokenizer)
-               for p, im in zip(prompts, pre)]
+        ids = [encode_prompt(p if im is None else image_first(p), self.tokenizer) for p, im in zip(prompts, pre)]
         seqs, ctx = self._embed_batch(ids, [None] * len(ids), pre), self.context
         answers = [PromptTooLong(f"prompt is {len(e)} tokens with its image; the LLM context holds {ctx}, so no "
                                  f"answer fits") if len(e) >= ctx else None for e, _ in seqs]
@@ -528,7 +527,7 @@ class HiResLLaVA(nn.Module):
         pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
         ids, labels, owner = [], [], []
         for k, (p, im, opts) in enumerate(zip(prompts, pre, options)):
-            human = p if im is None or "<image>" in p else "<image>\n" + p
+            human = p if im is None else image_first(p)
             for o in opts:
                 i, lab = encode_conversation([{"from": "human", "value": human}, {"from": "gpt", "value": o}],
                                              self.tokenizer)

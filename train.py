@@ -63,10 +63,9 @@ class LlavaData(torch.utils.data.Dataset):
     """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
     is counted under its SKIP_REASONS entry and replaced by the next usable one, so batches keep their size."""
 
-    def __init__(self, path, folder, tokenizer, template, preprocess, context, image_tokens, prefixes=None):
+    def __init__(self, path, folder, tokenizer, template, preprocess, context, image_tokens):
         """context: tokens of one spliced sequence (HiResLLaVA.context); image_tokens: slice grid -> LLM tokens of
-        the image (HiResConfig.image_tokens), so the length check counts what the model will see; prefixes: image
-        path -> hires.Prefix (--cache-vit)."""
+        the image (HiResConfig.image_tokens), so the length check counts what the model will see."""
         try:
             with open(path) as f:
                 self.items = json.load(f)
@@ -76,7 +75,7 @@ class LlavaData(torch.utils.data.Dataset):
             raise TrainError(f"{path}: expected a non-empty JSON list of {{id, image, conversations}} samples")
         self.folder, self.tokenizer, self.template = folder, tokenizer, template
         self.preprocess, self.context, self.image_tokens = preprocess, context, image_tokens
-        self.prefixes = prefixes if prefixes is not None else {}
+        self.prefixes = {}  # image path -> hires.Prefix, filled by cache_prefixes (--cache-vit)
 
     def __len__(self):
         return len(self.items)
