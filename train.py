@@ -199,11 +199,13 @@ def lr_factor(step, total_steps, warmup_ratio=0.03):
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, lr, lora_lr):
-    """AdamW over the trainable parameters only: LoRA (names with 'lora_') at lora_lr, the rest at lr, no decay."""
+def make_optimizer(model, lr, llm_lr):
+    """AdamW over the trainable parameters only, no decay, in two groups as the paper's stage 2 (docs/method.md#
+    training-stages): the LLM side (LoRA; with train_llm the whole LLM) at llm_lr, the vision side (SRA, sampler,
+    projector) at lr."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [dict(params=[p for n, p in named if "lora_" in n], lr=lora_lr, base_lr=lora_lr, name="lora"),
-              dict(params=[p for n, p in named if "lora_" not in n], lr=lr, base_lr=lr, name="other")]
+    groups = [dict(params=[p for n, p in named if n.startswith("llm.")], lr=llm_lr, base_lr=llm_lr, name="llm"),
+              dict(params=[p for n, p in named if not n.startswith("llm.")], lr=lr, base_lr=lr, name="vision")]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=ADAM_BETAS, weight_decay=0.0)
 
 
@@ -285,7 +287,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     world, master = ctx["world"], ctx["master"]
     lr, global_batch, accum, total = stage_plan(args, stage, len(data), world)
     model.set_stage(stage)
-    opt = make_optimizer(model, lr, args.lora_lr)
+    opt = make_optimizer(model, lr, lr if stage == 1 else args.lora_lr)  # stage 1: one rate for all
     params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -633,8 +635,9 @@ def parse_args(argv):
     a("--max-len", type=int, help="tokens of one sequence, image tokens included (HiResConfig.max_length); 0: the "
       "LLM's own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
     a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
-    a("--lr2", type=float, help="stage-2 learning rate of SRA, sampler, projector (paper 2e-5)")
-    a("--lora-lr", type=float, help="stage-2 learning rate of LoRA (paper 2e-4)")
+    a("--lr2", type=float, help="stage-2 learning rate of the vision side: SRA, sampler, projector (paper 2e-5)")
+    a("--lora-lr", type=float, help="stage-2 learning rate of the LLM side: LoRA, and with --train-llm the whole LLM "
+      "(paper 2e-4)")
     a("--batch1", type=int, help="stage-1 global batch size over all processes (paper 256)")
     a("--batch2", type=int, help="stage-2 global batch size over all processes (paper 128)")
     a("--micro-batch", type=int, help="samples per process per forward; gradients are accumulated up to the batch")

@@ -81,15 +81,15 @@ def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir):
     model = hires.HiResLLaVA(train.model_config(args))
     for stage in (1, 2):
         model.set_stage(stage)
-        opt = train.make_optimizer(model, lr=1e-3, lora_lr=5e-4)
+        opt = train.make_optimizer(model, lr=1e-3, llm_lr=5e-4)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         by_id = {id(p): n for n, p in model.named_parameters()}
         in_opt = [by_id[id(p)] for g in opt.param_groups for p in g["params"]]
         assert sorted(in_opt) == sorted(trainable)
         for g in opt.param_groups:
             names = [by_id[id(p)] for p in g["params"]]
-            assert g["lr"] == g["base_lr"] == (5e-4 if g["name"] == "lora" else 1e-3) and g["weight_decay"] == 0.0
-            assert all(("lora_" in n) == (g["name"] == "lora") for n in names)
+            assert g["lr"] == g["base_lr"] == (5e-4 if g["name"] == "llm" else 1e-3) and g["weight_decay"] == 0.0
+            assert all(n.startswith("llm.") == (g["name"] == "llm") for n in names)
             assert g["betas"] == (0.9, 0.999)  # LLaVA's (HF Trainer AdamW defaults)
         assert any("lora_" in n for n in trainable) == (stage == 2)
 
