@@ -98,8 +98,9 @@ def run_one(name, seed, out, smoke, core):
     record = dict(config=name, flags=CONFIGS[name][0], seed=seed, command=shlex.join(cmd), wall_s=round(wall, 1),
                   git_commit=git_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                   metrics=metrics, questions=compact(questions, preds))
-    with open(record_path, "w") as f:
+    with open(record_path + ".tmp", "w") as f:  # renamed when complete: a killed study leaves no half record
         json.dump(record, f)
+    os.replace(record_path + ".tmp", record_path)
     return record
 
 
