@@ -4,7 +4,7 @@ Prompts as LLaVA-1.5 (docs/benchmarks.md#common-to-all-benchmarks), batched gree
 appended to OUT/predictions.partial.jsonl as it comes (--resume continues a killed run), then OUT/predictions.json
 (submission format) and OUT/metrics.json (official normalisation, docs/benchmarks.md#metrics) are written;
 --predictions rescores a file.
-A bad image (hires.ImageError) or a prompt longer than the context (hires.PromptTooLong) is not fatal: an empty
+A bad image (slicing.ImageError) or a prompt longer than the context (hires.PromptTooLong) is not fatal: an empty
 prediction, a warning, and a count in metrics "bad_images" / "too_long".
 """
 import argparse
@@ -385,7 +385,7 @@ def load_mmbench(data, split):
             try:
                 image = base64.b64decode(row["image"])  # bytes: open_image goes through a temporary file
             except ValueError:
-                image = b""  # a bad image (hires.ImageError) once it is opened
+                image = b""  # a bad image (slicing.ImageError) once it is opened
             hint = row["hint"] + "\n" if present(row.get("hint")) else ""
             gt = {"choices": choices, "answer": row["answer"]} if present(row.get("answer")) else None
             samples.append(Sample({k: row.get(k) for k in MMBENCH_COLUMNS}, hint + row["question"], image, gt,
@@ -515,14 +515,14 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
 
 def open_image(sample, tmp):
-    """The sample's PIL image via hires.load_image (image bytes go through a temporary file); None: no image."""
-    import hires
+    """The sample's PIL image via slicing.load_image (image bytes go through a temporary file); None: no image."""
+    import slicing
     if not isinstance(sample.image, bytes):
-        return None if sample.image is None else hires.load_image(sample.image)
+        return None if sample.image is None else slicing.load_image(sample.image)
     path = os.path.join(tmp, sample.qid)  # one file per question: images of a batch stay apart
     with open(path, "wb") as f:
         f.write(sample.image)
-    return hires.load_image(path)
+    return slicing.load_image(path)
 
 def preprocess(model, bench, sample, img):
     """The image through the model's slicing -> preprocess tuple; a benchmark with fixed slicing gets exactly it."""
@@ -544,6 +544,7 @@ def generate_all(bench, samples, args, partial):
     """Answers parallel to samples, the counts of bad images and over-long prompts, and the slice grids used;
     --resume continues."""
     import hires
+    import slicing
     import torch
     from tqdm import tqdm
 
@@ -568,7 +569,7 @@ def generate_all(bench, samples, args, partial):
                     try:
                         img = open_image(s, tmp)
                         ask.append((s, img if img is None else preprocess(model, bench, s, img)))
-                    except hires.ImageError as e:
+                    except slicing.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
                 with torch.inference_mode(), amp:  # a prompt beyond the context gets its PromptTooLong as answer
                     texts = answer(model, ask, args, bench) if ask else []
@@ -698,13 +699,14 @@ def parse_args(argv=None):
 def ask(args):
     """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
     import hires
+    import slicing
     import llama
     import torch
     dtype = resolve_dtype(args.dtype, args.device)
     model = load_model(args.ckpt, args.device, dtype, **backbones(args))
     try:
-        pre = model.preprocess(hires.load_image(args.image))
-    except hires.ImageError as e:
+        pre = model.preprocess(slicing.load_image(args.image))
+    except slicing.ImageError as e:
         raise EvalError(str(e)) from None
     image_tokens, (m, n) = model.cfg.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")

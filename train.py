@@ -32,6 +32,7 @@ import clip
 import entitygrid
 import hires
 import llama
+import slicing
 
 ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
@@ -122,8 +123,8 @@ class LlavaData(torch.utils.data.Dataset):
                 return None, "missing image"
             else:
                 try:
-                    image = self.preprocess(hires.load_image(path))
-                except hires.ImageError as e:
+                    image = self.preprocess(slicing.load_image(path))
+                except slicing.ImageError as e:
                     warnings.warn(str(e))
                     return None, "bad image"
         extra = self.image_tokens(image[2]) - 1 if image is not None else 0  # the image replaces its placeholder
@@ -153,9 +154,9 @@ def cache_prefixes(model, datasets, master, batch=8):
         ok, images = [], []
         for path in paths[i:i + batch]:
             try:
-                images.append(model.preprocess(hires.load_image(path)))
+                images.append(model.preprocess(slicing.load_image(path)))
                 ok.append(path)
-            except hires.ImageError:
+            except slicing.ImageError:
                 pass
         if images:
             cache.update(zip(ok, model.prefix(images)))
@@ -576,7 +577,7 @@ def evaluate_entitygrid(model, test_dir, args, ctx):
     preds = {}
     for i in tqdm(range(0, len(mine), args.eval_batch), desc="eval EntityGrid-QA", disable=not ctx["master"]):
         chunk = mine[i:i + args.eval_batch]
-        images = [hires.load_image(os.path.join(test_dir, q["image"])) for q in chunk]
+        images = [slicing.load_image(os.path.join(test_dir, q["image"])) for q in chunk]
         with autocast(ctx):
             if args.mc == "rank":
                 scores = model.option_logprobs(images, [entitygrid.format_question(q, letters=False) for q in chunk],
@@ -774,7 +775,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         result = run(args, ctx)
-    except (TrainError, hires.ImageError, FileNotFoundError) as e:
+    except (TrainError, slicing.ImageError, FileNotFoundError) as e:
         sys.exit(f"train.py: error: {e}")
     finally:
         if ctx["world"] > 1:

@@ -475,6 +475,7 @@ def test_mc_rank_answers_the_most_likely_options_letter(tmp_path, tiny_ckpt, mon
 def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatch):
     """A checkpoint saved with upscale=True and N=16 would slice the 2S x 2S canvas 4 x 4; eval.py fixes 2 x 2."""
     import hires
+    import slicing
     ckpt = tmp_path / "upscaled"
     ckpt.mkdir()
     for name in os.listdir(tiny_ckpt):
@@ -486,7 +487,7 @@ def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatc
     make_entitygrid(data)
     img = Image.open(os.path.join(data, ev.BENCHES["entitygrid"].load(data, "all")[0].image))
     assert hires.load_checkpoint(str(ckpt)).preprocess(img)[2] == (4, 4)  # what the stored config does
-    grids, preprocess = [], hires.preprocess_image
+    grids, preprocess = [], slicing.preprocess_image
     monkeypatch.setattr(hires, "preprocess_image", lambda *a, **k: grids.append(preprocess(*a, **k)[2]) or
                         preprocess(*a, **k))
     metrics = run_tiny("entitygrid", data, str(tmp_path / "out"), str(ckpt))
@@ -579,12 +580,13 @@ def test_checkpoint_pointed_at_moved_backbones(tmp_path, tiny_ckpt):
 
 def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
     import hires
+    import slicing
     import torch
     png(str(tmp_path / "photo.png"), (20, 90, 200), (150, 140))
     ask = ["--ckpt", tiny_ckpt, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "6"]
     out = ev.main(ask + ["--ask", "What does the sign say?"])
     model = hires.load_checkpoint(tiny_ckpt)
-    pre = model.preprocess(hires.load_image(tmp_path / "photo.png"))
+    pre = model.preprocess(slicing.load_image(tmp_path / "photo.png"))
     assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.cfg.image_tokens(pre[2])
     assert out["answers"] == model.generate([pre], ["What does the sign say?"], max_new_tokens=6)  # greedy
     printed = capsys.readouterr().out

@@ -8,19 +8,20 @@ from PIL import Image
 
 import clip
 import hires
+import slicing
 from llama import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
 def test_slice_grid_properties():
     S = 336
-    assert hires.slice_grid(2 * S, 2 * S, S, 16, upscale=False) == (2, 2)
-    assert hires.slice_grid(2 * S, 2 * S, S, 16, upscale=True) == (4, 4)
-    assert hires.slice_grid(1, 1, S) == (2, 2)
-    assert hires.slice_grid(5000, 5000, S, 16) == (4, 4)  # shrunk; equal aspect: the larger grid wins the tie
-    assert hires.slice_grid(10000, 100, S, 16) == (1, 16)
+    assert slicing.slice_grid(2 * S, 2 * S, S, 16, upscale=False) == (2, 2)
+    assert slicing.slice_grid(2 * S, 2 * S, S, 16, upscale=True) == (4, 4)
+    assert slicing.slice_grid(1, 1, S) == (2, 2)
+    assert slicing.slice_grid(5000, 5000, S, 16) == (4, 4)  # shrunk; equal aspect: the larger grid wins the tie
+    assert slicing.slice_grid(10000, 100, S, 16) == (1, 16)
     for w in (1, 7, 335, 336, 337, 1000, 3000, 10000):
         for h in (1, 100, 336, 999, 5000):
-            m, n = hires.slice_grid(w, h, S, 16)
+            m, n = slicing.slice_grid(w, h, S, 16)
             assert 1 <= m * n <= 16
             if math.ceil(h / S) * math.ceil(w / S) > 16:  # shrunk: no fitting grid has a closer aspect ratio
                 err = abs(math.log(n / m) - math.log(w / h))
@@ -31,7 +32,7 @@ def test_slice_grid_properties():
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "P", "I;16", "I", "F", "CMYK", "1"])
 def test_preprocess_any_mode_and_size(mode):
     for size in ((1, 1), (10000, 100), (50, 70)):
-        ov, sl, (m, n) = hires.preprocess_image(Image.new(mode, size), base=32, max_slices=16)
+        ov, sl, (m, n) = slicing.preprocess_image(Image.new(mode, size), base=32, max_slices=16)
         assert ov.shape == (3, 32, 32) and sl.shape == (m * n, 3, 32, 32) and torch.isfinite(sl).all()
 
 
@@ -41,18 +42,18 @@ def test_bad_images(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     (tmp_path / "trunc.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
     for name in ("missing.png", "empty.png", "text.jpg", "trunc.png"):
-        with pytest.raises(hires.ImageError, match=name):
-            hires.load_image(tmp_path / name)
-    assert hires.load_image(tmp_path / "ok.png").mode == "RGB"
+        with pytest.raises(slicing.ImageError, match=name):
+            slicing.load_image(tmp_path / name)
+    assert slicing.load_image(tmp_path / "ok.png").mode == "RGB"
 
 
 def test_tiles_and_merge_are_row_major():
     """merge puts preprocess's slices back where they were cut: pixels as 'tokens' give the resized image back."""
     img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 48, 3), dtype=np.uint8))
-    _, sl, (m, n) = hires.preprocess_image(img, base=16, max_slices=6, upscale=False)
+    _, sl, (m, n) = slicing.preprocess_image(img, base=16, max_slices=6, upscale=False)
     assert (m, n) == (2, 3)
     p = sl.flatten(2).transpose(1, 2)                                       # (m*n, S*S, 3)
-    full = hires.to_tensor(img.resize((3 * 16, 2 * 16), Image.BICUBIC))    # (3, m*S, n*S)
+    full = slicing.to_tensor(img.resize((3 * 16, 2 * 16), Image.BICUBIC))    # (3, m*S, n*S)
     assert torch.equal(hires.merge(p, m, n, 16, 16)[0], full)
     assert torch.equal(hires.split(hires.merge(p, m, n, 16, 16), m, n, 16, 16), p)
 
@@ -148,7 +149,7 @@ def test_token_layout_and_separators(model):
     per, (m, n) = L // model.cfg.kernel ** 2, im[2]
     assert m > 1 and n > 1
     out = model.encode_images([im])[0]
-    assert out.shape[0] == hires.image_token_count(m, n, per)
+    assert out.shape[0] == slicing.image_token_count(m, n, per)
     a, b, c = (model.llm.embed(torch.tensor([s]))[0] for s in model.seps)
     assert len(a) == len(b) == len(c) == 1 and not torch.equal(b, c)
     ends = [per] + [per + 1 + (r * n + j + 1) * (per + 1) - 1 for r in range(m) for j in range(n)]
@@ -158,8 +159,8 @@ def test_token_layout_and_separators(model):
     assert model.cfg.image_tokens((m, n)) == out.shape[0]
     model.cfg.sample_overview = False  # the overview keeps all L tokens
     try:
-        assert model.encode_images([im])[0].shape[0] == hires.image_token_count(m, n, per) - per + L
-        assert model.cfg.image_tokens((m, n)) == hires.image_token_count(m, n, per) - per + L
+        assert model.encode_images([im])[0].shape[0] == slicing.image_token_count(m, n, per) - per + L
+        assert model.cfg.image_tokens((m, n)) == slicing.image_token_count(m, n, per) - per + L
     finally:
         model.cfg.sample_overview = True
     for flag in ("overview", "slices"):  # the length check of training counts what encode_images lays out
@@ -238,13 +239,13 @@ def test_bf16_backbones_fp32_adapters_train_under_autocast(tiny):
 
 def test_show_draws_the_slicing_png(tmp_path, capsys):
     Image.new("RGB", (1280, 720), "white").save(tmp_path / "wide.png")
-    hires.main(["--show", str(tmp_path / "wide.png"), "--png", str(tmp_path / "s.png")])
+    slicing.main(["--show", str(tmp_path / "wide.png"), "--png", str(tmp_path / "s.png")])
     with Image.open(tmp_path / "s.png") as im:
         assert im.format == "PNG" and im.width > 360
-    assert hires.slice_grid(1280, 720) == (3, 4)  # the grid the picture draws; 144 tokens/image at k=2, /14
+    assert slicing.slice_grid(1280, 720) == (3, 4)  # the grid the picture draws; 144 tokens/image at k=2, /14
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(SystemExit, match="empty.png"):
-        hires.main(["--show", str(tmp_path / "empty.png")])
+        slicing.main(["--show", str(tmp_path / "empty.png")])
 
 
 def test_option_logprobs_sum_each_options_tokens(model):
@@ -346,11 +347,11 @@ def test_merged_checkpoint_is_an_hf_llama_and_answers_the_same(tiny, tmp_path, c
 
 def test_pixels_travel_as_uint8_and_are_normalised_on_the_device():
     img = Image.fromarray(np.random.RandomState(1).randint(0, 256, (50, 70, 3), dtype=np.uint8))
-    ov, sl, _ = hires.preprocess_image(img, base=32, max_slices=4)
+    ov, sl, _ = slicing.preprocess_image(img, base=32, max_slices=4)
     assert ov.dtype == sl.dtype == torch.uint8  # a 16-slice ViT-L sample: 5.8 MB instead of 23 MB of float32
-    x = torch.from_numpy(np.asarray(hires.make_overview(img, 32), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    x = torch.from_numpy(np.asarray(slicing.make_overview(img, 32), dtype=np.float32) / 255.0).permute(2, 0, 1)
     reference = (x - torch.tensor(clip.CLIP_MEAN)[:, None, None]) / torch.tensor(clip.CLIP_STD)[:, None, None]
-    assert hires.normalize(ov).dtype == torch.float32 and torch.equal(hires.normalize(ov), reference)
+    assert slicing.normalize(ov).dtype == torch.float32 and torch.equal(slicing.normalize(ov), reference)
 
 
 def test_vit_checkpointing_through_sra_blocks_same_gradients_less_memory(model):

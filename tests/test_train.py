@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import hires  # noqa: E402
+import slicing  # noqa: E402
 import llama  # noqa: E402
 import entitygrid  # noqa: E402
 import train  # noqa: E402
@@ -262,7 +263,7 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path, data_dir):
     model, losses, questions = fit_fixed_batch(args)
     assert losses[-1] < 0.1, losses[::10]
     model.eval()
-    images = [hires.load_image(os.path.join(args.data_dir, "train", q["image"])) for q in questions]
+    images = [slicing.load_image(os.path.join(args.data_dir, "train", q["image"])) for q in questions]
     scores = model.option_logprobs(images, [entitygrid.format_question(q, letters=False) for q in questions],
                                    [q["options"] for q in questions])
     assert [entitygrid.LETTERS[max(range(4), key=s.__getitem__)] for s in scores] == [q["answer"] for q in questions]
@@ -303,7 +304,7 @@ def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_
         {"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": "green"}]}
     path = tmp_path / "data.json"
     path.write_text(json.dumps([item, dict(item, id="small", image="small.jpg")]))
-    pre = lambda img: hires.preprocess_image(img, 336, cfg.max_slices, cfg.upscale)
+    pre = lambda img: slicing.preprocess_image(img, 336, cfg.max_slices, cfg.upscale)
     data = train.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, context, cfg.image_tokens)
     (ids, labels, image), reason = data.encode(item)
     assert image[2] == (4, 4) and reason is None
