@@ -76,8 +76,10 @@ def test_stage1_then_stage2_loads_stage1_weights(tmp_path, data_dir):
     assert len(history(out2, 2)) == 2
 
 
-def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir):
-    args = train.parse_args(tiny_args(tmp_path, data_dir, "--lora-rank", "8", "--no-train-llm"))
+@pytest.mark.parametrize("llm,rank", [("--no-train-llm", "8"), ("--train-llm", "0")])  # paper-like, tiny preset
+def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir, llm, rank):
+    """Two groups: the LLM side (LoRA, or the whole LLM with --train-llm) at llm_lr, the vision side at lr."""
+    args = train.parse_args(tiny_args(tmp_path, data_dir, "--lora-rank", rank, llm))
     train.prepare_tiny(args)
     model = hires.HiResLLaVA(train.model_config(args))
     for stage in (1, 2):
@@ -92,7 +94,8 @@ def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir):
             assert g["lr"] == g["base_lr"] == (5e-4 if g["name"] == "llm" else 1e-3) and g["weight_decay"] == 0.0
             assert all(n.startswith("llm.") == (g["name"] == "llm") for n in names)
             assert g["betas"] == (0.9, 0.999)  # LLaVA's (HF Trainer AdamW defaults)
-        assert any("lora_" in n for n in trainable) == (stage == 2)
+        assert any("lora_" in n for n in trainable) == (stage == 2 and rank == "8")
+        assert ("llm.lm_head.weight" in trainable) == (llm == "--train-llm")
 
 
 def test_tiny_tokenizer_knows_the_template_words(tmp_path, data_dir):
