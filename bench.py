@@ -43,9 +43,9 @@ import torch
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
 
 
-def median_times(fns, repeats):
+def round_times(fns, repeats):
     """fns: name -> zero-argument callable. One warm-up call each, then `repeats` interleaved rounds.
-    Returns name -> median seconds (of CLOCK)."""
+    Returns name -> seconds (of CLOCK) per round."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -54,7 +54,12 @@ def median_times(fns, repeats):
             t0 = CLOCK()
             fn()
             times[name].append(CLOCK() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def median_times(fns, repeats):
+    """As round_times, the median seconds of each callable."""
+    return {name: statistics.median(ts) for name, ts in round_times(fns, repeats).items()}
 
 
 def print_table(headers, rows):
@@ -124,7 +129,7 @@ def bench_llama(args):
     print(f"  config: {n_params / 1e6:.0f}M params, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
           f"{cfg.n_kv_heads} kv heads, MLP {cfg.hidden_dim}, vocab {cfg.vocab_size}, fp32, batch 1, "
           f"{args.new_tokens} new tokens greedy")
-    N, rows = args.new_tokens, []
+    N, rows, result = args.new_tokens, [], {}
     for P in args.prompt_len:
         ids = torch.randint(3, cfg.vocab_size, (1, P))
         mask = torch.ones_like(ids)
@@ -140,21 +145,28 @@ def bench_llama(args):
         same = run_ours(N) == run_hf(N)
         # prefill = generate(1 token): one forward of the prompt (last-position logits) + one greedy pick;
         # decode = generate(N) - generate(1): the N-1 one-token forwards with the KV cache. Same rule for both.
-        t = median_times({"ours1": lambda: run_ours(1), "oursN": lambda: run_ours(N),
-                          "hf1": lambda: run_hf(1), "hfN": lambda: run_hf(N)}, args.repeats)
-        rates = {}
+        rounds = round_times({"ours1": lambda: run_ours(1), "oursN": lambda: run_ours(N),
+                              "hf1": lambda: run_hf(1), "hfN": lambda: run_hf(N)}, args.repeats)
+        t = {k: statistics.median(v) for k, v in rounds.items()}
         for name, key in (("llama.py", "ours"), ("transformers", "hf")):
             t1, tN = t[key + "1"], t[key + "N"]
-            rates[key] = (P / t1, (N - 1) / (tN - t1))
-            rows.append([P, name, f"{rates[key][0]:.0f}", f"{rates[key][1]:.1f}",
-                         f"{1000 * (tN - t1) / (N - 1):.1f}", f"{tN:.2f}", ""])
-        rows.append([P, "ratio llama.py/transformers", f"{rates['ours'][0] / rates['hf'][0]:.2f}",
-                     f"{rates['ours'][1] / rates['hf'][1]:.2f}", "", f"{t['hfN'] / t['oursN']:.2f}",
-                     "yes" if same else "NO"])
+            rows.append([P, name, f"{P / t1:.0f}", f"{(N - 1) / (tN - t1):.1f}", f"{1000 * (tN - t1) / (N - 1):.1f}",
+                         f"{tN:.2f}", ""])
+        # ratios from the four runs of one round (seconds apart), then the median over rounds: a slow phase of
+        # the machine that hits one round moves that round's times but much less its ratios
+        per_round = list(zip(*(rounds[k] for k in ("ours1", "oursN", "hf1", "hfN"))))
+        decode = [(hN - h1) / (oN - o1) for o1, oN, h1, hN in per_round]
+        result[P] = dict(same=same, decode=statistics.median(decode), decode_range=(min(decode), max(decode)))
+        prefill = statistics.median(h1 / o1 for o1, _, h1, _ in per_round)
+        rows.append([P, "ratio llama.py/transformers", f"{prefill:.2f}", f"{result[P]['decode']:.2f}",
+                     f"{min(decode):.2f}-{max(decode):.2f}",
+                     f"{statistics.median(hN / oN for _, oN, _, hN in per_round):.2f}", "yes" if same else "NO"])
     print_table(["prompt", "", "prefill tok/s", "decode tok/s", "decode ms/tok", f"generate {N} s",
                  "same tokens"], rows)
-    print(f"  (median of {args.repeats}, the four runs of a prompt length interleaved; ratios > 1: llama.py faster; "
-          f"decode target >= 1.3)")
+    print(f"  (times: median of {args.repeats} rounds, each running the four generate calls of a prompt length in "
+          f"turn; ratios: median over rounds of the ratio within a round, its range under decode ms/tok; > 1: "
+          f"llama.py faster; decode target >= 1.3)")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,3 +36,13 @@ def test_tinystep_speedups_keep_the_loss():
     out = bench.main(["tinystep", "--repeats", "1", "--threads", "1"])
     assert out["losses"][32] == pytest.approx(out["losses"]["before"], rel=1e-5)  # fp32, other op order
     assert set(out["times"]) == {"before", "cache", "micro8"} and all(t > 0 for t in out["times"].values())
+
+
+def test_llama_bench_same_tokens_and_ratios():
+    """bench.py llama at a tiny size: llama.py and transformers generate the same greedy tokens, and the decode
+    ratio is reported per prompt length with its range over rounds."""
+    out = bench.main(["llama", "--dim", "64", "--layers", "2", "--prompt-len", "5", "17", "--new-tokens", "6",
+                      "--repeats", "2", "--threads", "1"])
+    assert set(out) == {5, 17}
+    for r in out.values():
+        assert r["same"] and r["decode_range"][0] <= r["decode"] <= r["decode_range"][1]
