@@ -421,10 +421,14 @@ def bench_entitygrid(args):
 
 def bench_tinystep(args):
     """One tiny-preset stage-2 step (forward + backward) on 32 EntityGrid-QA samples, samples/s, three ways:
-    before: images decoded and preprocessed each step, one micro-batch of 32, the LM head at every position;
-    + cache + head at labels: the frozen ViT prefix from --cache-vit, logits only where a label is (same math:
-    the loss is printed beside); + micro-batch 8: the preset (4 x 8; the mean is taken per micro-batch)."""
+    before: images decoded and preprocessed each step, one micro-batch of 32, the LM head at every position, the
+    padded LLM attention under a mask, and the ViT blocks through open_clip's own modules (nn.MultiheadAttention,
+    QuickGELU); + cache + head at labels: the frozen ViT prefix from --cache-vit, logits only where a label is,
+    causal attention for right-padded batches, clip.block's SDPA attention and fused QuickGELU (same math: the
+    loss is printed beside); + micro-batch 8: the preset (4 x 8; the mean is taken per micro-batch)."""
+    from unittest import mock
     import torch.nn.functional as F
+    import clip
     import hires
     import llama
     import train
@@ -444,6 +448,8 @@ def bench_tinystep(args):
         cached.prefixes = train.cache_prefixes(model, [cached], master=False)
         losses = {}
 
+        @mock.patch.object(clip, "mlp", lambda m, x: m(x))  # open_clip's c_fc -> QuickGELU -> c_proj
+        @mock.patch.object(clip, "attention", lambda attn, x: attn(x, x, x, need_weights=False)[0])
         def before():
             b = train.collate([data[i] for i in range(32)])  # PNG decode + slicing + tensors every step
             seqs = model._embed_batch(b["input_ids"], b["labels"], b["images"])
@@ -467,8 +473,9 @@ def bench_tinystep(args):
         times = median_times({k: (lambda f: lambda: (f(), model.zero_grad(set_to_none=True)))(f) for k, f in
                               fns.items()}, args.repeats)
     print(f"\n== tinystep: one stage-2 step of 32 samples, tiny preset, {args.threads} thread(s)")
-    names = {"before": "before: pixels each step, micro 32, head everywhere", "cache": "+ ViT-prefix cache, head at "
-             "labels (micro 32)", "micro8": "+ micro-batch 8 (the preset)"}
+    names = {"before": "before: pixels each step, micro 32, head everywhere, open_clip blocks",
+             "cache": "+ ViT-prefix cache, head at labels, clip.block, causal LLM (micro 32)",
+             "micro8": "+ micro-batch 8 (the preset)"}
     print_table(["step", "seconds", "samples/s", "x before", "loss"],
                 [[names[k], f"{times[k]:.2f}", f"{32 / times[k]:.1f}", f"{times['before'] / times[k]:.2f}",
                   f"{losses['before' if k == 'before' else 32 if k == 'cache' else 8]:.5f}"] for k in fns])

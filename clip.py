@@ -11,12 +11,14 @@ Must match:
 
 Notation: B images, L = h*w patch tokens (CLS excluded), D ViT width, m rows and n cols of slices.
 """
+import itertools
 import os
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock, VisionTransformer
 
@@ -180,31 +182,50 @@ class VisionTower(nn.Module):
         (no adapters): frozen in every stage, so they can be computed once per image and reused."""
         x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))
         for blk in self.vit.transformer.resblocks[:depth]:
-            x = blk(x)
+            x = block(blk, x)
         return x
 
     def _blocks(self, x, start, stop, groups, sizes, adapters):
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i in range(start, stop):
-            blk = self.vit.transformer.resblocks[i]
-            run = blk if i not in adapters else partial(adapted_block, blk, adapter=adapters[i], groups=groups,
-                                                         sizes=sizes)
+            run = partial(block, self.vit.transformer.resblocks[i], adapter=adapters.get(i), groups=groups, sizes=sizes)
             x = checkpoint(run, x, use_reentrant=False) if ckpt else run(x)  # ckpt: keeps only x, (N, 1+L, D)
         return x
 
 
-def adapted_block(blk, x, adapter, groups, sizes):
-    """open_clip ResidualAttentionBlock with the SRA branch parallel to attention (paper 3.1):
-    x + ls_1(Attn(ln_1 x)) + SRA(ln_1 x), then x + ls_2(MLP(ln_2 x)). CLS and ungrouped images get no SRA term."""
+def block(blk, x, adapter=None, groups=None, sizes=None):
+    """open_clip's ResidualAttentionBlock written out, with its own weights: x + ls_1(Attn(ln_1 x)), then
+    x + ls_2(MLP(ln_2 x)); with an adapter, the SRA branch parallel to attention (paper 3.1): x + ls_1(Attn(ln_1 x))
+    + SRA(ln_1 x), over the slices of each grid (CLS and ungrouped images get no SRA term)."""
     y = blk.ln_1(x)                                               # (N, 1+L, D)
-    x = x + blk.ls_1(blk.attention(q_x=y))
-    parts = []
-    for g, part in zip(groups, torch.split(y, sizes)):
-        if g is None:
-            parts.append(torch.zeros_like(part))
-        else:
-            sra = adapter(part[:, 1:], g)                         # (m*n, L, D)
-            parts.append(torch.cat([torch.zeros_like(part[:, :1]), sra], dim=1))  # (m*n, 1+L, D)
-    x = x + torch.cat(parts)
-    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    x = x + blk.ls_1(attention(blk.attn, y))
+    if adapter is not None:
+        runs = [(g, sum(s for _, s in run)) for g, run in itertools.groupby(zip(groups, sizes), key=lambda gs: gs[0])]
+        parts = []  # one adapter call per run of consecutive images with the same grid
+        for (g, _), part in zip(runs, torch.split(y, [size for _, size in runs])):
+            if g is None:
+                parts.append(torch.zeros_like(part))
+            else:
+                sra = adapter(part[:, 1:], g)                     # (G*m*n, L, D): G images of grid g in one call
+                parts.append(torch.cat([torch.zeros_like(part[:, :1]), sra], dim=1))  # (G*m*n, 1+L, D)
+        x = x + torch.cat(parts)
+    return x + blk.ls_2(mlp(blk.mlp, blk.ln_2(x)))
 
+
+def attention(attn, x):
+    """nn.MultiheadAttention self-attention of batch-first x (N, T, D), its weights, through SDPA: the module itself
+    transposes to (T, N, D) and, without gradients, takes a slower fused path (bench.py tinystep)."""
+    N, T, D = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)    # (N, T, 3D)
+    q, k, v = qkv.view(N, T, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)  # (N, nh, T, hs) each
+    y = F.scaled_dot_product_attention(q, k, v)                   # (N, nh, T, hs)
+    return attn.out_proj(y.transpose(1, 2).reshape(N, T, D))     # (N, T, D)
+
+
+def mlp(m, x):
+    """open_clip's c_fc -> act -> c_proj. QuickGELU, h * sigmoid(1.702 h), is computed as silu(1.702 h) / 1.702 with
+    the two scales folded into c_fc and c_proj: one fused op over the (N, T, 4D) activations instead of three."""
+    if not isinstance(m.gelu, QuickGELU):
+        return m(x)
+    h = F.silu(F.linear(x, m.c_fc.weight * 1.702, m.c_fc.bias * 1.702))  # (N, T, 4D)
+    return F.linear(h, m.c_proj.weight / 1.702, m.c_proj.bias)

@@ -114,17 +114,18 @@ class CrossAttention(nn.Module):
 
 
 def merge(p, m, n, h, w):
-    """Slices (m*n, h*w, D), row-major, -> one feature map (1, D, m*h, n*w) with the slices on their grid."""
+    """Slices (G*m*n, h*w, D) of G images, each image's slices row-major, -> G feature maps (G, D, m*h, n*w) with the
+    slices on their grid."""
     D = p.shape[-1]
-    f = p.view(m, n, h, w, D).permute(4, 0, 2, 1, 3)                        # (D, m, h, n, w)
-    return f.reshape(1, D, m * h, n * w)
+    f = p.view(-1, m, n, h, w, D).permute(0, 5, 1, 3, 2, 4)                 # (G, D, m, h, n, w)
+    return f.reshape(-1, D, m * h, n * w)
 
 
 def split(f, m, n, h, w):
-    """Inverse of merge: (1, D, m*h, n*w) -> (m*n, h*w, D)."""
+    """Inverse of merge: (G, D, m*h, n*w) -> (G*m*n, h*w, D)."""
     D = f.shape[1]
-    p = f.view(D, m, h, n, w).permute(1, 3, 2, 4, 0)                        # (m, n, h, w, D)
-    return p.reshape(m * n, h * w, D)
+    p = f.view(-1, D, m, h, n, w).permute(0, 2, 4, 3, 5, 1)                 # (G, m, n, h, w, D)
+    return p.reshape(-1, h * w, D)
 
 
 class SliceRestoreAdapter(nn.Module):
@@ -142,14 +143,15 @@ class SliceRestoreAdapter(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, p, mn):
-        """p (m*n, L, D) -> (m*n, L, D), the SRA term added beside the block's attention."""
+        """p (G*m*n, L, D): the slices of G images that share the grid (m, n), image by image -> (G*m*n, L, D), the
+        SRA term added beside the block's attention. Each image is merged, fused and split on its own."""
         (m, n), h = mn, self.grid
-        f = merge(p, m, n, h, h)                                            # (1, D, m*h, n*w)
-        g = F.adaptive_avg_pool2d(f, (h, h))                                # (1, D, h1, w1) = (h, w) (design choice)
-        g = self.attn(g.flatten(2).transpose(1, 2))                         # (1, h*w, D)
-        g = g.transpose(1, 2).reshape(1, -1, h, h)                          # (1, D, h, w)
-        g = F.interpolate(g, size=f.shape[-2:], mode="bilinear", align_corners=False)  # (1, D, m*h, n*w)
-        return self.proj(split(self.local(f) + g, m, n, h, h))             # (m*n, L, D)
+        f = merge(p, m, n, h, h)                                            # (G, D, m*h, n*w)
+        g = F.adaptive_avg_pool2d(f, (h, h))                                # (G, D, h1, w1) = (h, w) (design choice)
+        g = self.attn(g.flatten(2).transpose(1, 2))                         # (G, h*w, D)
+        g = g.transpose(1, 2).reshape(-1, p.shape[-1], h, h)                # (G, D, h, w)
+        g = F.interpolate(g, size=f.shape[-2:], mode="bilinear", align_corners=False)  # (G, D, m*h, n*w)
+        return self.proj(split(self.local(f) + g, m, n, h, h))             # (G*m*n, L, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,44 +326,33 @@ class HiResLLaVA(nn.Module):
 
     def encode_images(self, images):
         """List of preprocess() tuples (or all Prefix tuples) -> list of (T_i, C) embeddings: overview, (a), slices
-        row-major with (b) between slices and (c) at each row end (paper Fig. 2a). All images of the batch go
-        through one ViT call."""
+        row-major with (b) between slices and (c) at each row end (paper Fig. 2a). The batch's overviews go through
+        one ViT call, its slices through another with the SRA."""
         cfg, device = self.cfg, self.llm.model.embed_tokens.weight.device
         cached = isinstance(images[0], Prefix)
         if any(isinstance(im, Prefix) != cached for im in images):
             raise ValueError("a batch mixes Prefix tuples and pixels")
-        pixels, groups, is_overview = [], [], []
-        for overview, slices, grid in images:
-            if cfg.overview:
-                pixels.append(overview[None])
-                groups.append(None)  # the overview passes the plain ViT (paper 2.4)
-                is_overview.append(True)
-            if cfg.slices:
-                pixels.append(slices)
-                groups.append(tuple(grid))
-                is_overview += [False] * len(slices)
-        adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
-        x = torch.cat(pixels).to(device)                                         # uint8 pixels or Prefix states
-        feats = self.vision(x if cached else normalize(x), groups, adapters,
-                            start=min(cfg.sra_layers) if cached else 0)          # (N, L, D)
-        if cfg.sample_overview:
-            tokens = list(self.projector(self.sampler(feats)))                   # N x (L/k^2, C)
-        else:
-            ov = torch.tensor(is_overview, device=device)
-            sampled = iter(self.projector(self.sampler(feats[~ov])))
-            raw = iter(self.projector(feats[ov]))
-            tokens = [next(raw) if o else next(sampled) for o in is_overview]
+
+        def vit(x, groups=None, adapters=None):                                  # uint8 pixels or Prefix states
+            x = x.to(device)
+            return self.vision(x if cached else normalize(x), groups, adapters,
+                               start=min(cfg.sra_layers) if cached else 0)       # (N, L, D)
+
+        if cfg.overview:
+            with torch.no_grad():  # the overview passes the plain, frozen ViT (paper 2.4): nothing there to train
+                f = vit(torch.stack([overview for overview, _, _ in images]))     # (B, L, D)
+            overviews = self.projector(self.sampler(f) if cfg.sample_overview else f)  # (B, L/k^2 or L, C)
+        if cfg.slices:
+            adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
+            f = vit(torch.cat([s for _, s, _ in images]), [tuple(g) for _, _, g in images], adapters)  # (S, L, D)
+            slices = iter(self.projector(self.sampler(f)))                       # S x (L/k^2, C)
         sep_a, sep_b, sep_c = (self.llm.embed(torch.tensor([s], device=device))[0] for s in self.seps)  # (k_i, C)
-        out, i = [], 0
-        for _, _, (m, n) in images:
-            parts = []
-            if cfg.overview:
-                parts += [tokens[i]] + ([sep_a] if cfg.slices else [])
-                i += 1
+        out = []
+        for b, (_, _, (m, n)) in enumerate(images):
+            parts = [overviews[b]] + ([sep_a] if cfg.slices else []) if cfg.overview else []
             for r in range(m if cfg.slices else 0):
                 for c in range(n):
-                    parts += [tokens[i], sep_b if c < n - 1 else sep_c]
-                    i += 1
+                    parts += [next(slices), sep_b if c < n - 1 else sep_c]
             out.append(torch.cat(parts))                                         # (T_i, C)
         return out
 

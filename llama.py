@@ -249,6 +249,8 @@ class Llama(nn.Module):
     def label_logprobs(self, tokens=None, *, input_embeds=None, attention_mask=None, labels):
         """log p(labels[:, t+1] | tokens up to t) -> (B, T-1) fp32, 0 where the label is ignored. Logits are
         computed at labelled positions only."""
+        if attention_mask is not None and torch.equal(attention_mask.long().cumprod(-1), attention_mask.long()):
+            attention_mask = None  # right padding only: causal attention keeps every real token off the pads already
         x, positions, mask = self._inputs(tokens, input_embeds, attention_mask)
         target = labels[:, 1:].to(x.device)                                  # (B, T-1)
         keep = target != IGNORE_INDEX

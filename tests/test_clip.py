@@ -12,8 +12,27 @@ def test_features_match_forward_intermediates():
     x = torch.randn(3, 3, cfg.image_size, cfg.image_size)
     ref = tower.vit.forward_intermediates(x, indices=[cfg.layers - 2], stop_early=True, intermediates_only=True,
                                           output_fmt="NLC")["image_intermediates"][0]
-    assert torch.equal(tower(x), ref)  # same ops in the same order: bit-identical
+    torch.testing.assert_close(tower(x), ref)  # clip.block: the same function as open_clip's block, other op order
     assert tower(x).shape == (3, cfg.grid ** 2, cfg.width)
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_block_is_open_clips_block(quick_gelu):
+    """clip.block (SDPA attention on batch-first tensors, QuickGELU as silu with folded scales) computes what open_clip's
+    ResidualAttentionBlock computes, outputs and input gradients alike, with and without autograd."""
+    import dataclasses
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(clip.CLIPConfig.from_preset("tiny"), quick_gelu=quick_gelu)
+    blk = clip.build_vision_tower(cfg).transformer.resblocks[2]
+    for p in blk.parameters():  # a trained-looking block: larger weights than the init, so differences would show
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 1 + cfg.grid ** 2, cfg.width, requires_grad=True)
+    ours, ref = clip.block(blk, x), blk(x)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    with torch.no_grad():  # nn.MultiheadAttention takes its fused inference path here
+        torch.testing.assert_close(clip.block(blk, x), blk(x))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -70,7 +89,7 @@ def test_adapter_sees_ln1_of_its_grid_only():
     out = tower(x, [None, (1, 2)], {3: Recorder()})
     h = tower.vit._embeds(x)
     for blk in tower.vit.transformer.resblocks[:3]:
-        h = blk(h)
+        h = clip.block(blk, h)
     (p, mn), = seen
     assert mn == (1, 2) and torch.equal(p, tower.vit.transformer.resblocks[3].ln_1(h)[1:, 1:])
     assert torch.equal(out, tower(x))

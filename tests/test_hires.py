@@ -58,6 +58,21 @@ def test_tiles_and_merge_are_row_major():
     assert torch.equal(hires.split(hires.merge(p, m, n, 16, 16), m, n, 16, 16), p)
 
 
+def test_sra_runs_images_of_one_grid_together_as_one_by_one():
+    """An SRA call on G images that share a grid gives each image what a call on that image alone gives: merge, fuse
+    and split never mix images."""
+    torch.manual_seed(0)
+    sra = hires.SliceRestoreAdapter(16, 2, 4)
+    torch.nn.init.normal_(sra.proj.weight, std=0.1)
+    p = torch.randn(3 * 2 * 3, 16, 16)  # 3 images of 2 x 3 slices of 4 x 4 tokens
+    together = sra(p, (2, 3))
+    alone = torch.cat([sra(q, (2, 3)) for q in p.split(6)])
+    torch.testing.assert_close(together, alone)
+    assert not torch.allclose(together[:6], sra(p[6:12], (2, 3)))  # a different image gives a different term
+    f = hires.merge(p, 2, 3, 4, 4)
+    assert f.shape == (3, 16, 8, 12) and torch.equal(hires.split(f, 2, 3, 4, 4), p)
+
+
 def _slice_features(tower, sra, x, grid):
     return tower(x, [grid], {3: sra})
 
