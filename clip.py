@@ -4,7 +4,7 @@ Must match:
 - open_clip `open_clip.transformer.VisionTransformer` (ViT-L-14-336 'openai', QuickGELU) -- we build that very class
   and load its weights strictly; we never edit it.
 - LLaVA's `mm_vision_select_layer=-2`, `mm_vision_select_feature='patch'`: the output of the second-to-last block,
-  CLS dropped, no ln_post/proj -> (B, h*w, D), equal to open_clip's
+  CLS dropped, no ln_post/proj -> (B, h*w, D), equal (to fp32 rounding: `block` writes the block out) to open_clip's
   `forward_intermediates(indices=[L-2], intermediates_only=True, output_fmt='NLC')` (tests check this).
 - HiRes-LLaVA (arXiv 2407.08706) section 3.1: SliceRestore Adapters run inside chosen blocks as a branch parallel to
   self-attention, x <- x + Attn(LN(x)) + SRA(LN(x)), over the slices of one image together (grid m x n known).
