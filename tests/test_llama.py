@@ -322,7 +322,9 @@ def test_vicuna_template_labels(tok):
     assert t.decode(pid[2:]) == "A red square.\n" and t.eos_id not in pid
 
 
-def test_label_logprobs_match_full_logits_and_empty_labels_give_zero_loss():
+@pytest.mark.parametrize("pads", [slice(7, None), slice(0, 2)])
+def test_label_logprobs_match_full_logits_and_empty_labels_give_zero_loss(pads):
+    """Right padding (training: label_logprobs then runs plain causal attention) and left padding (the mask)."""
     from llama import IGNORE_INDEX, Llama, LlamaConfig
     torch.manual_seed(0)
     m = Llama(LlamaConfig.from_preset("tiny", vocab_size=64))
@@ -331,8 +333,8 @@ def test_label_logprobs_match_full_logits_and_empty_labels_give_zero_loss():
     labels[0, :5] = IGNORE_INDEX
     labels[1, 1::2] = IGNORE_INDEX
     mask = torch.ones_like(ids)
-    mask[1, 7:] = 0  # right padding, as in training
-    labels[1, 7:] = IGNORE_INDEX
+    mask[1, pads] = 0
+    labels[1, pads] = IGNORE_INDEX
     with torch.no_grad():
         logp = m(ids, attention_mask=mask).log_softmax(-1)                   # (B, T, V)
         got = m.label_logprobs(ids, attention_mask=mask, labels=labels)      # (B, T-1)
