@@ -2,8 +2,8 @@
 
   python bench.py llama       llama.py vs transformers' LlamaForCausalLM on the same random ~125M-parameter
                               LLaMA (GQA, fp32, batch 1): prefill tok/s and greedy decode tok/s with KV cache
-                              (128 new tokens) for 64- and 512-token prompts, their ratios and whether both
-                              produce the same tokens. Needs transformers (requirements-test.txt).
+                              (128 new tokens) for 64- and 512-token prompts, their ratios (per round, median
+                              over rounds) and whether both produce the same tokens. Needs transformers.
   python bench.py hires       the HiRes-LLaVA vision path (ViT + SliceRestore Adapters + Self-Mining Sampler) vs
                               the plain sliced ViT on one overview + 16-slice image; one SRA vs full joint
                               self-attention over all slice tokens at 4, 9, 16 slices; peak RSS of a 16-slice
@@ -14,8 +14,9 @@
                               tokens per image and peak RSS in a fresh process each. Needs transformers.
   python bench.py entitygrid  EntityGrid-QA generation speed (samples/s) at base 336, pinned to one CPU core.
   python bench.py tinystep    one tiny-preset stage-2 step of 32 samples (forward + backward), samples/s: images
-                              decoded every step, one micro-batch, LM head everywhere vs the ViT-prefix cache +
-                              head at labels (same loss) vs the preset's micro-batch 8.
+                              decoded every step, one micro-batch, LM head everywhere, open_clip's ViT modules vs
+                              the ViT-prefix cache + head at labels + clip.block (same loss) vs the preset's
+                              micro-batch 8.
   python bench.py all         llama, hires, ttft and entitygrid, in that order.
   python bench.py gpu         smoke run of the paper shapes from random weights on one CUDA device (ViT-L-14-336,
                               a LLaMA with Vicuna-7B's config, bf16 backbones, fp32 adapters): a few stage-2
