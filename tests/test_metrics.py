@@ -1,4 +1,4 @@
-"""eval.py metrics on worked examples from the official definitions (docs/benchmarks.md#metrics). No model needed."""
+"""metrics.py on worked examples from the official definitions (docs/benchmarks.md#metrics). No model needed."""
 import os
 import sys
 
@@ -6,6 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as ev  # noqa: E402
+import metrics  # noqa: E402
 
 
 # ANLS (docs/benchmarks.md#anls) ------------------------------------------------------------------------------------
@@ -24,13 +25,13 @@ import eval as ev  # noqa: E402
     ("ßßß", ["sss"], 0.5),                     # length from .upper(): "SSSSSS" has 6 chars, distance 3
 ])
 def test_anls_worked_examples(pred, answers, expected):
-    assert ev.anls(pred, answers) == pytest.approx(expected)
+    assert metrics.anls(pred, answers) == pytest.approx(expected)
 
 
 def test_levenshtein():
-    assert ev.levenshtein("kitten", "sitting") == 3
-    assert ev.levenshtein("", "abc") == 3
-    assert ev.levenshtein("flaw", "lawn") == 2
+    assert metrics.levenshtein("kitten", "sitting") == 3
+    assert metrics.levenshtein("", "abc") == 3
+    assert metrics.levenshtein("flaw", "lawn") == 2
 
 
 # VQA accuracy with the EvalAI / m4c processor (docs/benchmarks.md#vqa-accuracy) ------------------------------------
@@ -38,9 +39,9 @@ def test_levenshtein():
 @pytest.mark.parametrize("k, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0)])
 def test_vqa_accuracy_leave_one_out_table(k, expected):
     answers = ["cat"] * k + ["dog"] * (10 - k)
-    assert ev.vqa_accuracy("cat", answers) == pytest.approx(expected)
+    assert metrics.vqa_accuracy("cat", answers) == pytest.approx(expected)
     closed_form = (k * min(1, (k - 1) / 3) + (10 - k) * min(1, k / 3)) / 10
-    assert ev.vqa_accuracy("cat", answers) == pytest.approx(closed_form)
+    assert metrics.vqa_accuracy("cat", answers) == pytest.approx(closed_form)
 
 
 @pytest.mark.parametrize("raw, normalised", [
@@ -61,7 +62,7 @@ def test_vqa_accuracy_leave_one_out_table(k, expected):
     ("." * 40, "." * 8),                # re.UNICODE passed as count: only 32 periods removed
 ])
 def test_evalai_normalize(raw, normalised):
-    assert ev.evalai_normalize(raw) == normalised
+    assert metrics.evalai_normalize(raw) == normalised
 
 
 @pytest.mark.parametrize("raw, out", [
@@ -69,19 +70,19 @@ def test_evalai_normalize(raw, normalised):
     ("x-y 1,a", "x y 1 a"),    # none: a mark with no space beside it becomes a space
 ])
 def test_process_punctuation_digit_comma(raw, out):
-    assert ev.process_punctuation(raw) == out
+    assert metrics.process_punctuation(raw) == out
 
 
 def test_contractions_table_is_complete():
-    assert len(ev.CONTRACTIONS) == 120
-    assert ev.CONTRACTIONS["yall'd've"] == "y'all'd've" and ev.CONTRACTIONS["twas"] == "'twas"
+    assert len(metrics.CONTRACTIONS) == 120
+    assert metrics.CONTRACTIONS["yall'd've"] == "y'all'd've" and metrics.CONTRACTIONS["twas"] == "'twas"
 
 
 def test_vqa_accuracy_uses_normaliser():
-    assert ev.vqa_accuracy("Two", ["2"] * 10) == 1.0
-    assert ev.vqa_accuracy("Yes", ["yes"] * 10) == 1.0          # official tool: 0; m4c (LLaVA TextVQA): 1
-    assert ev.vqa_accuracy("it's red", ["its red"] * 10) == 0.0  # "it 's red" != "its red"
-    assert ev.vqa_accuracy("the Cat.", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)
+    assert metrics.vqa_accuracy("Two", ["2"] * 10) == 1.0
+    assert metrics.vqa_accuracy("Yes", ["yes"] * 10) == 1.0          # official tool: 0; m4c (LLaVA TextVQA): 1
+    assert metrics.vqa_accuracy("it's red", ["its red"] * 10) == 0.0  # "it 's red" != "its red"
+    assert metrics.vqa_accuracy("the Cat.", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)
 
 
 # ChartQA relaxed accuracy (docs/benchmarks.md#relaxed-accuracy) ----------------------------------------------------
@@ -96,7 +97,7 @@ def test_vqa_accuracy_uses_normaliser():
     ("nan", "nan", 0.0),
 ])
 def test_relaxed_accuracy(pred, target, expected):
-    assert ev.relaxed_accuracy(pred, target) == expected
+    assert metrics.relaxed_accuracy(pred, target) == expected
 
 
 # Multiple choice parsers (docs/benchmarks.md#option-letters) -------------------------------------------------------
@@ -110,7 +111,7 @@ def test_relaxed_accuracy(pred, target, expected):
     ("E", 5, "E"), ("cat", 3, None),
 ])
 def test_parse_letter_scienceqa(text, n, expected):
-    assert ev.parse_letter_scienceqa(text, n) == expected
+    assert metrics.parse_letter_scienceqa(text, n) == expected
 
 
 @pytest.mark.parametrize("text, gt, correct", [
@@ -118,7 +119,7 @@ def test_parse_letter_scienceqa(text, n, expected):
     ("The answer is B", "B", False), ("C", "B", False), ("  C. x", "C", True),
 ])
 def test_parse_letter_ai2d(text, gt, correct):
-    assert (ev.parse_letter_ai2d(text) == gt) is correct
+    assert (metrics.parse_letter_ai2d(text) == gt) is correct
 
 
 CHOICES = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
@@ -133,12 +134,12 @@ CHOICES = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
     ("C is the answer because the bird flies over the tall green trees", None),  # letter not in the last 5 tokens
 ])
 def test_parse_letter_mmbench(text, expected):
-    assert ev.parse_letter_mmbench(text, CHOICES) == expected
+    assert metrics.parse_letter_mmbench(text, CHOICES) == expected
 
 
 def test_circular_accuracy_groups():
     rows = [(1, True), (1_000_001, True), (2_000_001, False), (2, True), (1_000_002, True), (3, False)]
-    assert ev.circular_accuracy(rows) == {1: False, 2: True, 3: False}
+    assert metrics.circular_accuracy(rows) == {1: False, 2: True, 3: False}
 
 
 # POPE (docs/benchmarks.md#pope-yes-or-no) --------------------------------------------------------------------------
@@ -148,17 +149,17 @@ def test_circular_accuracy_groups():
     ("Yes, there is no dog.", False), ("There is not a dog", False), ("Yes. No", True), ("no, none", False),
 ])
 def test_parse_yes_pope(text, yes):
-    assert ev.parse_yes_pope(text) is yes
+    assert metrics.parse_yes_pope(text) is yes
 
 
 def test_pope_metrics():
-    m = ev.pope_metrics([True, True, False, False, True], [True, False, False, True, True])  # TP 2 FP 1 TN 1 FN 1
+    m = metrics.pope_metrics([True, True, False, False, True], [True, False, False, True, True])  # TP 2 FP 1 TN 1 FN 1
     assert m["accuracy"] == pytest.approx(3 / 5) and m["yes_ratio"] == pytest.approx(3 / 5)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 / 3)
-    m = ev.pope_metrics([True, True, True, True], [True, True, True, False])
+    m = metrics.pope_metrics([True, True, True, True], [True, True, True, False])
     assert m["precision"] == pytest.approx(3 / 4) and m["recall"] == 1.0 and m["yes_ratio"] == 1.0
-    assert ev.pope_metrics([False, False], [True, False])["precision"] == 0.0  # guarded division
+    assert metrics.pope_metrics([False, False], [True, False])["precision"] == 0.0  # guarded division
 
 
 # HallusionBench (docs/benchmarks.md#hallusionbench-scores) ---------------------------------------------------------
@@ -168,7 +169,7 @@ def test_pope_metrics():
     ("", "unknown"),
 ])
 def test_parse_yes_no(text, said):
-    assert ev.parse_yes_no(text) == said
+    assert metrics.parse_yes_no(text) == said
 
 
 def hb(cat, sub, set_id, fig, qid, gt):
