@@ -267,7 +267,8 @@ def ttft_backbones(args, path):
     transformers CLIPVisionConfig of the same network. -> (tokenizer, LlamaConfig, CLIPConfig, CLIPVisionConfig)"""
     import transformers
     from clip import CLIPConfig
-    from llama import Llama, LlamaConfig, SYSTEM_PROMPT, train_tokenizer
+    from llama import Llama, LlamaConfig
+    from conversation import SYSTEM_PROMPT, train_tokenizer
     torch.manual_seed(0)
     tok = train_tokenizer([SYSTEM_PROMPT, QUESTION, "USER: ASSISTANT: , \n"] * 4, os.path.join(path, "tok.model"),
                           vocab_size=300)
@@ -318,7 +319,8 @@ def next_first_token(path, llm, vit, hf_vit):
     the same ViT and LLaMA configs, random weights -> (first-token function, LLM tokens per image). The function
     includes LlavaNextImageProcessor, as HiResLLaVA.generate includes its preprocessing."""
     import transformers
-    from llama import IMAGE_TOKEN_INDEX, Tokenizer, encode_prompt
+    from llama import IMAGE_TOKEN_INDEX
+    from conversation import Tokenizer, encode_prompt
     transformers.utils.logging.disable_progress_bar()
     S = vit.image_size
     pinpoints = [[S * r, S * c] for r in range(1, 5) for c in range(1, 5)]
@@ -490,6 +492,7 @@ def random_model(args, dtype, device):
     """HiResLLaVA with random backbones (paper: ViT-L-14-336 + Vicuna-7B's config; small: the tiny presets), the
     paper preset's slicing and LoRA, a small sentencepiece model (any ids below the vocabulary do)."""
     import dataclasses
+    import conversation
     import hires
     import llama
     import train
@@ -501,8 +504,8 @@ def random_model(args, dtype, device):
     with torch.device(device):  # built on the device: no 27 GB fp32 copy of 7B on the host
         llm = llama.Llama(llama.LlamaConfig.from_preset(llm_name)).to(dtype)
     tok = os.path.join(tempfile.mkdtemp(), "tokenizer.model")
-    llama.train_tokenizer(["USER: What is written here? ASSISTANT: A B C D, 0.596 apple; the red sign."] * 40, tok,
-                          300)
+    texts = ["USER: What is written here? ASSISTANT: A B C D, 0.596 apple; the red sign."] * 40
+    conversation.train_tokenizer(texts, tok, 300)
     cfg = hires.HiResConfig(clip_preset=clip_name, tokenizer_path=tok, max_slices=preset["max_slices"],
                             upscale=preset["upscale"], lora_rank=preset["lora_rank"],
                             lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
@@ -517,8 +520,8 @@ def bench_gpu(args):
     params x ViT tokens (forward), against --peak-tflops."""
     import numpy as np
     from PIL import Image
+    import conversation
     import hires
-    import llama
     import train
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -530,7 +533,7 @@ def bench_gpu(args):
     pre = model.preprocess(img)  # 4 x 4 = 16 slices + overview
     turns = [{"from": "human", "value": "<image>\nWhat is written on the sign?"},
              {"from": "gpt", "value": "The red sign says apple. " * 20}]
-    ids, labels = llama.encode_conversation(turns, model.tokenizer, "vicuna_v1")
+    ids, labels = conversation.encode_conversation(turns, model.tokenizer, "vicuna_v1")
     batch = ([ids] * micro, [labels] * micro, [pre] * micro)
     T = len(ids) - 1 + model.cfg.image_tokens(pre[2])  # LLM tokens of one sample
     opt = train.make_optimizer(model, preset["lr2"], preset["lora_lr"])
@@ -570,7 +573,7 @@ def bench_gpu(args):
           f"{', '.join(f'{x:.3f}' for x in losses)}")
     model.eval()
     n_gen = min(micro, 8)
-    prompt = llama.encode_prompt("<image>\nWhat is written on the sign?", model.tokenizer)
+    prompt = conversation.encode_prompt("<image>\nWhat is written on the sign?", model.tokenizer)
     t0 = time.perf_counter()
     with torch.inference_mode(), amp:  # as HiResLLaVA.generate, but ids out: random weights pick ids the small
         seqs = model._embed_batch([prompt] * n_gen, [None] * n_gen, [pre] * n_gen)  # tokenizer cannot decode

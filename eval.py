@@ -539,7 +539,7 @@ def ask(args):
     """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
     import hires
     import slicing
-    import llama
+    import conversation
     import torch
     dtype = resolve_dtype(args.dtype, args.device)
     model = load_model(args.ckpt, args.device, dtype, **backbones(args))
@@ -555,7 +555,7 @@ def ask(args):
     answers = []
     for q in questions:
         prompt = q if "<image>" in q else "<image>\n" + q
-        n_tokens = len(llama.encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
+        n_tokens = len(conversation.encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
         try:
             with torch.inference_mode(), amp:
                 answer = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, save_vision_tower
-from llama import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, Tokenizer, apply_lora, atomic_write,
-                   encode_conversation, encode_prompt, image_first, merge_lora, train_tokenizer)
+from conversation import Tokenizer, encode_conversation, encode_prompt, image_first, train_tokenizer
+from llama import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, apply_lora, atomic_write, merge_lora
 from slicing import image_token_count, normalize, preprocess_image
 
 # separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;

@@ -31,6 +31,7 @@ from tqdm import tqdm
 import clip
 import entitygrid
 import hires
+import conversation
 import llama
 import slicing
 
@@ -58,7 +59,7 @@ class TrainError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: LLaVA's JSON (docs/method.md#training-stages) -> token ids + labels (llama.encode_conversation) + image
+# data: LLaVA's JSON (docs/method.md#training-stages) -> token ids + labels (conversation.encode_conversation) + image
 
 class LlavaData(torch.utils.data.Dataset):
     """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
@@ -108,10 +109,10 @@ class LlavaData(torch.utils.data.Dataset):
         elif "image" not in item and n_image_tokens:
             return None, "<image> without an image"
         if "image" in item:  # LLaVA's preprocess_multimodal: one "<image>\n" at the start of the first human turn
-            turns = [{"from": "human", "value": llama.image_first(turns[0]["value"])}] + [
+            turns = [{"from": "human", "value": conversation.image_first(turns[0]["value"])}] + [
                 {"from": t["from"], "value": t["value"].replace("<image>", "")} for t in turns[1:]]
         try:
-            ids, labels = llama.encode_conversation(turns, self.tokenizer, self.template)
+            ids, labels = conversation.encode_conversation(turns, self.tokenizer, self.template)
         except ValueError:  # roles not alternating human, gpt
             return None, "empty or malformed conversation"
         image = None
@@ -491,7 +492,7 @@ def prepare_tiny(args):
         for qa in ("llava.json", "text_qa.json"):  # with the template's words (USER:, ASSISTANT:)
             with open(os.path.join(train_dir, qa)) as f:
                 texts += [seg.replace("<image>", "") for item in json.load(f)
-                          for seg in llama.vicuna_segments(llama.turn_texts(item["conversations"]))]
+                          for seg in conversation.vicuna_segments(conversation.turn_texts(item["conversations"]))]
         with open(captions) as f:
             texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
         try:

@@ -18,8 +18,8 @@ def test_features_match_forward_intermediates():
 
 @pytest.mark.parametrize("quick_gelu", [True, False])
 def test_block_is_open_clips_block(quick_gelu):
-    """clip.block (SDPA attention on batch-first tensors, QuickGELU as silu with folded scales) computes what open_clip's
-    ResidualAttentionBlock computes, outputs and input gradients alike, with and without autograd."""
+    """clip.block (SDPA attention on batch-first tensors, QuickGELU as silu with folded scales) computes what
+    open_clip's ResidualAttentionBlock computes, outputs and input gradients alike, with and without autograd."""
     import dataclasses
     torch.manual_seed(0)
     cfg = dataclasses.replace(clip.CLIPConfig.from_preset("tiny"), quick_gelu=quick_gelu)

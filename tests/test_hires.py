@@ -266,7 +266,7 @@ def test_show_draws_the_slicing_png(tmp_path, capsys):
 def test_option_logprobs_sum_each_options_tokens(model):
     """option_logprobs = the sum of log-softmax(full logits) over the answer's tokens and </s>, each sequence scored
     alone (so padding the options of a batch together changes nothing)."""
-    from llama import encode_conversation
+    from conversation import encode_conversation
     images, prompts = [Image.new("RGB", (100, 40), "red"), None], ["what is this?", "hi"]
     options = [["A B", "C", "apple"], ["D", "0.596"]]
     with torch.no_grad():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import conversation
 import llama  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -272,8 +273,8 @@ def test_lora_identity_merge_save_load_and_frozen_base(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     texts = ["The quick brown fox jumps over the lazy dog.", "What is in the image? A red square.",
-             llama.SYSTEM_PROMPT, "USER: ASSISTANT:", "Answer with the option's letter 12345."] * 4
-    return llama.train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "t.model"), 400), texts
+             conversation.SYSTEM_PROMPT, "USER: ASSISTANT:", "Answer with the option's letter 12345."] * 4
+    return conversation.train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "t.model"), 400), texts
 
 
 def test_tokenizer_roundtrip_eos_and_determinism(tok, tmp_path):
@@ -284,7 +285,7 @@ def test_tokenizer_roundtrip_eos_and_determinism(tok, tmp_path):
     assert t.decode([llama.IMAGE_TOKEN_INDEX] + t.encode("hi", bos=False)) == "hi"  # placeholder dropped
     ids = t.encode("hi</s>there")
     assert ids.count(2) == 1 and ids[0] == 1
-    t2 = llama.train_tokenizer(texts, str(tmp_path / "t2.model"), 400)
+    t2 = conversation.train_tokenizer(texts, str(tmp_path / "t2.model"), 400)
     assert open(t2.sp.serialized_model_proto and tmp_path / "t2.model", "rb").read() == t.sp.serialized_model_proto()
 
 
@@ -294,30 +295,30 @@ def pieces(t, ids):
 
 def test_image_first_is_the_one_image_normalisation():
     """LLaVA's preprocess_multimodal: `<image>` (anywhere, even twice) becomes one "<image>\n" prefix; idempotent."""
-    assert llama.image_first("What is this?\n<image>") == "<image>\nWhat is this?"
-    assert llama.image_first("<image> a <image>b ") == "<image>\na b"
-    assert llama.image_first(llama.image_first("Q <image>")) == llama.image_first("Q <image>")
-    assert llama.turn_texts([{"from": "human", "value": "Q\n<image>"}, {"from": "gpt", "value": "A"}])[0] == \
-        llama.image_first("Q\n<image>")
+    assert conversation.image_first("What is this?\n<image>") == "<image>\nWhat is this?"
+    assert conversation.image_first("<image> a <image>b ") == "<image>\na b"
+    assert conversation.image_first(conversation.image_first("Q <image>")) == conversation.image_first("Q <image>")
+    assert conversation.turn_texts([{"from": "human", "value": "Q\n<image>"}, {"from": "gpt", "value": "A"}])[0] == \
+        conversation.image_first("Q\n<image>")
 
 
 def test_vicuna_template_labels(tok):
     t, _ = tok
     conv = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A red square."},
             {"from": "human", "value": "And the fox?"}, {"from": "gpt", "value": "It jumps."}]
-    ids, labels = llama.encode_conversation(conv, t)
+    ids, labels = conversation.encode_conversation(conv, t)
     assert len(ids) == len(labels) and ids.count(llama.IMAGE_TOKEN_INDEX) == 1 and ids[0] == t.bos_id
     kept = [i for i, l in zip(ids, labels) if l != llama.IGNORE_INDEX]
     assert all(l in (llama.IGNORE_INDEX, i) for i, l in zip(ids, labels))
     assert pieces(t, kept) == "▁A▁red▁square.</s>▁It▁jumps.</s>"
     # chunk-wise around the image: the chunk after it gets its own dummy prefix "▁" (as LLaVA), and no
     # dummy prefix after </s> (HF legacy=False)
-    rendered = (f"{llama.SYSTEM_PROMPT} USER: <image>▁<0x0A>What is this? ASSISTANT: A red square.</s>"
+    rendered = (f"{conversation.SYSTEM_PROMPT} USER: <image>▁<0x0A>What is this? ASSISTANT: A red square.</s>"
                 f"USER: And the fox? ASSISTANT: It jumps.</s>")
     assert pieces(t, ids) == "<s>▁" + rendered.replace(" ", "▁")
-    p = llama.encode_prompt("<image>\nWhat is this?", t)
+    p = conversation.encode_prompt("<image>\nWhat is this?", t)
     assert ids[:len(p)] == p  # the inference prompt is the training prefix up to "ASSISTANT:"
-    pid, plab = llama.encode_conversation(conv[:2], t, "plain")
+    pid, plab = conversation.encode_conversation(conv[:2], t, "plain")
     assert pid[:2] == [t.bos_id, llama.IMAGE_TOKEN_INDEX] and plab[:2] == [-100, -100] and plab[2:] == pid[2:]
     assert t.decode(pid[2:]) == "A red square.\n" and t.eos_id not in pid
 

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import hires  # noqa: E402
 import slicing  # noqa: E402
+import conversation
 import llama  # noqa: E402
 import entitygrid  # noqa: E402
 import train  # noqa: E402
@@ -102,7 +103,7 @@ def test_tiny_tokenizer_knows_the_template_words(tmp_path, data_dir):
     """Trained on the templated text, so USER:/ASSISTANT: are whole pieces, not a run of byte-fallback bytes."""
     args = train.parse_args(tiny_args(tmp_path, data_dir))
     train.prepare_tiny(args)
-    tok = llama.Tokenizer(train.model_config(args).tokenizer_path)
+    tok = conversation.Tokenizer(train.model_config(args).tokenizer_path)
     for word in (" USER:", " ASSISTANT:"):
         pieces = [tok.sp.id_to_piece(i) for i in tok.encode(word, bos=False, prefix=False)]
         assert not any(p.startswith("<0x") for p in pieces), pieces
@@ -300,7 +301,7 @@ def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_
     assert context == 4096
     tiny = train.parse_args(tiny_args(tmp_path / "tiny", data_dir))
     train.prepare_tiny(tiny)
-    tok = llama.Tokenizer(train.model_config(tiny).tokenizer_path)
+    tok = conversation.Tokenizer(train.model_config(tiny).tokenizer_path)
     Image.new("RGB", (640, 480), (10, 120, 30)).save(tmp_path / "coco.jpg")
     Image.new("RGB", (300, 200), (10, 120, 30)).save(tmp_path / "small.jpg")
     item = {"id": "coco", "image": "coco.jpg", "conversations": [
