@@ -434,6 +434,7 @@ def bench_tinystep(args):
     import clip
     import hires
     import llama
+    import llava_data
     import train
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d, contextlib.redirect_stderr(io.StringIO()):
@@ -444,17 +445,17 @@ def bench_tinystep(args):
         model = hires.HiResLLaVA(train.model_config(targs))
         model.set_stage(2)
         folder = f"{d}/data/train"
-        data = train.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1", model.preprocess,
+        data = llava_data.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1", model.preprocess,
                                model.context, model.cfg.image_tokens)
-        cached = train.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1", model.preprocess,
+        cached = llava_data.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1", model.preprocess,
                                  model.context, model.cfg.image_tokens)
-        cached.prefixes = train.cache_prefixes(model, [cached], master=False)
+        cached.prefixes = llava_data.cache_prefixes(model, [cached], master=False)
         losses = {}
 
         @mock.patch.object(clip, "mlp", lambda m, x: m(x))  # open_clip's c_fc -> QuickGELU -> c_proj
         @mock.patch.object(clip, "attention", lambda attn, x: attn(x, x, x, need_weights=False)[0])
         def before():
-            b = train.collate([data[i] for i in range(32)])  # PNG decode + slicing + tensors every step
+            b = llava_data.collate([data[i] for i in range(32)])  # PNG decode + slicing + tensors every step
             seqs = model._embed_batch(b["input_ids"], b["labels"], b["images"])
             E, Lb, M = hires.pad_batch(seqs, min(max(len(e) for e, _ in seqs), model.context))
             logits = model.llm(input_embeds=E, attention_mask=M)  # (B, T, V): the head at every position
@@ -464,7 +465,7 @@ def bench_tinystep(args):
 
         def step(micro):
             def run():
-                b = train.collate([cached[i] for i in range(32)])
+                b = llava_data.collate([cached[i] for i in range(32)])
                 total = 0.0
                 for i in range(0, 32, micro):
                     loss = model(b["input_ids"][i:i + micro], b["labels"][i:i + micro], b["images"][i:i + micro])

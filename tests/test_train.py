@@ -18,6 +18,7 @@ import hires  # noqa: E402
 import slicing  # noqa: E402
 import conversation
 import llama  # noqa: E402
+import llava_data  # noqa: E402
 import entitygrid  # noqa: E402
 import train  # noqa: E402
 
@@ -191,9 +192,9 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     items = [x for b in bad for x in (b, good)]  # each bad sample is followed by a good one
     path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
-    data = train.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, 256,
+    data = llava_data.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, 256,
                            model.cfg.image_tokens)
-    batch = train.collate([data[i] for i in range(len(data))])
+    batch = llava_data.collate([data[i] for i in range(len(data))])
     expected = {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
                 "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 1,
                 "too long (no answer left)": 1}
@@ -213,7 +214,7 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
 
 def test_micro_batch_sampler_shards_without_overlap():
     def steps(rank, world, start=0):  # -> list over steps of this rank's micro-batches
-        it = iter(train.MicroBatchSampler(24, 8, 2, rank, world, seed=0, start_step=start))
+        it = iter(llava_data.MicroBatchSampler(24, 8, 2, rank, world, seed=0, start_step=start))
         return [[next(it) for _ in range(4 // world)] for _ in range(6)]
     one = steps(0, 1)
     for step in one[:3]:  # 3 steps = one epoch: a permutation of the 24 samples
@@ -245,9 +246,9 @@ def fit_fixed_batch(args, n=16, steps=100):
     model = hires.HiResLLaVA(train.model_config(args))
     model.set_stage(2)
     train_dir = os.path.join(args.data_dir, "train")
-    data = train.LlavaData(os.path.join(train_dir, "text_qa.json"), train_dir, model.tokenizer, "vicuna_v1",
+    data = llava_data.LlavaData(os.path.join(train_dir, "text_qa.json"), train_dir, model.tokenizer, "vicuna_v1",
                            model.preprocess, model.context, model.cfg.image_tokens)
-    batch = train.collate([data[i] for i in range(n)])
+    batch = llava_data.collate([data[i] for i in range(n)])
     batch["images"] = model.prefix(batch["images"])  # the frozen ViT blocks once, as --cache-vit does
     opt = train.make_optimizer(model, args.lr2, args.lora_lr)
     losses = []
@@ -309,13 +310,13 @@ def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_
     path = tmp_path / "data.json"
     path.write_text(json.dumps([item, dict(item, id="small", image="small.jpg")]))
     pre = lambda img: slicing.preprocess_image(img, 336, cfg.max_slices, cfg.upscale)
-    data = train.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, context, cfg.image_tokens)
+    data = llava_data.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, context, cfg.image_tokens)
     (ids, labels, image), reason = data.encode(item)
     assert image[2] == (4, 4) and reason is None
     answer = [x for x in labels if x != llama.IGNORE_INDEX]
     assert answer == tok.encode("green", bos=False) + [tok.eos_id]
     assert len(ids) - 1 + 2465 <= context
-    old = train.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, 2048, cfg.image_tokens)
+    old = llava_data.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, 2048, cfg.image_tokens)
     (ids, _, image), skipped = old[0]
     assert skipped == ["too long (no answer left)"] and image[2] == (2, 2)  # the next sample, 300x200 -> 2x2
 
