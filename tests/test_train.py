@@ -420,3 +420,19 @@ def test_readme_memory_arithmetic_uses_the_models_counts():
     assert cfg.image_tokens((4, 4)) == 2465 and "(2465 tokens)" in readme
     assert args.micro_batch == 8 and args.grad_ckpt and f"micro-batch {args.micro_batch} (accumulation " \
         f"{args.batch2} / ({args.micro_batch} x 8 GPUs) = {args.batch2 // (args.micro_batch * 8)}" in readme
+
+
+def test_bad_training_data_file_is_one_line_error(tmp_path, monkeypatch):
+    """An empty or unreadable LLaVA JSON file: llava_data.DataError, which train.py reports in one line."""
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(llava_data.DataError, match="non-empty JSON list"):
+        llava_data.LlavaData(str(tmp_path / "empty.json"), str(tmp_path), None, "plain", None, 100, None)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(llava_data.DataError, match="cannot read LLaVA training data"):
+        llava_data.LlavaData(str(tmp_path / "bad.json"), str(tmp_path), None, "plain", None, 100, None)
+
+    def run(args, ctx):
+        raise llava_data.DataError(f"{tmp_path / 'empty.json'}: expected a non-empty JSON list")
+    monkeypatch.setattr(train, "run", run)
+    with pytest.raises(SystemExit, match="train.py: error: .*empty.json: expected a non-empty JSON list"):
+        train.main(["--out", str(tmp_path / "run")])
