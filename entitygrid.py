@@ -219,7 +219,9 @@ def noun(e):
 
 
 def plural(e):
-    return OBJECTS[e.name][0] if e.family == "object" else e.name + "s"
+    if e.family == "object":
+        return OBJECTS[e.name][0]
+    return e.name + ("es" if e.name.endswith("s") else "s")  # "red crosses"
 
 
 def sample_entity(rng, family, cell):
