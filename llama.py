@@ -308,8 +308,9 @@ class Llama(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Loads an HF Llama directory (config.json + safetensors or .bin, single or sharded) without a second
         copy of the weights: the model is built on the meta device and the loaded tensors are assigned."""
+        cfg = config_from_hf(path)
         state, sources = read_hf_weights(path, dtype, device)
-        return cls._assemble(config_from_hf(path), state, sources, path)
+        return cls._assemble(cfg, state, sources, path)
 
     @classmethod
     def from_gguf(cls, file, dtype=torch.float32, device="cpu"):
