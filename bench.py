@@ -14,12 +14,11 @@
                               tokens per image and peak RSS in a fresh process each. Needs transformers.
   python bench.py entitygrid  EntityGrid-QA generation speed (samples/s) at base 336, pinned to one CPU core.
   python bench.py tinystep    one tiny-preset stage-2 step of 32 samples (forward + backward), samples/s: images
-                              decoded every step, one micro-batch, LM head everywhere, open_clip's ViT modules vs
-                              the ViT-prefix cache + head at labels + clip.block (same loss) vs the preset's
-                              micro-batch 8.
+                              decoded and the whole ViT run every step vs the ViT-prefix cache (same loss) vs the
+                              cache with the preset's micro-batch 8.
   python bench.py all         llama, hires, ttft and entitygrid, in that order.
-  python bench.py gpu         smoke run of the paper shapes from random weights on one CUDA device (bench_gpu.py:
-                              ViT-L-14-336, a LLaMA with Vicuna-7B's config, bf16 backbones, fp32 adapters): a few
+  python bench.py gpu         smoke run of the paper shapes from random weights on one CUDA device
+                              (ViT-L-14-336, a LLaMA with Vicuna-7B's config, bf16 backbones, fp32 adapters): a few
                               stage-2 steps at the paper preset's micro-batch on 16-slice images (step time,
                               tokens/s, MFU, peak memory), then a greedy batch. --size small --device cpu: the same
                               code at the tiny presets' shapes (tests).
@@ -39,8 +38,6 @@ import tempfile
 import time
 
 import torch
-
-from bench_gpu import bench_gpu
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
@@ -425,17 +422,11 @@ def bench_entitygrid(args):
 
 
 def bench_tinystep(args):
-    """One tiny-preset stage-2 step (forward + backward) on 32 EntityGrid-QA samples, samples/s, three ways:
-    before: images decoded and preprocessed each step, one micro-batch of 32, the LM head at every position, the
-    padded LLM attention under a mask, and the ViT blocks through open_clip's own modules (nn.MultiheadAttention,
-    QuickGELU); + cache + head at labels: the frozen ViT prefix from --cache-vit, logits only where a label is,
-    causal attention for right-padded batches, clip.block's SDPA attention and fused QuickGELU (same math: the
-    loss is printed beside); + micro-batch 8: the preset (4 x 8; the mean is taken per micro-batch)."""
-    from unittest import mock
-    import torch.nn.functional as F
-    import clip
+    """One tiny-preset stage-2 step (forward + backward) on 32 EntityGrid-QA samples, samples/s, three ways: the
+    images decoded, sliced and run through the whole ViT each step, one micro-batch of 32; the frozen ViT prefix
+    from the cache train.py builds with --cache-vit (same math: the loss is printed beside); and the cache with the
+    preset's micro-batch 8 (4 x 8; the mean is taken per micro-batch)."""
     import hires
-    import llama
     import llava_data
     import train
     torch.set_num_threads(args.threads)
@@ -447,45 +438,137 @@ def bench_tinystep(args):
         model = hires.HiResLLaVA(train.model_config(targs))
         model.set_stage(2)
         folder = f"{d}/data/train"
-        data = llava_data.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1", model.preprocess,
-                               model.context, model.cfg.image_tokens)
-        cached = llava_data.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1", model.preprocess,
-                                 model.context, model.cfg.image_tokens)
+        data, cached = (llava_data.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1",
+                                             model.preprocess, model.context, model.cfg.image_tokens)
+                        for _ in range(2))
         cached.prefixes = llava_data.cache_prefixes(model, [cached], master=False)
         losses = {}
 
-        @mock.patch.object(clip, "mlp", lambda m, x: m(x))  # open_clip's c_fc -> QuickGELU -> c_proj
-        @mock.patch.object(clip, "attention", lambda attn, x: attn(x, x, x, need_weights=False)[0])
-        def before():
-            b = llava_data.collate([data[i] for i in range(32)])  # PNG decode + slicing + tensors every step
-            seqs = model._embed_batch(b["input_ids"], b["labels"], b["images"])
-            E, Lb, M = hires.pad_batch(seqs, min(max(len(e) for e, _ in seqs), model.context))
-            logits = model.llm(input_embeds=E, attention_mask=M)  # (B, T, V): the head at every position
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), Lb[:, 1:].flatten(), ignore_index=llama.IGNORE_INDEX)
-            loss.backward()
-            losses["before"] = loss.item()
-
-        def step(micro):
+        def step(name, samples, micro):
             def run():
-                b = llava_data.collate([cached[i] for i in range(32)])
+                b = llava_data.collate([samples[i] for i in range(32)])  # no cache: PNG decode + slicing here
                 total = 0.0
                 for i in range(0, 32, micro):
                     loss = model(b["input_ids"][i:i + micro], b["labels"][i:i + micro], b["images"][i:i + micro])
                     (loss * micro / 32).backward()
                     total += loss.item() * micro / 32
-                losses[micro] = total
+                losses[name] = total
+                model.zero_grad(set_to_none=True)
             return run
-        fns = {"before": before, "cache": step(32), "micro8": step(8)}
-        times = median_times({k: (lambda f: lambda: (f(), model.zero_grad(set_to_none=True)))(f) for k, f in
-                              fns.items()}, args.repeats)
+        fns = {"pixels": step("pixels", data, 32), "cache": step("cache", cached, 32),
+               "micro8": step("micro8", cached, 8)}
+        times = median_times(fns, args.repeats)
     print(f"\n== tinystep: one stage-2 step of 32 samples, tiny preset, {args.threads} thread(s)")
-    names = {"before": "before: pixels each step, micro 32, head everywhere, open_clip blocks",
-             "cache": "+ ViT-prefix cache, head at labels, clip.block, causal LLM (micro 32)",
-             "micro8": "+ micro-batch 8 (the preset)"}
-    print_table(["step", "seconds", "samples/s", "x before", "loss"],
-                [[names[k], f"{times[k]:.2f}", f"{32 / times[k]:.1f}", f"{times['before'] / times[k]:.2f}",
-                  f"{losses['before' if k == 'before' else 32 if k == 'cache' else 8]:.5f}"] for k in fns])
+    names = {"pixels": "images decoded and the whole ViT run each step, micro 32",
+             "cache": "ViT-prefix cache (--cache-vit), micro 32", "micro8": "ViT-prefix cache, micro 8 (the preset)"}
+    print_table(["step", "seconds", "samples/s", "x pixels", "loss"],
+                [[names[k], f"{times[k]:.2f}", f"{32 / times[k]:.1f}", f"{times['pixels'] / times[k]:.2f}",
+                  f"{losses[k]:.5f}"] for k in fns])
     return dict(times=times, losses=losses)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gpu: the paper's shapes from random weights on one device (--size small --device cpu: the tiny presets')
+
+def random_model(args, dtype, device):
+    """HiResLLaVA with random backbones (paper: ViT-L-14-336 + Vicuna-7B's config; small: the tiny presets), the
+    paper preset's slicing and LoRA, a small sentencepiece model (any ids below the vocabulary do)."""
+    import dataclasses
+    import conversation
+    import hires
+    import llama
+    import train
+    from clip import CLIPConfig, VisionTower
+    preset = train.PRESETS["paper"]
+    clip_name, llm_name = ("vit-l-14-336", "vicuna-7b") if args.size == "paper" else ("tiny", "tiny")
+    torch.manual_seed(0)
+    vision = VisionTower(dataclasses.replace(CLIPConfig.from_preset(clip_name), pretrained=False))
+    with torch.device(device):  # built on the device: no 27 GB fp32 copy of 7B on the host
+        llm = llama.Llama(llama.LlamaConfig.from_preset(llm_name)).to(dtype)
+    tok = os.path.join(tempfile.mkdtemp(), "tokenizer.model")
+    texts = ["USER: What is written here? ASSISTANT: A B C D, 0.596 apple; the red sign."] * 40
+    conversation.train_tokenizer(texts, tok, 300)
+    cfg = hires.HiResConfig(clip_preset=clip_name, tokenizer_path=tok, max_slices=preset["max_slices"],
+                            upscale=preset["upscale"], lora_rank=preset["lora_rank"],
+                            lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
+    model = hires.HiResLLaVA(cfg, dtype=dtype, device=device, adapter_dtype=torch.float32, vision=vision, llm=llm)
+    model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = preset["grad_ckpt"]
+    return model, preset
+
+
+def bench_gpu(args):
+    """A few stage-2 steps + one greedy batch; returns the figures it prints. MFU counts 4 x LLM params x LLM tokens
+    (forward + input gradients: the frozen base gets no weight gradients; recomputation not counted) + 2 x ViT
+    params x ViT tokens (forward), against --peak-tflops."""
+    from bench import rss_mb  # bench.py imports this file
+    import numpy as np
+    from PIL import Image
+    import conversation
+    import hires
+    import train
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, preset = random_model(args, dtype, device)
+    model.set_stage(2)
+    model.train()
+    S, micro = model.vision.cfg.image_size, args.micro_batch or preset["micro_batch"]
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (4 * S, 4 * S, 3), dtype=np.uint8))
+    pre = model.preprocess(img)  # 4 x 4 = 16 slices + overview
+    turns = [{"from": "human", "value": "<image>\nWhat is written on the sign?"},
+             {"from": "gpt", "value": "The red sign says apple. " * 20}]
+    ids, labels = conversation.encode_conversation(turns, model.tokenizer, "vicuna_v1")
+    batch = ([ids] * micro, [labels] * micro, [pre] * micro)
+    T = len(ids) - 1 + model.cfg.image_tokens(pre[2])  # LLM tokens of one sample
+    opt = train.make_optimizer(model, preset["lr2"], preset["lora_lr"])
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        with amp:
+            loss = model(*batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        return loss.item()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        rss_mb(reset_peak=True)
+    step()  # warm-up
+    times, losses = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else rss_mb()[1] / 1024
+    dt = statistics.median(times)
+    n_llm = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" not in n)
+    n_vit = sum(p.numel() for p in model.vision.parameters())
+    vit_tokens = micro * (1 + pre[1].shape[0]) * (model.vision.cfg.grid ** 2 + 1)
+    flops = 4 * n_llm * micro * T + 2 * n_vit * vit_tokens
+    mfu = flops / dt / (args.peak_tflops * 1e12)
+    print(f"gpu smoke run ({args.size} shapes, {device}, {str(dtype).removeprefix('torch.')} backbones, fp32 "
+          f"adapters): micro-batch {micro} x {T} LLM tokens ({pre[2][0]}x{pre[2][1]} slices + overview)")
+    print(f"  stage-2 step {dt:.3f} s (median of {args.steps}), {micro * T / dt:,.0f} LLM tokens/s, MFU "
+          f"{100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s, peak memory {peak:.2f} GiB, losses "
+          f"{', '.join(f'{x:.3f}' for x in losses)}")
+    model.eval()
+    n_gen = min(micro, 8)
+    prompt = conversation.encode_prompt("<image>\nWhat is written on the sign?", model.tokenizer)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), amp:  # as HiResLLaVA.generate, but ids out: random weights pick ids the small
+        seqs = model._embed_batch([prompt] * n_gen, [None] * n_gen, [pre] * n_gen)  # tokenizer cannot decode
+        E, _, M = hires.pad_batch(seqs, len(seqs[0][0]), left=True)
+        out = model.llm.generate(input_embeds=E, attention_mask=M, max_new_tokens=args.new_tokens, eos_id=-1)
+    sync()
+    gen_s = time.perf_counter() - t0
+    n_new = sum(map(len, out))
+    print(f"  greedy batch of {n_gen} x {args.new_tokens} new tokens after a {len(seqs[0][0])}-token prompt: "
+          f"{gen_s:.2f} s ({n_new / gen_s:.1f} new tokens/s, prefill included)")
+    return dict(step_s=dt, tokens_per_s=micro * T / dt, mfu=mfu, peak_gib=peak, losses=losses,
+                generated=out, generate_s=gen_s, llm_tokens=T, grid=pre[2])
 
 
 def main(argv=None):
@@ -541,7 +624,7 @@ def main(argv=None):
              "hires": ("vision path overhead of SRA+SMS, SRA vs joint attention, peak RSS", [common, vit]),
              "ttft": ("time to first token vs LLaVA-NeXT on a 1344x1344 image", [common, vit_flags(256, 6, 4), tt]),
              "entitygrid": ("EntityGrid-QA generation samples/s on one core", [common, eg]),
-             "tinystep": ("tiny-preset stage-2 step samples/s, before and after its speed-ups", [common]),
+             "tinystep": ("tiny-preset stage-2 step samples/s: pixels, ViT-prefix cache, micro-batch 8", [common]),
              "all": ("llama, hires, ttft and entitygrid in turn", [common, lm, vit, tt, eg]),
              "gpu": ("stage-2 steps and generation at the paper's shapes, random weights, one device",
                      [common, gpu])}

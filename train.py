@@ -39,21 +39,22 @@ ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains wit
 PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_length=512,
                  lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=1, epochs2=4,
-                 train_size=6000, test_size=540, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
-                 train_llm=True, mc="rank", cache_vit=True, families="object,shape"),
+                 train_size=6000, test_size=2700, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
+                 train_llm=True, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_length=0,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
-                  train_llm=False, mc="letter", cache_vit=False, families=",".join(entitygrid.FAMILIES)),
+                  train_llm=False, mc="letter", cache_vit=False, families=",".join(entitygrid.FAMILIES),
+                  sra_layers=[18, 19, 20, 21]),
 }
 # HiResConfig fields set by the flag of the same name; a stage-2 start from --init takes those given over its config
 MODEL_FLAGS = ("max_slices", "upscale", "sampler", "max_length", "lora_rank", "lora_alpha", "lora_dropout", "sra",
-               "slices", "overview", "train_llm")
+               "sra_layers", "slices", "overview", "train_llm")
 # numeric flags checked at parse time (check_args)
 POSITIVE = ("max_slices", "lora_alpha", "batch1", "batch2", "micro_batch", "epochs1", "epochs2", "grad_clip",
             "log_every", "save_every", "keep", "eval_batch", "max_new_tokens")
-NON_NEGATIVE = ("lr1", "lr2", "lora_lr", "lora_rank", "max_length", "steps1", "steps2", "threads", "num_workers",
-                "seed")  # a learning rate of 0 keeps the weights (a test of what a stage starts from)
+NON_NEGATIVE = ("lr1", "lr2", "lora_lr", "sra_lr", "lora_rank", "max_length", "steps1", "steps2", "threads",
+                "num_workers", "seed")  # a learning rate of 0 keeps the weights (a test of what a stage starts from)
 
 class TrainError(Exception):
     """A one-line, user-facing problem that stops the run (bad flag, missing file, non-finite loss)."""
@@ -72,13 +73,16 @@ def lr_factor(step, total_steps, warmup_ratio=0.03):
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, lr, llm_lr):
-    """AdamW over the trainable parameters only, no decay, in two groups as the paper's stage 2 (docs/method.md#
-    training-stages): the LLM side (LoRA; with train_llm the whole LLM) at llm_lr, the vision side (SRA, sampler,
-    projector) at lr."""
+def make_optimizer(model, lr, llm_lr, sra_lr=None):
+    """AdamW over the trainable parameters only, no decay, in three groups as the paper's stage 2 (docs/method.md#
+    training-stages): the LLM side (LoRA; with train_llm the whole LLM) at llm_lr, the sampler and projector at lr,
+    the SliceRestore Adapter at sra_lr (default lr). The paper trains LoRA at 2e-4 and every other tensor at 2e-5:
+    train.py passes sra_lr = --sra-lr, by default a tenth of the LLM side's rate."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [dict(params=[p for n, p in named if n.startswith("llm.")], lr=llm_lr, base_lr=llm_lr, name="llm"),
-              dict(params=[p for n, p in named if not n.startswith("llm.")], lr=lr, base_lr=lr, name="vision")]
+    side = lambda n: "llm" if n.startswith("llm.") else "sra" if n.startswith("sra.") else "vision"
+    rates = dict(llm=llm_lr, sra=lr if sra_lr is None else sra_lr, vision=lr)
+    groups = [dict(params=[p for n, p in named if side(n) == g], lr=rate, base_lr=rate, name=g)
+              for g, rate in rates.items()]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=ADAM_BETAS, weight_decay=0.0)
 
 
@@ -163,7 +167,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     model.set_stage(stage)
     # what evaluation follows: the template trained, and the multiple-choice answer mode (hires.HiResConfig)
     model.cfg.template, model.cfg.mc = ("plain" if stage == 1 else "vicuna_v1"), args.mc
-    opt = make_optimizer(model, lr, lr if stage == 1 else args.lora_lr)  # stage 1: one rate for all
+    opt = make_optimizer(model, lr, args.lora_lr, args.sra_lr) if stage == 2 else make_optimizer(model, lr, lr)
     params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -385,7 +389,10 @@ def model_config(args):
         paths = dict(clip_preset="tiny", **{k: stored[k] for k in hires.BACKBONE_PATHS})
     else:
         paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
-    return hires.HiResConfig(**paths, **{k: getattr(args, k) for k in MODEL_FLAGS})
+    try:
+        return hires.HiResConfig(**paths, **{k: getattr(args, k) for k in MODEL_FLAGS})
+    except ValueError as e:  # e.g. --sra-layers at or after the feature block
+        raise TrainError(str(e)) from None
 
 
 def backbone_paths(args):
@@ -468,6 +475,14 @@ def evaluate_entitygrid(model, test_dir, args, ctx):
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 
+def block_list(text):
+    """'7,8,9' -> [7, 8, 9] (argparse type of --sra-layers)."""
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
+
+
 def parse_args(argv=None):
     """The run settings. Defaults come from one place, the preset (PRESETS, picked by --preset, else 'paper' when
     --clip/--llm are given, else 'tiny'); every numeric flag is range-checked here, before anything runs."""
@@ -511,7 +526,11 @@ def parse_args(argv=None):
     a("--max-len", dest="max_length", type=int, help="tokens of one sequence, image tokens included; 0: the LLM's "
       "own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
     a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
-    a("--lr2", type=float, help="stage-2 learning rate of the vision side: SRA, sampler, projector (paper 2e-5)")
+    a("--lr2", type=float, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
+    a("--sra-lr", type=float, help="stage-2 learning rate of the SliceRestore Adapter (default: a tenth of "
+      "--lora-lr; paper 2e-5, as every tensor outside the LLM)")
+    a("--sra-layers", type=block_list, help="0-based ViT blocks holding a SliceRestore Adapter, comma-separated "
+      "(default: the paper's layers 19-22 of 24, i.e. 18,19,20,21; tiny ViT 7,8,9 of 12)")
     a("--lora-lr", type=float, help="stage-2 learning rate of the LLM side: LoRA, and with --train-llm the whole LLM "
       "(paper 2e-4)")
     a("--batch1", type=int, help="stage-1 global batch size over all processes (paper 256)")
@@ -550,6 +569,8 @@ def parse_args(argv=None):
     p.set_defaults(preset=preset, out=os.path.join("runs", preset), **PRESETS[preset])
     args = p.parse_args(argv)
     args.given = {k for k in MODEL_FLAGS if getattr(first, k) is not None}
+    if args.sra_lr is None:  # derived from another flag: the paper's 2e-5 beside LoRA's 2e-4
+        args.sra_lr = args.lora_lr / 10
     check_args(p, args)
     return args
 
