@@ -477,7 +477,8 @@ def wrap(text, f, width):
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate EntityGrid-QA (paper 3.4) or draw a contact sheet of it.")
+    p = argparse.ArgumentParser(description="Generate EntityGrid-QA (paper 3.4) or draw a contact sheet of it.",
+                                usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
     p.add_argument("--out", help="output directory: gets images/*.png, questions.jsonl and llava.json")
     p.add_argument("--num", type=int, default=1000, help="number of questions (one image each), > 0")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical output")

@@ -530,7 +530,7 @@ def read_predictions(path, bench, samples):
 # CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(usage=argparse.SUPPRESS,  # an error is one line, not a usage block above it
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
                     "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json. "
                     "With --image: ask the checkpoint about one image (--ask, or questions read from stdin).",
@@ -599,12 +599,13 @@ def ask(args):
     import slicing
     import conversation
     import torch
-    dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
     try:
-        pre = model.preprocess(slicing.load_image(args.image))
+        img = slicing.load_image(args.image)  # before the model: a bad image costs no model load
     except slicing.ImageError as e:
         raise EvalError(str(e)) from None
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
+    pre = model.preprocess(img)
     image_tokens, (m, n) = model.cfg.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
     questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))

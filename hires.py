@@ -593,7 +593,8 @@ def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Merge a stage-2 checkpoint's LoRA into its LLM for deployment. "
-                                 "(The slicing picture: python slicing.py --show IMAGE.)")
+                                 "(The slicing picture: python slicing.py --show IMAGE.)",
+                                 usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
     ap.add_argument("--merge", metavar="CKPT", required=True, help="stage-2 checkpoint to merge: writes OUT/llm (HF "
                     "LLaMA directory) and OUT/config.json + OUT/model.safetensors (the adapters), which eval.py loads")
     ap.add_argument("--out", required=True, help="output directory")

@@ -141,7 +141,8 @@ def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=3
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid.")
+    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid.",
+                                 usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
     ap.add_argument("--show", metavar="IMAGE", required=True, help="image file to slice")
     ap.add_argument("--png", default="slicing.png", help="output PNG path (default: slicing.png)")
     ap.add_argument("--base", type=int, default=336, help="slice / overview resolution S (default 336)")

@@ -486,7 +486,8 @@ def block_list(text):
 def parse_args(argv=None):
     """The run settings. Defaults come from one place, the preset (PRESETS, picked by --preset, else 'paper' when
     --clip/--llm are given, else 'tiny'); every numeric flag is range-checked here, before anything runs."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # usage=SUPPRESS: an error is the one line "train.py: error: ...", not a usage block above it
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, usage=argparse.SUPPRESS)
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="hyper-parameter defaults: 'tiny' (random tiny ViT + LLaMA, "
       "EntityGrid-QA, CPU minutes; the default without --clip/--llm) or 'paper' (ViT-L-14-336 + Vicuna-7B); "
@@ -607,6 +608,8 @@ def check_args(p, args):
                        ("--init", args.init)):
         if path and not os.path.exists(path):
             p.error(f"{flag} {path}: no such file or directory")
+    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+        p.error(f"--init {args.init}: not a checkpoint folder (no config.json; stage 1 writes OUT/stage1)")
     if args.preset == "paper" and (args.stage != "1" and not args.data2 or args.stage != "2" and not args.data1):
         p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
     if args.stage == "2" and not args.init:
