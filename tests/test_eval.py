@@ -447,6 +447,41 @@ def test_default_generation_length_is_the_benchmarks(tmp_path, tiny_ckpt, monkey
     assert calls == [16] * 3  # batch size 1 (default); lmms-eval's ChartQA length, no --max-new-tokens given
 
 
+class SaysYes:  # stands in for the model: answers "Yes" to everything
+    def preprocess(self, img):
+        return None, None, (1, 1)
+
+    def generate(self, images, prompts, **kw):
+        return ["Yes"] * len(prompts)
+
+
+def test_missing_image_is_counted_never_scored(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """POPE with the images of its "no" questions missing: they are counted as bad images and left out of the
+    score, not scored as an empty answer (which POPE's rule reads as "yes")."""
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: SaysYes())
+    data = str(tmp_path / "data")
+    make_pope(data)
+    os.remove(f"{data}/val2014/COCO_val2014_000000000001.jpg")
+    metrics = ev.main(["--bench", "pope", "--data", data, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "o")])
+    assert (metrics["bad_images"], metrics["n"], metrics["n_scored"]) == (2, 4, 2)
+    assert metrics["random"]["accuracy"] == metrics["popular"]["accuracy"] == 1.0  # the two answered: "yes" = yes
+    os.remove(f"{data}/val2014/COCO_val2014_000000000000.jpg")
+    metrics = ev.main(["--bench", "pope", "--data", data, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "o2")])
+    assert metrics["n_scored"] == 0 and metrics["score"] is None and "no question was answered" in metrics["note"]
+
+
+def test_stage1_checkpoint_gets_a_warning(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: SaysYes())
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "stage1")
+    dump(str(ckpt / "config.json"), {**json.loads((ckpt / "config.json").read_text()), "template": "plain"})
+    data = str(tmp_path / "data")
+    make_pope(data)
+    ev.main(["--bench", "pope", "--data", data, "--ckpt", str(ckpt), "--out", str(tmp_path / "o")])
+    assert "is a stage-1 checkpoint (trained on captions with the plain template" in capsys.readouterr().err
+    ev.main(["--bench", "pope", "--data", data, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "o2")])
+    assert "stage-1" not in capsys.readouterr().err
+
+
 def test_prompt_longer_than_context_gives_empty_prediction(tmp_path, tiny_ckpt, capsys):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     make_docvqa(data)

@@ -329,6 +329,14 @@ def test_stage2_checkpoint_reloads_to_the_same_answers(tmp_path, data_dir):
     rescored = ev.main(["--bench", "entitygrid", "--data", os.path.join(data_dir, "test"), "--predictions",
                         str(out / "predictions.json"), "--out", str(tmp_path / "rescored")])
     assert rescored["accuracy"] == metrics["accuracy"]
+    # a moved run evaluates the same with no flags: its checkpoints name the backbones relative to themselves
+    os.rename(out, tmp_path / "moved")
+    assert json.loads((tmp_path / "moved" / "stage2" / "config.json").read_text())["llm_path"] == "../base/llm"
+    moved = ev.main(["--bench", "entitygrid", "--data", os.path.join(data_dir, "test"), "--ckpt",
+                     str(tmp_path / "moved" / "stage2"), "--out", str(tmp_path / "eval_moved")])
+    assert moved["provenance"]["llm_path"] == str(tmp_path / "moved" / "base" / "llm")
+    with open(tmp_path / "eval_moved" / "predictions.json") as f:
+        assert {e["id"]: e["answer"] for e in json.load(f)} == in_process
 
 
 def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_dir):
