@@ -64,13 +64,6 @@ def command(name, seed, out, smoke):
             "--out", f"{out}/{name}-seed{seed}"] + flags
 
 
-def git_commit():
-    """HEAD's hash, with '+dirty' when tracked files differ from it (then no record names committed code)."""
-    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = run("status", "--porcelain", "--untracked-files=no")
-    return (run("rev-parse", "HEAD") or "unknown") + ("+dirty" if dirty else "")
-
-
 def run_one(name, seed, out, smoke, core):
     """Run (or reuse) one configuration and seed -> its record."""
     cmd = command(name, seed, out, smoke)
@@ -95,12 +88,11 @@ def run_one(name, seed, out, smoke, core):
     with open(os.path.join(run_dir, "predictions.json")) as f:
         preds = json.load(f)
     metrics = entitygrid.score(questions, preds)
+    import hires  # here, not at the top: torch and open_clip take seconds to import, and --help needs neither
     record = dict(config=name, flags=CONFIGS[name][0], seed=seed, command=shlex.join(cmd), wall_s=round(wall, 1),
-                  git_commit=git_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  git_commit=hires.git_commit() or "unknown", date=datetime.datetime.now().isoformat(timespec="seconds"),
                   metrics=metrics, questions=compact(questions, preds))
-    with open(record_path + ".tmp", "w") as f:  # renamed when complete: a killed study leaves no half record
-        json.dump(record, f)
-    os.replace(record_path + ".tmp", record_path)
+    hires.atomic_write(record_path, json.dumps(record))  # a killed study leaves no half record
     return record
 
 
