@@ -10,8 +10,9 @@ Tasks are multiple choice (4 options, one correct): recognition, position (A rel
 
 Reconstructed details (the paper gives none): the entity lists, sizes (55-80% of a cell, text 70-90% wide), option
 wording, the balancing (every block of 27 samples holds each (task, cell) once; every block of 4 each answer letter
-once), the train/test rule (a scene belongs to the split given by the parity of the SHA-256 of its drawing parameters,
-so the two splits can never hold the same image, whatever the seeds) and the Discrepancy conventions of score().
+once), the counting layouts (two or more copies always mix edge and corner cells, sample_scene), the train/test
+rule (a scene belongs to the split given by the parity of the SHA-256 of its drawing parameters, so the two splits
+can never hold the same image, whatever the seeds) and the Discrepancy conventions of score().
 Images are 8-bit palette PNGs (a white background, then a 16-level anti-aliasing ramp per colour), compress_level 1:
 ~5x faster to write than RGB and pixel-identical to drawing in RGB for primitives.
 """
@@ -35,6 +36,7 @@ TASKS = ("recognition", "position", "counting")
 CELLS = tuple(range(1, 10))
 EDGE_CELLS = (2, 4, 5, 6, 8)   # crossed by a 2 x 2 slice border (5 by both)
 OTHER_CELLS = tuple(c for c in CELLS if c not in EDGE_CELLS)  # 1, 3, 7, 9: inside one slice
+LAYOUTS = ("edge", "corner", "mixed")  # where a question's entities sit: all in edge cells, none, some
 LETTERS = "ABCD"
 MC_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's multiple-choice prompt
 TEXT_PROMPT = "Answer with the option's text from the given choices directly."  # option-text answers (ranked)
@@ -281,10 +283,15 @@ def sample_scene(rng, task, cell, families=FAMILIES):
         correct = relation(a.cell, b.cell)
         question = f"Where is {noun(a)} relative to {noun(b)} in the image?"
         return [a, b], question, correct, rng.sample([r for r in RELATIONS if r != correct], 3)
-    # counting: copies of one entity in distinct cells, all edge or all non-edge like the questioned one
+    # counting: 1-4 copies of one entity in distinct cells, the first in `cell`. Two or more copies always mix edge
+    # and corner cells, with 1..k-1 edge copies drawn uniformly whatever `cell` is, so edge and other questions have
+    # the same layouts (corner copies alone fall one per slice: counting non-empty slices would answer them)
     e = sample_entity(rng, rng.choice([f for f in ("object", "shape") if f in families]), cell)
-    pool = [j for j in (EDGE_CELLS if cell in EDGE_CELLS else OTHER_CELLS) if j != cell]
-    cells = [cell] + rng.sample(pool, rng.randint(1, 4) - 1)
+    k, cells = rng.randint(1, 4), [cell]
+    if k > 1:
+        edge = rng.randint(1, k - 1) - (cell in EDGE_CELLS)  # edge copies besides the first
+        cells += rng.sample([j for j in EDGE_CELLS if j != cell], edge)
+        cells += rng.sample([j for j in OTHER_CELLS if j != cell], k - len(cells))
     copies = [Entity(e.family, e.name, e.color, j) for j in cells]
     correct = str(len(cells))
     return copies, f"How many {plural(e)} are there in the image?", correct, [n for n in "1234" if n != correct]
@@ -374,6 +381,12 @@ def parse_letter(text):
     return (m.group(1) or m.group(2)) if m else None
 
 
+def layout(positions):
+    """'edge' when every entity of a question sits in an edge cell, 'corner' when none does, else 'mixed'."""
+    edge = {p in EDGE_CELLS for p in positions}
+    return "mixed" if len(edge) == 2 else "edge" if edge == {True} else "corner"
+
+
 def discrepancy(acc_by_cell):
     """(edge, other, |edge - other|) from per-cell accuracies; cells without samples (None) are left out."""
     edge, other = mean(acc_by_cell[i] for i in EDGE_CELLS), mean(acc_by_cell[j] for j in OTHER_CELLS)
@@ -384,16 +397,22 @@ def score(questions, predictions):
     """Accuracy and the paper's edge/centre Discrepancy (docs/method.md#entitygrid-qa).
 
     predictions: id -> model text (letter parsed by parse_letter; missing or unparsed = wrong).
-    A question is located at its `cell`: the questioned entity's cell (entity A for position; for counting the first
-    copy, and all copies share its edge/other class). Acc_i = mean over the tasks WITH samples at cell i of the task's
+    A question is located at its `cell`: the questioned entity's cell (entity A for position, the first copy for
+    counting). Acc_i = mean over the tasks WITH samples at cell i of the task's
     accuracy at cell i; a cell without any sample is None and left out of the edge/other means. edge_accuracy and
     other_accuracy are means of Acc_i over edge cells (2,4,5,6,8) and other cells (1,3,7,9); discrepancy = |edge -
     other|. per_task_discrepancy applies the same formula to one task's per-cell accuracies; recognition_per_family
-    is the recognition accuracy by the questioned entity's family (None without questions). Values in [0, 1].
+    is the recognition accuracy by the questioned entity's family (None without questions); per_task_layout is each
+    task's accuracy by `layout` of all its entities (edge, corner, mixed; questions without `positions` left out),
+    so counting shows its single edge copies, single corner copies and mixed copies apart. Values in [0, 1].
     """
     hits = {(t, i): [] for t in TASKS for i in CELLS}
+    by_layout = {(t, l): [] for t in TASKS for l in LAYOUTS}
     for q in questions:
-        hits[q["task"], q["cell"]].append(parse_letter(predictions.get(q["id"], "")) == q["answer"])
+        right = parse_letter(predictions.get(q["id"], "")) == q["answer"]
+        hits[q["task"], q["cell"]].append(right)
+        if q.get("positions"):
+            by_layout[q["task"], layout(q["positions"])].append(right)
     acc = {k: mean(v) for k, v in hits.items()}
     per_task_position = {t: {i: acc[t, i] for i in CELLS} for t in TASKS}
     per_position = {i: mean(acc[t, i] for t in TASKS) for i in CELLS}
@@ -404,6 +423,7 @@ def score(questions, predictions):
         "per_position": per_position, "per_task_position": per_task_position,
         "edge_accuracy": edge, "other_accuracy": other, "discrepancy": disc,
         "per_task_discrepancy": {t: discrepancy(per_task_position[t])[2] for t in TASKS},
+        "per_task_layout": {t: {l: mean(by_layout[t, l]) for l in LAYOUTS} for t in TASKS},
         "recognition_per_family": {f: mean(parse_letter(predictions.get(q["id"], "")) == q["answer"] for q in questions
                                            if q["task"] == "recognition" and q.get("entities")
                                            and family_of(q["entities"][0]) == f) for f in FAMILIES}}

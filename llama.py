@@ -35,6 +35,7 @@ class LlamaConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
+    tie_word_embeddings: bool = False  # lm_head reuses embed_tokens' weight (SmolLM2, Llama-3.2; not Vicuna)
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -181,7 +182,14 @@ class Llama(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)  # HF's initializer_range
+        self._tie_weights()
         self._column_major_weights()
+
+    def _tie_weights(self):
+        """With tie_word_embeddings, lm_head.weight IS embed_tokens.weight (one Parameter, (V, C)): one gradient,
+        one optimizer state, one tensor in memory; saved once, under HF's name model.embed_tokens.weight."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def _column_major_weights(self):
         """On CPU, stores the weight (out, in) of each nn.Linear column-major (its transpose contiguous): F.linear
@@ -300,9 +308,17 @@ class Llama(nn.Module):
         state, sources = read_hf_weights(path, dtype, device)
         with torch.device("meta"):
             model = cls(cfg)
+        if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:  # HF writes the shared tensor once
+            if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
+                                                             state["model.embed_tokens.weight"]):
+                raise ValueError(f"{path}: config.json ties the word embeddings but lm_head.weight differs from "
+                                 "model.embed_tokens.weight")
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
         files = ", ".join(sorted(set(sources.values())))
         check_state_dict(model.state_dict(), state, f"{path}: checkpoint ({files}) does not match config.json")
         model.load_state_dict(state, strict=True, assign=True)
+        model._tie_weights()  # assign=True gave each name its own Parameter: share the embedding's again
         model._init_rope()
         model._column_major_weights()
         return model.eval()
@@ -318,9 +334,10 @@ class Llama(nn.Module):
                   num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, hidden_act="silu",
                   max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
                   rope_scaling=None, bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id,
-                  tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                  tie_word_embeddings=c.tie_word_embeddings, attention_bias=False, mlp_bias=False,
                   torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if "lora_" not in k}
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if "lora_" not in k and not (c.tie_word_embeddings and k == "lm_head.weight")}
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         pathlib.Path(path, "config.json").write_text(json.dumps(hf, indent=2))
 
@@ -374,11 +391,10 @@ def config_from_hf(path):
                           hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                           rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                           max_seq_len=hf.get("max_position_embeddings", 4096), bos_id=hf.get("bos_token_id", 1),
-                          eos_id=hf.get("eos_token_id", 2), pad_id=hf.get("pad_token_id") or 0)
+                          eos_id=hf.get("eos_token_id", 2), pad_id=hf.get("pad_token_id") or 0,
+                          tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
         if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
             raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
-        if hf.get("tie_word_embeddings"):
-            raise ValueError("tied word embeddings are not supported (Vicuna's are untied)")
         return cfg
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: not found (expected an HF Llama directory)") from None

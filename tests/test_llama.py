@@ -119,6 +119,47 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     torch.testing.assert_close(ours(ids, labels=labels), ref, atol=ATOL, rtol=0)  # fp32 rounding only
 
 
+def test_tied_embeddings_match_hf_one_parameter_saved_once(tmp_path):
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    from safetensors import safe_open
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # HF writes the shared tensor once, as the embedding
+    ours = llama.Llama.from_pretrained(tmp_path / "hf")
+    assert ours.cfg.tie_word_embeddings and ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = torch.randint(0, 97, (2, 11))
+    torch.testing.assert_close(ours(ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
+    ours.train()
+    ours(ids, labels=ids).backward()  # both uses of the one weight reach one gradient, as in HF
+    hf.train()
+    hf(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(ours.lm_head.weight.grad, hf.lm_head.weight.grad, atol=1e-5, rtol=0)  # fp32 sums
+    # a LoRA merge and save keeps the tie: written once, transformers reads it back to the same logits
+    ours.eval()
+    llama.apply_lora(ours, rank=2)
+    for m in ours.modules():
+        if isinstance(m, llama.LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.1)
+    llama.merge_lora(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    with safe_open(tmp_path / "ours" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert back.config.tie_word_embeddings
+    torch.testing.assert_close(ours(ids), hf_logits(back, ids), atol=ATOL, rtol=0)
+    # a tied config whose file also holds a different lm_head.weight is refused in one line
+    from safetensors.torch import load_file, save_file
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 1
+    save_file(sd, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        llama.Llama.from_pretrained(tmp_path / "hf")
+
+
 def test_padding_mask_matches_hf(hf_dir):
     m, d = hf_dir
     ours = llama.Llama.from_pretrained(d)
