@@ -41,16 +41,17 @@ PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_len=512,
                  lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=1, epochs2=4,
                  train_size=6000, test_size=2700, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
-                 train_llm=True, mc="rank", cache_vit=True, families="object,shape"),
+                 train_llm=True, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=0,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
-                  train_llm=False, mc="letter", cache_vit=False, families=",".join(entitygrid.FAMILIES)),
+                  train_llm=False, mc="letter", cache_vit=False, families=",".join(entitygrid.FAMILIES),
+                  sra_layers=[18, 19, 20, 21]),
 }
 # flag -> HiResConfig field: what a stage-2 start from --init takes from the command line over the stored config
 CONFIG_FLAGS = dict(max_slices="max_slices", upscale="upscale", sampler="sampler", max_len="max_length",
                     lora_rank="lora_rank", lora_alpha="lora_alpha", lora_dropout="lora_dropout", sra="sra",
-                    slices="slices", overview="overview", train_llm="train_llm")
+                    sra_layers="sra_layers", slices="slices", overview="overview", train_llm="train_llm")
 
 class TrainError(Exception):
     """A one-line, user-facing problem that stops the run (bad flag, missing file, non-finite loss)."""
@@ -69,13 +70,16 @@ def lr_factor(step, total_steps, warmup_ratio=0.03):
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, lr, llm_lr):
-    """AdamW over the trainable parameters only, no decay, in two groups as the paper's stage 2 (docs/method.md#
-    training-stages): the LLM side (LoRA; with train_llm the whole LLM) at llm_lr, the vision side (SRA, sampler,
-    projector) at lr."""
+def make_optimizer(model, lr, llm_lr, sra_lr=None):
+    """AdamW over the trainable parameters only, no decay, in three groups as the paper's stage 2 (docs/method.md#
+    training-stages): the LLM side (LoRA; with train_llm the whole LLM) at llm_lr, the sampler and projector at lr,
+    the SliceRestore Adapter at sra_lr (default lr). The paper trains LoRA at 2e-4 and every other tensor at 2e-5:
+    train.py passes sra_lr = --sra-lr, by default a tenth of the LLM side's rate."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [dict(params=[p for n, p in named if n.startswith("llm.")], lr=llm_lr, base_lr=llm_lr, name="llm"),
-              dict(params=[p for n, p in named if not n.startswith("llm.")], lr=lr, base_lr=lr, name="vision")]
+    side = lambda n: "llm" if n.startswith("llm.") else "sra" if n.startswith("sra.") else "vision"
+    rates = dict(llm=llm_lr, sra=lr if sra_lr is None else sra_lr, vision=lr)
+    groups = [dict(params=[p for n, p in named if side(n) == g], lr=rate, base_lr=rate, name=g)
+              for g, rate in rates.items()]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=ADAM_BETAS, weight_decay=0.0)
 
 
@@ -157,7 +161,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     world, master = ctx["world"], ctx["master"]
     lr, global_batch, accum, total = stage_plan(args, stage, len(data), world)
     model.set_stage(stage)
-    opt = make_optimizer(model, lr, lr if stage == 1 else args.lora_lr)  # stage 1: one rate for all
+    opt = make_optimizer(model, lr, args.lora_lr, args.sra_lr) if stage == 2 else make_optimizer(model, lr, lr)
     params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -380,10 +384,13 @@ def model_config(args):
         paths["clip_preset"] = "tiny"
     else:
         paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
-    return hires.HiResConfig(**paths, max_slices=args.max_slices, upscale=args.upscale, sampler=args.sampler,
-                             sra=args.sra, slices=args.slices, overview=args.overview,
-                             max_length=args.max_len, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                             lora_dropout=args.lora_dropout, train_llm=args.train_llm)
+    try:
+        return hires.HiResConfig(**paths, max_slices=args.max_slices, upscale=args.upscale, sampler=args.sampler,
+                                 sra=args.sra, sra_layers=args.sra_layers, slices=args.slices,
+                                 overview=args.overview, max_length=args.max_len, lora_rank=args.lora_rank,
+                                 lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, train_llm=args.train_llm)
+    except ValueError as e:  # e.g. --sra-layers at or after the feature block
+        raise TrainError(str(e)) from None
 
 
 def backbone_paths(args):
@@ -470,6 +477,14 @@ def evaluate_entitygrid(model, test_dir, args, ctx):
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 
+def block_list(text):
+    """'7,8,9' -> [7, 8, 9] (argparse type of --sra-layers)."""
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -509,7 +524,11 @@ def parse_args(argv):
     a("--max-len", type=int, help="tokens of one sequence, image tokens included (HiResConfig.max_length); 0: the "
       "LLM's own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
     a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
-    a("--lr2", type=float, help="stage-2 learning rate of the vision side: SRA, sampler, projector (paper 2e-5)")
+    a("--lr2", type=float, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
+    a("--sra-lr", type=float, help="stage-2 learning rate of the SliceRestore Adapter (default: a tenth of "
+      "--lora-lr; paper 2e-5, as every tensor outside the LLM)")
+    a("--sra-layers", type=block_list, help="0-based ViT blocks holding a SliceRestore Adapter, comma-separated "
+      "(default: the paper's layers 19-22 of 24, i.e. 18,19,20,21; tiny ViT 7,8,9 of 12)")
     a("--lora-lr", type=float, help="stage-2 learning rate of the LLM side: LoRA, and with --train-llm the whole LLM "
       "(paper 2e-4)")
     a("--batch1", type=int, help="stage-1 global batch size over all processes (paper 256)")
@@ -550,6 +569,7 @@ def parse_args(argv):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("runs", args.preset)
+    args.sra_lr = args.lora_lr / 10 if args.sra_lr is None else args.sra_lr  # the paper's 2e-5 beside LoRA's 2e-4
     families = args.families.split(",")
     if set(families) - set(entitygrid.FAMILIES) or not {"object", "shape"} & set(families):
         p.error(f"--families {args.families}: choose from {','.join(entitygrid.FAMILIES)}, with object or shape "

@@ -80,24 +80,42 @@ def test_stage1_then_stage2_loads_stage1_weights(tmp_path, data_dir):
 
 @pytest.mark.parametrize("llm,rank", [("--no-train-llm", "8"), ("--train-llm", "0")])  # paper-like, tiny preset
 def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir, llm, rank):
-    """Two groups: the LLM side (LoRA, or the whole LLM with --train-llm) at llm_lr, the vision side at lr."""
+    """Three groups: the LLM side (LoRA, or the whole LLM with --train-llm) at llm_lr, the SRA at sra_lr, the sampler
+    and projector at lr; by default --sra-lr is a tenth of --lora-lr, the paper's 2e-5 beside LoRA's 2e-4."""
     args = train.parse_args(tiny_args(tmp_path, data_dir, "--lora-rank", rank, llm))
+    assert args.sra_lr == pytest.approx(args.lora_lr / 10)
+    assert train.parse_args(tiny_args(tmp_path, data_dir, "--sra-lr", "3e-4")).sra_lr == 3e-4
+    paper = train.PRESETS["paper"]
+    assert (paper["lora_lr"], paper["lr2"], paper["lora_lr"] / 10) == (2e-4, 2e-5, pytest.approx(2e-5))
     train.prepare_tiny(args)
     model = hires.HiResLLaVA(train.model_config(args))
+    rates = dict(llm=5e-4, sra=5e-5, vision=1e-3)
     for stage in (1, 2):
         model.set_stage(stage)
-        opt = train.make_optimizer(model, lr=1e-3, llm_lr=5e-4)
+        opt = train.make_optimizer(model, lr=1e-3, llm_lr=5e-4, sra_lr=5e-5)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         by_id = {id(p): n for n, p in model.named_parameters()}
         in_opt = [by_id[id(p)] for g in opt.param_groups for p in g["params"]]
         assert sorted(in_opt) == sorted(trainable)
+        assert {g["name"] for g in opt.param_groups} == ({"llm", "sra", "vision"} if stage == 2 else
+                                                         {"llm", "vision"} if llm == "--train-llm" else {"vision"})
         for g in opt.param_groups:
             names = [by_id[id(p)] for p in g["params"]]
-            assert g["lr"] == g["base_lr"] == (5e-4 if g["name"] == "llm" else 1e-3) and g["weight_decay"] == 0.0
-            assert all(n.startswith("llm.") == (g["name"] == "llm") for n in names)
+            assert g["lr"] == g["base_lr"] == rates[g["name"]] and g["weight_decay"] == 0.0
+            assert all(n.split(".")[0].replace("sampler", "vision").replace("projector", "vision") == g["name"]
+                       for n in names)
             assert g["betas"] == (0.9, 0.999)  # LLaVA's (HF Trainer AdamW defaults)
         assert any("lora_" in n for n in trainable) == (stage == 2 and rank == "8")
         assert ("llm.lm_head.weight" in trainable) == (llm == "--train-llm")
+
+
+def test_sra_layers_flag_places_the_adapters(tmp_path, data_dir):
+    args = train.parse_args(tiny_args(tmp_path, data_dir, "--sra-layers", "9,8"))
+    train.prepare_tiny(args)
+    assert sorted(hires.HiResLLaVA(train.model_config(args)).sra) == ["8", "9"]
+    assert train.parse_args(tiny_args(tmp_path, data_dir)).sra_layers == [7, 8, 9]  # 1-indexed 8-10 of 12 blocks
+    with pytest.raises(train.TrainError, match="before the feature block"):
+        train.model_config(train.parse_args(tiny_args(tmp_path, data_dir, "--sra-layers", "10")))
 
 
 def test_tiny_tokenizer_knows_the_template_words(tmp_path, data_dir):
@@ -250,7 +268,7 @@ def fit_fixed_batch(args, n=16, steps=100):
                            model.preprocess, model.context, model.cfg.image_tokens)
     batch = llava_data.collate([data[i] for i in range(n)])
     batch["images"] = model.prefix(batch["images"])  # the frozen ViT blocks once, as --cache-vit does
-    opt = train.make_optimizer(model, args.lr2, args.lora_lr)
+    opt = train.make_optimizer(model, args.lr2, args.lora_lr, args.sra_lr)
     losses = []
     for _ in range(steps):
         loss = model(batch["input_ids"], batch["labels"], batch["images"])
