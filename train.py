@@ -401,7 +401,8 @@ def backbone_paths(args):
 
 def init_model(args, where):
     """Stage 2 from a stage-1 checkpoint: its config, with every flag the user passed winning over it. The sampler
-    cannot change (stage 1 trained it); a new LoRA rank starts fresh, as stage 1 leaves LoRA at its init."""
+    cannot change (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA, as stage 1 leaves
+    both at their init."""
     try:
         with open(os.path.join(args.init, "config.json")) as f:
             stored = json.load(f)
@@ -428,6 +429,8 @@ def init_model(args, where):
                              f"{stored['lora_rank']}); its rank cannot change")
         own = model.trainable_state_dict()
         sd = {**{k: v for k, v in sd.items() if "lora_" not in k}, **{k: v for k, v in own.items() if "lora_" in k}}
+    if model.sra is None:  # --no-sra over a checkpoint with SRA: stage 1 leaves it at its init, the identity
+        sd = {k: v for k, v in sd.items() if not k.startswith("sra.")}
     try:
         model.load_trainable_state_dict(sd)
     except ValueError as e:
