@@ -15,7 +15,6 @@ import glob
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -314,9 +313,8 @@ def load_entitygrid(data, split):
 
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
+    import hires
+    hires.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 def read_partial(path):
     """(run key, {qid: record}) from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off."""
@@ -466,19 +464,9 @@ def run_key(args, bench, split, mc, max_new_tokens):
     return dict(checkpoint=h.hexdigest()[:16], bench=bench.name, split=split, mc=mc, max_new_tokens=max_new_tokens,
                 temperature=0.0, dtype=resolve_dtype(args.dtype, args.device))
 
-def git_commit():
-    """HEAD of the repository eval.py lives in (+ "-dirty" with uncommitted changes), None outside git."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
 def provenance(args, bench, samples, grids, key):
     """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
+    import hires
     cfg = checkpoint_config(args.ckpt)
     cfg.update(bench.slicing or {}, **backbones(args))
     return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
@@ -487,7 +475,7 @@ def provenance(args, bench, samples, grids, key):
             "max_new_tokens": key["max_new_tokens"], "temperature": 0.0,
             "batch_size": args.batch_size, "dtype": resolve_dtype(args.dtype, args.device), "device": args.device,
             "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
-                                           "grids": grids}, "git_commit": git_commit(),
+                                           "grids": grids}, "git_commit": hires.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 def answer(model, batch, args, bench, mc):

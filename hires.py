@@ -9,6 +9,8 @@ k sampler kernel.
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
@@ -18,8 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, save_vision_tower
-from conversation import Tokenizer, encode_conversation, encode_prompt, image_first, train_tokenizer
-from llama import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, apply_lora, atomic_write, merge_lora
+from conversation import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, encode_conversation, encode_prompt, image_first,
+                          train_tokenizer)
+from llama import Llama, LlamaConfig, apply_lora, check_state_dict, merge_lora
 from slicing import image_token_count, normalize, preprocess_image
 
 # separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;
@@ -306,14 +309,7 @@ class HiResLLaVA(nn.Module):
 
     def load_trainable_state_dict(self, sd):
         own = self.trainable_state_dict()  # detached views: copying into them fills the parameters
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match this model config: missing {missing[:5]}"
-                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                             f"{'...' if len(unexpected) > 5 else ''}")
-        bad = [k for k in own if own[k].shape != sd[k].shape]
-        if bad:
-            raise ValueError(f"checkpoint shapes do not match this model config: {bad[:5]}")
+        check_state_dict(own, sd, "checkpoint does not match this model config")
         for k, p in own.items():
             p.copy_(sd[k])
 
@@ -466,6 +462,31 @@ def pad_batch(seqs, T, left=False):
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints and the tiny preset
 
+def atomic_write(path, content):
+    """Writes content (str: UTF-8 text; or a function that writes a given path) to a temporary file beside path,
+    then renames it over path, so a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if isinstance(content, str):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        content(tmp)
+    os.replace(tmp, path)
+
+
+def git_commit():
+    """HEAD of the repository this file lives in (+ "-dirty" with uncommitted changes to tracked files), None
+    outside git: recorded beside results so a figure names the code that made it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 BACKBONE_PATHS = ("clip_weights", "llm_path", "tokenizer_path")
 
 
@@ -512,10 +533,7 @@ def save_checkpoint(model, path, cfg=None, run=None):
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
     d = config_dict(cfg, path, run)
 
-    def write_json(p):
-        with open(p, "w") as f:
-            json.dump(d, f, indent=2)
-    atomic_write(os.path.join(path, "config.json"), write_json)
+    atomic_write(os.path.join(path, "config.json"), json.dumps(d, indent=2))
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, adapter_dtype=None, **overrides):
@@ -550,7 +568,6 @@ def merge_checkpoint(ckpt, out):
     written as a standard HF LLaMA directory OUT/llm (config.json, model.safetensors in the LLM's own dtype,
     tokenizer.model), beside OUT/config.json (lora_rank 0, train_llm off) and OUT/model.safetensors (the adapters
     only: SRA, sampler, projector): a checkpoint eval.py loads as it is."""
-    import shutil
     llm_path = read_config(ckpt)["llm_path"]
     with open(os.path.join(llm_path, "config.json")) as f:
         dtype = getattr(torch, json.load(f).get("torch_dtype") or "float32")  # Vicuna-7B-v1.5: float16
@@ -571,23 +588,28 @@ def merge_checkpoint(ckpt, out):
 
 
 def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
-    """Write random tiny backbones into path (a CLIP tower file; llm/, a complete HF LLaMA directory with its
-    sentencepiece tokenizer trained on texts) and return a HiResConfig pointing at them, so the tiny preset runs the
-    real loading code."""
+    """Write random tiny backbones into the directory path (a CLIP tower file; llm/, a complete HF LLaMA directory
+    with its sentencepiece tokenizer trained on texts) and return a HiResConfig pointing at them, so the tiny preset
+    runs the real loading code. Each is built in a directory beside path and renamed into place: a killed run leaves
+    no half-written file."""
     path = os.path.abspath(path)
-    llm_dir = os.path.join(path, "llm")
-    os.makedirs(llm_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "llm"))
+    os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
-    clip_file = os.path.join(path, "clip_tiny.safetensors")
-    save_vision_tower(build_vision_tower(CLIPConfig.from_preset("tiny")), clip_file)
-    tok = train_tokenizer(list(texts), os.path.join(llm_dir, "tokenizer.model"), vocab_size)
-    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(llm_dir)
+    save_vision_tower(build_vision_tower(CLIPConfig.from_preset("tiny")), os.path.join(tmp, "clip_tiny.safetensors"))
+    tok = train_tokenizer(list(texts), os.path.join(tmp, "llm", "tokenizer.model"), vocab_size)
+    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(os.path.join(tmp, "llm"))
     hf_tokenizer = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, bos_token="<s>",
                         eos_token="</s>", unk_token="<unk>", pad_token=None, legacy=False)  # ids 1, 2, 0 as trained
-    with open(os.path.join(llm_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(hf_tokenizer, f, indent=2)
-    defaults = dict(clip_preset="tiny", clip_weights=clip_file, llm_path=llm_dir, lora_rank=8, lora_alpha=16.0,
-                    lora_dropout=0.0)
+    atomic_write(os.path.join(tmp, "llm", "tokenizer_config.json"), json.dumps(hf_tokenizer, indent=2))
+    for name in os.listdir(tmp):
+        shutil.rmtree(os.path.join(path, name), ignore_errors=True)  # llm/ of a killed run: os.replace needs it gone
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
+    defaults = dict(clip_preset="tiny", clip_weights=os.path.join(path, "clip_tiny.safetensors"),
+                    llm_path=os.path.join(path, "llm"), lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
     return HiResConfig(**{**defaults, **cfg_overrides})
 
 
