@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 import queue
 import shlex
 import shutil
@@ -41,7 +40,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import entitygrid  # noqa: E402
-import llama  # noqa: E402
+import hires  # noqa: E402
 
 # name -> (train.py flags, what it is); all on the tiny preset (train.PRESETS["tiny"])
 CONFIGS = {
@@ -70,7 +69,7 @@ CLAIMS = [
     ("SMS keeps position better than average pooling", "position", {"full": 1, "avgpool": -1}, 0.0),
 ]
 METRICS = ("accuracy", "edge_accuracy", "other_accuracy", "gap", "discrepancy", "counting_edge", "position")
-CODE_EXCLUDE = ("eval.py", "metrics.py", "bench.py", "bench_gpu.py")  # top-level files no training run executes
+CODE_EXCLUDE = ("eval.py", "metrics.py", "bench.py")  # top-level files no training run executes
 SMOKE = ["--train-size", "64", "--test-size", "27", "--vocab-size", "400", "--steps1", "2", "--steps2", "2",
          "--batch1", "8", "--batch2", "8", "--eval-batch", "27"]
 EDGE = [c - 1 for c in entitygrid.EDGE_CELLS]
@@ -94,13 +93,6 @@ def command(name, seed, out, smoke):
     if source(name) != name:
         cmd += ["--stage", "2", "--init", f"{out}/{source(name)}-seed{seed}/stage1"]
     return cmd + CONFIGS[name][0] + (SMOKE if smoke else [])
-
-
-def git_commit():
-    """HEAD's hash, with '+dirty' when tracked files differ from it (then no record names committed code)."""
-    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = run("status", "--porcelain", "--untracked-files=no")
-    return (run("rev-parse", "HEAD") or "unknown") + ("+dirty" if dirty else "")
 
 
 def code_hash():
@@ -144,10 +136,10 @@ def run_one(name, seed, out, smoke, core):
         preds = json.load(f)
     after = [] if source(name) == name else [shlex.join(command(source(name), seed, out, smoke))]
     record = dict(config=name, flags=CONFIGS[name][0], seed=seed, command=shlex.join(cmd), after=after,
-                  wall_s=round(wall, 1), git_commit=git_commit(), code=code_hash(),
+                  wall_s=round(wall, 1), git_commit=hires.git_commit() or "unknown", code=code_hash(),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   metrics=entitygrid.score(questions, preds), questions=compact(questions, preds))
-    llama.atomic_write(os.path.join(run_dir, "record.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record)))
+    hires.atomic_write(os.path.join(run_dir, "record.json"), json.dumps(record))
     return record
 
 
@@ -505,9 +497,9 @@ def main(argv=None):
     rows, claims = summarise(records, args.reps)
     os.makedirs(args.results, exist_ok=True)
     path = lambda ext: os.path.join(args.results, f"ablation.{ext}")
-    llama.atomic_write(path("json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(records, indent=1)))
-    llama.atomic_write(path("md"), lambda tmp: write_markdown(tmp, records, rows, claims, args.reps, argv))
-    llama.atomic_write(path("png"), lambda tmp: draw(tmp, rows, records))
+    hires.atomic_write(path("json"), json.dumps(records, indent=1))
+    hires.atomic_write(path("md"), lambda tmp: write_markdown(tmp, records, rows, claims, args.reps, argv))
+    hires.atomic_write(path("png"), lambda tmp: draw(tmp, rows, records))
     print(f"ablation: {len(records)} runs in {time.time() - t0:.0f} s -> {args.results}/ablation.{{json,md,png}}")
     return records, rows, claims
 

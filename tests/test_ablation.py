@@ -31,7 +31,7 @@ def test_smoke_study_reuses_stage1_resumes_and_reproduces(tmp_path):
     full, nosra = saved
     for r in saved:
         assert r["command"].startswith("python train.py --seed 0 --threads 1 ") and r["wall_s"] > 0
-        assert len(r["git_commit"].split("+")[0]) == 40 and r["code"] == ablation.code_hash()
+        assert len(r["git_commit"].removesuffix("-dirty")) == 40 and r["code"] == ablation.code_hash()
         assert r["metrics"]["num"] == 27 and set(r["metrics"]["per_task_layout"]) == set(entitygrid.TASKS)
         assert len(r["questions"]["correct"]) == len(r["questions"]["layout"]) == 27
         assert abs(r["metrics"]["accuracy"] - r["questions"]["correct"].count("1") / 27) < 1e-9
