@@ -9,15 +9,19 @@ k sampler kernel.
 import argparse
 import json
 import os
+import random
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip import CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, save_vision_tower
+from clip import (CLIPConfig, VisionTower, attention_entropy, block, build_vision_tower, default_adapter_layers,
+                  save_vision_tower)
 from conversation import Tokenizer, encode_conversation, encode_prompt, image_first, train_tokenizer
+from entitygrid import cut_entities, entity_classes, patch_targets, whole_entity_scene
 from llama import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, apply_lora, atomic_write, merge_lora
 from slicing import image_token_count, normalize, preprocess_image
 
@@ -464,7 +468,7 @@ def save_checkpoint(model, path, cfg=None):
     cfg = cfg or model.cfg
     os.makedirs(path, exist_ok=True)
     sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()
-          if cfg.lora_rank or "lora_" not in k}
+          if "lora_" not in k or cfg.lora_rank}
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
 
     def write_json(p):
@@ -519,6 +523,100 @@ def merge_checkpoint(ckpt, out):
     cfg = replace(model.cfg, llm_path=llm_dir, tokenizer_path=os.path.join(llm_dir, "tokenizer.model"), lora_rank=0)
     save_checkpoint(model, out, cfg)
     return cfg
+
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 0 of the tiny preset: the random backbones it starts from and the entity classes of its ViT targets."""
+    clip_weights: str
+    llm_path: str
+    tokenizer_path: str
+    classes: list
+    max_copies: int = 3
+
+
+class TinyPretrain(nn.Module):
+    """Stage 0 of the tiny preset (not in the paper, whose CLIP and Vicuna arrive pretrained): the tiny ViT and the
+    tiny LLaMA trained from random on the toy world, so that stages 1-2 can freeze them as the paper freezes its own.
+
+    ViT: scenes of whole entities (entitygrid.whole_entity_scene); every patch token of the last block (ln_post, as
+    CLIP's loss sees it) predicts, through linear heads, the class of the entity under it, how many copies of it the
+    scene holds and the entity's box relative to the patch (entitygrid.patch_targets). None of the three can be read
+    from a patch's own pixels, so late tokens come to encode the whole entity, as CLIP's do (docs/method.md#the-tiny-
+    preset has the diagnostics). LLaMA: plain next-token loss on the toy world's text (captions, questions, answers).
+    The loss is the sum of the two."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(CLIPConfig.from_preset("tiny"), cfg.clip_weights)
+        self.llm = Llama.from_pretrained(cfg.llm_path)
+        D = self.vision.cfg.width
+        self.cls, self.copies, self.box = nn.Linear(D, 1 + len(cfg.classes)), nn.Linear(D, cfg.max_copies), \
+            nn.Linear(D, 4)
+
+    def set_stage(self, stage):
+        self.requires_grad_(True)
+
+    def trainable_state_dict(self):
+        return {k: p.detach() for k, p in self.named_parameters()}
+
+    def load_trainable_state_dict(self, sd):
+        self.load_state_dict(sd, strict=True)
+
+    def vit_loss(self, pixels, targets):
+        """pixels (B, 3, S, S) uint8, targets (B, L, 6) as entitygrid.patch_targets -> class cross-entropy over all
+        tokens + copies cross-entropy + 5 x box L1 over entity tokens (the weight puts the three near one scale)."""
+        vit = self.vision.vit
+        x = vit._embeds(normalize(pixels))                                      # (B, 1+L, D)
+        for blk in vit.transformer.resblocks:
+            x = block(blk, x)
+        x = vit.ln_post(x[:, 1:])                                               # (B, L, D)
+        cls = targets[..., 0].long()                                            # (B, L), 0 = background
+        on = cls > 0
+        copies = (targets[..., 1][on].long() - 1).clamp(max=self.cfg.max_copies - 1)
+        return (F.cross_entropy(self.cls(x).flatten(0, 1), cls.flatten()) +
+                F.cross_entropy(self.copies(x[on]), copies) + 5 * F.l1_loss(self.box(x[on]), targets[..., 2:][on]))
+
+    def forward(self, input_ids, labels, images):
+        """Batch as llava_data.collate gives it: token lists (text), label lists, (pixels, targets) per sample."""
+        T = max(map(len, input_ids))
+        ids = torch.tensor([i + [0] * (T - len(i)) for i in input_ids])         # (B, T)
+        lab = torch.tensor([b + [IGNORE_INDEX] * (T - len(b)) for b in labels])  # (B, T)
+        lm = self.llm(ids.to(self.llm.lm_head.weight.device), labels=lab)
+        pixels, targets = (torch.stack(t) for t in zip(*images))
+        return lm + self.vit_loss(pixels.to(lm.device), targets.to(lm.device))
+
+
+@torch.no_grad()
+def encoder_probe(tower, families, n=48, seed=0):
+    """The paper's property of a frozen encoder, measured on whole entities (docs/method.md#the-tiny-preset):
+    cut_sensitivity: change of the feature-layer tokens of an entity's left half when its right half is blanked
+    (as a slice border cuts it), relative to their change when the whole entity is blanked; attention_entropy: mean
+    over blocks, heads and queries, in nats (uniform: ln(1+L)); probe: accuracy of a ridge-regression linear probe
+    of the entity's class from one feature-layer token, on held-out scenes."""
+    cfg, classes = tower.cfg, entity_classes(families)
+    S, P = cfg.image_size, cfg.patch_size
+    rng = random.Random(f"probe/{seed}")
+    whole, cut, keep = (torch.from_numpy(a) for a in cut_entities(rng, n, S, P, families))  # (n, 3, S, S), (n, L)
+    blank = torch.full_like(whole, 255)
+    fw, fc, fb = (tower(normalize(x)) for x in (whole, cut, blank))            # (n, L, D) each
+    sens = [((fw[i] - fc[i])[keep[i]].norm() / (fw[i] - fb[i])[keep[i]].norm()).item() for i in range(n)]
+    scenes = [whole_entity_scene(rng, S, families) for _ in range(6 * n)]
+    pixels = torch.stack([torch.tensor(np.asarray(im)).permute(2, 0, 1) for im, _ in scenes])
+    labels = torch.stack([torch.from_numpy(patch_targets(e, classes, S, P)[:, 0]) for _, e in scenes])
+    feats = tower(normalize(pixels))                                            # (6n, L, D)
+    split = 4 * n  # probe trained on the first 4n scenes, tested on the rest
+    x, y = feats[:split][labels[:split] > 0], labels[:split][labels[:split] > 0].long() - 1
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    design = lambda f: torch.cat([(f - mu) / sd, torch.ones(len(f), 1)], 1)            # (T, D+1)
+    X = design(x)
+    W = torch.linalg.solve(X.T @ X + torch.eye(X.shape[1]), X.T @ F.one_hot(y, len(classes)).float())
+    on = labels[split:] > 0
+    pred = (design(feats[split:][on]) @ W).argmax(1)
+    return dict(cut_sensitivity=sum(sens) / n, attention_entropy=attention_entropy(tower, normalize(
+        pixels[:n])), probe=(pred == labels[split:][on].long() - 1).float().mean().item())
 
 
 def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):

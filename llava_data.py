@@ -4,13 +4,16 @@ by one; the frozen ViT prefix cached once per image; micro-batches of similar le
 """
 import json
 import os
+import random
 import warnings
 from collections import Counter
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import conversation
+import entitygrid
 import llama
 import slicing
 
@@ -104,6 +107,34 @@ def collate(batch):
     samples = [s for s, _ in batch]
     return dict(input_ids=[s[0] for s in samples], labels=[s[1] for s in samples], images=[s[2] for s in samples],
                 skipped=Counter(r for _, reasons in batch for r in reasons))
+
+class Stage0Data(torch.utils.data.Dataset):
+    """Stage 0 of the tiny preset: sample i is one text of the toy world (captions and question-answer conversations
+    without their image, all tokens labelled: plain LM) and one scene of whole entities drawn from seed and i
+    (entitygrid.whole_entity_scene) with its per-patch targets."""
+
+    def __init__(self, data_dir, tokenizer, classes, seed, families, size, patch):
+        train_dir = os.path.join(data_dir, "train")
+        with open(os.path.join(train_dir, "text_qa.json")) as f:
+            self.texts = [conversation.encode_conversation([{**t, "value": t["value"].replace("<image>\n", "")}
+                                                            for t in item["conversations"]], tokenizer)[0]
+                          for item in json.load(f)]
+        with open(os.path.join(train_dir, "captions.json")) as f:
+            self.texts += [tokenizer.encode(item["conversations"][1]["value"]) + [tokenizer.eos_id]
+                           for item in json.load(f)]
+        self.classes, self.seed, self.families = classes, seed, families
+        self.size, self.patch = size, patch
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, i):
+        image, entities = entitygrid.whole_entity_scene(random.Random(f"stage0/{self.seed}/{i}"), self.size,
+                                                        self.families)
+        pixels = torch.tensor(np.asarray(image)).permute(2, 0, 1)                       # (3, S, S) uint8
+        targets = torch.from_numpy(entitygrid.patch_targets(entities, self.classes, self.size, self.patch))
+        return (self.texts[i], self.texts[i], (pixels, targets)), []
+
 
 
 def cache_prefixes(model, datasets, master, batch=8):

@@ -38,10 +38,10 @@ import slicing
 
 ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
-    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_len=512,
+    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=8, lora_alpha=16, max_len=512,
                  lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=1, epochs2=4,
                  train_size=6000, test_size=2700, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
-                 train_llm=True, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
+                 train_llm=False, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=0,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
@@ -90,7 +90,7 @@ def trainable_counts(model):
         if p.requires_grad:
             group = "lora" if "lora_" in n else n.split(".")[0]  # llm: the whole LLM trains (train_llm)
             counts[group] = counts.get(group, 0) + p.numel()
-    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm") if g in counts}
+    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm", "vision") if g in counts}
 
 
 def write_atomic(path, text):
@@ -210,8 +210,9 @@ def train_stage(args, stage, model, data, out_dir, ctx):
 
 def stage_plan(args, stage, n_samples, world):
     """-> (learning rate, global batch, micro-batches accumulated per process and step, total steps) of a stage."""
-    lr, global_batch, epochs, steps = (args.lr1, args.batch1, args.epochs1, args.steps1) if stage == 1 else \
-        (args.lr2, args.batch2, args.epochs2, args.steps2)
+    lr, global_batch, epochs, steps = {0: (args.lr0, args.batch0, 0, args.steps0),
+                                       1: (args.lr1, args.batch1, args.epochs1, args.steps1),
+                                       2: (args.lr2, args.batch2, args.epochs2, args.steps2)}[stage]
     if global_batch % (args.micro_batch * world):
         raise TrainError(f"global batch {global_batch} is not a multiple of micro batch {args.micro_batch} x "
                          f"{world} processes")
@@ -376,11 +377,52 @@ def prepare_tiny(args):
         write_atomic(os.path.join(base, "hires_config.json"), json.dumps(dataclasses.asdict(cfg)))
 
 
+
+
+def run_stage0(args, ctx):
+    """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (hires.TinyPretrain) and written
+    to OUT/stage0 in their real formats (open_clip state dict, HF LLaMA directory, tokenizer), with the encoder
+    diagnostics of both in OUT/stage0/encoder.json; hires_config.json, written last, points stages 1-2 at them."""
+    out = os.path.join(args.out, "stage0")
+    with open(os.path.join(args.out, "base", "hires_config.json")) as f:
+        base = json.load(f)
+    families = args.families.split(",")
+    cfg = hires.PretrainConfig(base["clip_weights"], base["llm_path"], base["tokenizer_path"],
+                               entitygrid.entity_classes(families))
+    torch.manual_seed(args.seed)
+    model = hires.TinyPretrain(cfg).to(ctx["device"])
+    random_probe = hires.encoder_probe(model.vision, families)
+    vit = model.vision.cfg
+    data = llava_data.Stage0Data(args.data_dir, conversation.Tokenizer(cfg.tokenizer_path), cfg.classes, args.seed,
+                                 families, vit.image_size, vit.patch_size)
+    train_stage(args, 0, model, data, out, ctx)
+    if ctx["master"]:
+        probe = dict(random=random_probe, pretrained=hires.encoder_probe(model.vision, families))
+        write_atomic(os.path.join(out, "encoder.json"), json.dumps(probe, indent=1))
+        print("stage 0: encoder (random -> pretrained): " + ", ".join(
+            f"{k} {probe['random'][k]:.3f} -> {probe['pretrained'][k]:.3f}" for k in probe["random"]))
+        clip.save_vision_tower(model.vision.vit, os.path.join(out, "clip_tiny.safetensors"))
+        model.llm.save_pretrained(os.path.join(out, "llm"))
+        shutil.copyfile(cfg.tokenizer_path, os.path.join(out, "tokenizer.model"))
+        write_atomic(os.path.join(out, "hires_config.json"), json.dumps(dict(
+            clip_weights="clip_tiny.safetensors", llm_path="llm", tokenizer_path="tokenizer.model")))
+    barrier(ctx)
+
+
+
+def backbone_dir(args):
+    """Tiny preset: where stages 1-2 find their frozen backbones: random (OUT/base, --random-backbones), or stage 0's
+    (--stage0 DIR, else OUT/stage0)."""
+    return os.path.join(args.out, "base") if args.random_backbones else args.stage0 or os.path.join(args.out, "stage0")
+
+
 def model_config(args):
     """HiResConfig: the tiny backbones written by prepare_tiny, or --clip/--llm for the paper preset."""
     if args.preset == "tiny":
-        with open(os.path.join(args.out, "base", "hires_config.json")) as f:
-            paths = {k: v for k, v in json.load(f).items() if k in ("clip_weights", "llm_path", "tokenizer_path")}
+        where = backbone_dir(args)
+        with open(os.path.join(where, "hires_config.json")) as f:  # paths relative to it (stage 0) or absolute
+            paths = {k: os.path.join(where, v) for k, v in json.load(f).items()
+                     if k in ("clip_weights", "llm_path", "tokenizer_path")}
         paths["clip_preset"] = "tiny"
     else:
         paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
@@ -487,8 +529,13 @@ def parse_args(argv):
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="hyper-parameter defaults: 'tiny' (random tiny ViT + LLaMA, "
       "EntityGrid-QA, CPU minutes; the default without --clip/--llm) or 'paper' (ViT-L-14-336 + Vicuna-7B)")
-    a("--stage", choices=("1", "2", "all"), default="all", help="1: sampler+projector on captions; 2: SRA+sampler+"
-      "projector+LoRA on instructions (needs --init unless 'all'); all: 1 then 2 (then EntityGrid eval for tiny)")
+    a("--stage", choices=("0", "1", "2", "all"), default="all", help="0 (tiny preset only): pretrain the tiny ViT and "
+      "LLaMA on the toy world; 1: sampler+projector on captions; 2: SRA+sampler+projector+LoRA on instructions "
+      "(needs --init unless 'all'); all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
+    a("--stage0", help="tiny: a finished stage-0 directory (OUT/stage0 of another run with the same data and seed) "
+      "whose backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and Vicuna arrive "
+      "pretrained")
+    a("--random-backbones", action="store_true", help="tiny: no stage 0, random frozen ViT and LLaMA (ablation)")
     a("--out", default=None, help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
     a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
     a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")
@@ -520,6 +567,9 @@ def parse_args(argv):
     a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
     a("--max-len", type=int, help="tokens of one sequence, image tokens included (HiResConfig.max_length); 0: the "
       "LLM's own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
+    a("--lr0", type=float, default=1e-3, help="tiny: stage-0 learning rate")
+    a("--batch0", type=int, default=32, help="tiny: stage-0 batch (scenes and texts)")
+    a("--steps0", type=int, default=600, help="tiny: stage-0 optimizer steps")
     a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
     a("--lr2", type=float, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
     a("--sra-lr", type=float, help="stage-2 learning rate of the SliceRestore Adapter (default: a tenth of "
@@ -579,6 +629,8 @@ def parse_args(argv):
             p.error(f"{flag} {path}: no such file or directory")
     if args.preset == "paper" and (args.stage != "1" and not args.data2 or args.stage != "2" and not args.data1):
         p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
+    if args.preset == "paper" and (args.stage == "0" or args.stage0 or args.random_backbones):
+        p.error("stage 0 belongs to the tiny preset: the paper preset's CLIP and Vicuna arrive pretrained")
     if args.stage == "2" and not args.init:
         p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
     return args
@@ -619,6 +671,15 @@ def run(args, ctx):
         if master:
             prepare_tiny(args)
         barrier(ctx)
+        done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))
+        if args.stage == "0" or args.stage == "all" and not done:
+            if args.stage0 or args.random_backbones:
+                raise TrainError("stage 0 writes OUT/stage0: drop --stage0/--random-backbones to run it")
+            run_stage0(args, ctx)
+        elif not done:
+            raise TrainError(f"{backbone_dir(args)}: no finished stage 0 there; run --stage 0 (or --stage all)")
+        if args.stage == "0":
+            return None
         args.data1 = args.data1 or os.path.join(args.data_dir, "train", "captions.json")
         args.data2 = args.data2 or os.path.join(args.data_dir, "train", "text_qa.json" if args.mc == "rank" else
                                                 "llava.json")
@@ -635,7 +696,7 @@ def run(args, ctx):
         model = hires.HiResLLaVA(model_config(args), **where)
     model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_ckpt
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
-    stages = [1, 2] if args.stage == "all" else [int(args.stage)]
+    stages = [1, 2] if args.stage == "all" else [int(args.stage)]  # stage 0 ran above
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
                                         model.tokenizer, "plain" if stage == 1 else "vicuna_v1", model.preprocess,
                                         model.context, model.cfg.image_tokens) for stage in stages}
