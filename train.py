@@ -529,7 +529,7 @@ def parse_args(argv):
       "LLM's own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
     a("--lr0", type=float, default=1e-3, help="tiny: stage-0 learning rate")
     a("--batch0", type=int, default=32, help="tiny: stage-0 batch (scenes and texts)")
-    a("--steps0", type=int, default=600, help="tiny: stage-0 optimizer steps")
+    a("--steps0", type=int, default=300, help="tiny: stage-0 optimizer steps")
     a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
     a("--lr2", type=float, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
     a("--sra-lr", type=float, help="stage-2 learning rate of the SliceRestore Adapter (default: a tenth of "
@@ -636,7 +636,7 @@ def run(args, ctx):
         done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))  # written last
         if args.stage == "0" or args.stage == "all" and not done and not (args.stage0 or args.random_backbones):
             run_stage0(args, ctx)
-        elif not done:
+        elif not done and args.stage != "2":  # stage 2 takes its backbones from --init's config
             raise TrainError(f"{backbone_dir(args)}: no finished stage 0 there; run --stage 0 (or --stage all)")
         if args.stage == "0":
             return None
