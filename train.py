@@ -362,8 +362,7 @@ def run_stage0(args, ctx):
     to OUT/stage0 in their real formats (open_clip state dict, HF LLaMA directory, tokenizer), with the encoder
     diagnostics of both in OUT/stage0/encoder.json; hires_config.json, written last, points stages 1-2 at them."""
     out = os.path.join(args.out, "stage0")
-    with open(os.path.join(args.out, "base", "hires_config.json")) as f:
-        base = json.load(f)
+    base = hires.read_config(os.path.join(args.out, "base"), "hires_config.json")
     families = args.families.split(",")
     cfg = llava_data.PretrainConfig(base["clip_weights"], base["llm_path"], base["tokenizer_path"],
                                entitygrid.entity_classes(families))
