@@ -132,8 +132,8 @@ def run_one(name, seed, out, smoke, core):
     if proc.returncode:
         raise SystemExit(f"ablation: {shlex.join(cmd)} failed (exit {proc.returncode}); see {run_dir}/train.log")
     questions = entitygrid.load_questions(os.path.join(ROOT, out, f"data-seed{seed}", "test"))
-    with open(os.path.join(run_dir, "predictions.json")) as f:
-        preds = json.load(f)
+    with open(os.path.join(run_dir, "predictions.json")) as f:  # eval.py's format: [{"id", "answer"}]
+        preds = {e["id"]: e["answer"] for e in json.load(f)}
     after = [] if source(name) == name else [shlex.join(command(source(name), seed, out, smoke))]
     record = dict(config=name, flags=CONFIGS[name][0], seed=seed, command=shlex.join(cmd), after=after,
                   wall_s=round(wall, 1), git_commit=hires.git_commit() or "unknown", code=code_hash(),
