@@ -211,8 +211,8 @@ class TinyPretrain(nn.Module):
     ViT: scenes of whole entities (entitygrid.whole_entity_scene); every patch token of the last block (ln_post, as
     CLIP's loss sees it) predicts, through linear heads, the class of the entity under it, how many copies of it the
     scene holds and the entity's box relative to the patch (entitygrid.patch_targets). None of the three can be read
-    from a patch's own pixels, so late tokens come to encode the whole entity, as CLIP's do (docs/method.md#the-tiny-
-    preset has the diagnostics). LLaMA: plain next-token loss on the toy world's text (captions, questions, answers).
+    from a patch's own pixels, so late tokens come to encode the whole entity, as CLIP's do (diagnostics:
+    docs/method.md#the-tiny-preset). LLaMA: plain next-token loss on the toy world's text (captions, questions, answers).
     The loss is the sum of the two."""
 
     def __init__(self, cfg):
