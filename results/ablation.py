@@ -70,8 +70,8 @@ CLAIMS = [
 ]
 METRICS = ("accuracy", "edge_accuracy", "other_accuracy", "gap", "discrepancy", "counting_edge", "position")
 CODE_EXCLUDE = ("eval.py", "metrics.py", "bench.py")  # top-level files no training run executes
-SMOKE = ["--train-size", "64", "--test-size", "27", "--vocab-size", "400", "--steps1", "2", "--steps2", "2",
-         "--batch1", "8", "--batch2", "8", "--eval-batch", "27"]
+SMOKE = ["--train-size", "64", "--test-size", "27", "--vocab-size", "400", "--steps0", "2", "--steps1", "2",
+         "--steps2", "2", "--batch0", "8", "--batch1", "8", "--batch2", "8", "--eval-batch", "27"]
 EDGE = [c - 1 for c in entitygrid.EDGE_CELLS]
 OTHER = [c - 1 for c in entitygrid.OTHER_CELLS]
 
