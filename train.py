@@ -516,8 +516,7 @@ def parse_args(argv=None):
     a("--out", help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
     a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
     a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")
-    a("--overwrite", action="store_true", help="delete OUT/stage<k> of the stages trained (and the tiny metrics) "
-      "and start over; without it or --resume, a used OUT is refused")
+    a("--overwrite", action="store_true", help="delete the OUT/stage<k> to be trained and start over (else refused)")
     a("--clip", help="open_clip ViT-L-14-336 weights file (paper preset)")
     a("--llm", help="Vicuna-7B-v1.5 HF directory (paper preset)")
     a("--tokenizer", help="sentencepiece model (default LLM/tokenizer.model)")
@@ -571,8 +570,7 @@ def parse_args(argv=None):
     a("--mc", choices=("rank", "letter"), help="answers as option text, ranked by likelihood (rank), or as the "
       "letter (letter); recorded in the checkpoint, which eval.py follows")
     a("--train-llm", action=argparse.BooleanOptionalAction, help="train the whole LLM (else frozen, with LoRA)")
-    a("--cache-vit", action=argparse.BooleanOptionalAction, help="compute the frozen ViT blocks before the first "
-      "SRA once per training image (memory: ~(1+L)*D floats per image)")
+    a("--cache-vit", action=argparse.BooleanOptionalAction, help="run the ViT blocks before the SRA once per image")
     p.set_defaults(**PRESETS["tiny"])  # what --help shows
     # pass 1: the preset, and which model flags the command line gives (they win over an --init config)
     first = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(MODEL_FLAGS)))
@@ -588,10 +586,9 @@ def parse_args(argv=None):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written; after each flag's help its default (the tiny preset's), where it has one."""
-
     def _get_help_string(self, action):
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in action.help
-        return action.help + (" (default: %(default)s)" if shown else "")
+        return action.help + (" (default: %(default)s)" if action.default not in (None, False, argparse.SUPPRESS)
+                              else "")
 
 
 def check_args(p, args):
@@ -716,12 +713,10 @@ def run(args, ctx):
             # eval.py's submission format for EntityGrid-QA: `eval.py --predictions` rescores it
             hires.atomic_write(os.path.join(args.out, "predictions.json"),
                                json.dumps([{"id": k, "answer": v} for k, v in preds.items()], indent=1))
-            pt = metrics["per_task"]
-            print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} "
-                  f"(recognition {pt['recognition']:.3f}, position {pt['position']:.3f}, counting "
-                  f"{pt['counting']:.3f}); edge {metrics['edge_accuracy']:.3f} vs other "
-                  f"{metrics['other_accuracy']:.3f}, Discrepancy {metrics['discrepancy']:.3f} "
-                  f"-> {os.path.join(args.out, 'metrics.json')}")
+            tasks = ", ".join(f"{t} {a:.3f}" for t, a in metrics["per_task"].items())
+            print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} ({tasks}); "
+                  f"edge {metrics['edge_accuracy']:.3f} vs other {metrics['other_accuracy']:.3f}, Discrepancy "
+                  f"{metrics['discrepancy']:.3f} -> {os.path.join(args.out, 'metrics.json')}")
         return metrics
 
 

@@ -382,7 +382,7 @@ def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir, capsys):
     stored = json.loads((s1 / "config.json").read_text())
     assert (stored["max_slices"], stored["upscale"], stored["max_length"], stored["lora_rank"]) == (4, False, 512, 64)
     flags = ["--max-slices", "2", "--upscale", "--max-len", "400", "--lora-rank", "4", "--lora-alpha", "8",
-             "--lora-dropout", "0.1"]
+             "--lora-dropout", "0.1", "--no-train-llm"]  # over tiny_args' --train-llm: stage 1 kept the LLM frozen
     train.main(tiny_args(tmp_path / "s2", data_dir, "--stage", "2", "--init", str(s1), "--steps2", "2", *flags))
     cfg = json.loads((s2 / "config.json").read_text())
     model = hires.load_checkpoint(str(s2))
