@@ -3,10 +3,11 @@
     python results/ablation.py            # 7 configurations x seeds 0-4 of the tiny preset, 2 runs at a time
 
 Each run is one `python train.py ...` command (the tiny preset plus the configuration's flags, one CPU thread, its
-own seed for data, backbones, init and order), started as a subprocess and logged under --out. A configuration
-whose stage 1 is another's (they differ only in flags that act in stage 2, STAGE2_FLAGS) starts stage 2 from that
-one's stage-1 checkpoint (`--stage 2 --init`), so such a pair differs only where its flags do. Its record in
-results/ablation.json holds that command (and the one it starts from), the configuration, seed, wall seconds, git
+own seed for data, backbones, init and order), started as a subprocess and logged under --out. Each seed's stage 0
+(the pretrained tiny backbones) runs once and serves every configuration of the seed (`--stage0 DIR`). A
+configuration whose stage 1 is another's (they differ only in flags that act in stage 2, STAGE2_FLAGS) starts stage
+2 from that one's stage-1 checkpoint (`--stage 2 --init`), so such a pair differs only where its flags do. Its record
+in results/ablation.json holds that command (and those it starts from), the configuration, seed, wall seconds, git
 commit, a hash of the model, training and benchmark code, the full `entitygrid.score` output and, per test
 question, its task, cell, layout and whether it was answered right.
 
