@@ -167,3 +167,13 @@ def test_bootstrap_pairs_question_draws():
     boot = ablation.bootstrap({"full": {0: ablation.counts(q)}, "qformer": {0: ablation.counts(q)}}, reps=50)
     assert all(np.array_equal(boot["full"][m], boot["qformer"][m], equal_nan=True) for m in ablation.METRICS)
     assert boot["full"]["accuracy"].std() > 0  # the questions are resampled
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--part", "0/2"], "a part is i/k with 1 <= i <= k"), (["--seeds", "a"], "seeds are integers"),
+    (["--configs", "bogus"], "--configs: unknown ['bogus']"), (["--jobs", "0"], "--jobs 0: at least 1"),
+    (["--seeds", "0", "--part", "2/2"], "--part 2/2: no seed of --seeds 0 falls in it")])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ablation.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
