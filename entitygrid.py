@@ -223,7 +223,9 @@ def noun(e):
 
 
 def plural(e):
-    return OBJECTS[e.name][0] if e.family == "object" else e.name + "s"
+    if e.family == "object":
+        return OBJECTS[e.name][0]
+    return e.name + ("es" if e.name.endswith("s") else "s")  # "red crosses"
 
 
 def sample_entity(rng, family, cell):
@@ -471,7 +473,8 @@ def wrap(text, f, width):
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate EntityGrid-QA (paper 3.4) or draw a contact sheet of it.")
+    p = argparse.ArgumentParser(description="Generate EntityGrid-QA (paper 3.4) or draw a contact sheet of it.",
+                                usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
     p.add_argument("--out", help="output directory: gets images/*.png, questions.jsonl and llava.json")
     p.add_argument("--num", type=int, default=1000, help="number of questions (one image each), > 0")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical output")

@@ -150,8 +150,8 @@ def run_one(name, seed, out, smoke, core):
                   date=datetime.datetime.now().isoformat(timespec="seconds"))
     if name != "stage0":
         questions = entitygrid.load_questions(os.path.join(ROOT, out, f"data-seed{seed}", "test"))
-        with open(os.path.join(run_dir, "predictions.json")) as f:
-            preds = json.load(f)
+        with open(os.path.join(run_dir, "predictions.json")) as f:  # eval.py's format: [{"id", "answer"}]
+            preds = {e["id"]: e["answer"] for e in json.load(f)}
         record.update(metrics=entitygrid.score(questions, preds), questions=compact(questions, preds))
     hires.atomic_write(os.path.join(run_dir, "record.json"), json.dumps(record))
     return record

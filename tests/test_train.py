@@ -146,6 +146,27 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path, data_dir):
     assert history(killed, 1) == pytest.approx(history(tmp_path / "full", 1), rel=1e-5)  # float: same ops, same order
 
 
+def test_a_used_out_is_refused_unless_resumed_or_overwritten(tmp_path, data_dir):
+    common = ["--stage", "1", "--steps1", "2", "--save-every", "1"]
+    train.main(tiny_args(tmp_path, data_dir, *common))
+    stage1, ckpt = tmp_path / "stage1", tmp_path / "stage1" / "checkpoints"
+    before = {p: p.read_bytes() for p in stage1.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=r"^train.py: error: .*stage1 holds an earlier run: continue it with --resume, "
+                       r"start over with --overwrite \(deletes it\), or pass another --out$"):
+        train.main(tiny_args(tmp_path, data_dir, *common))
+    assert {p: p.read_bytes() for p in stage1.rglob("*") if p.is_file()} == before  # nothing lost
+    (ckpt / "step-0000035").mkdir(), (ckpt / "step-0000040").mkdir()  # leftovers of a longer run
+    train.main(tiny_args(tmp_path, data_dir, *common, "--overwrite"))
+    assert sorted(os.listdir(ckpt)) == ["latest", "step-0000001", "step-0000002"]
+    # pruning keeps the checkpoint `latest` names, even when leftovers carry higher step numbers
+    (ckpt / "latest").unlink()
+    (ckpt / "step-0000035").mkdir(), (ckpt / "step-0000040").mkdir()
+    train.main(tiny_args(tmp_path, data_dir, *common, "--resume"))  # no `latest`: from step 0
+    assert (ckpt / "latest").read_text() == "step-0000002" and (ckpt / "step-0000002" / "model.safetensors").exists()
+    assert sorted(os.listdir(ckpt)) == ["latest", "step-0000002", "step-0000040"]
+    train.main(tiny_args(tmp_path, data_dir, *common, "--resume"))  # and it resumes
+
+
 def test_save_cut_short_keeps_last_checkpoint_and_resume_restores_rng(tmp_path, data_dir, monkeypatch):
     forward = hires.HiResLLaVA.forward
     monkeypatch.setattr(hires.HiResLLaVA, "forward",  # random like dropout: the losses depend on the RNG state
@@ -298,12 +319,24 @@ def test_stage2_checkpoint_reloads_to_the_same_answers(tmp_path, data_dir):
     out = tmp_path / "run"
     metrics = train.main(tiny_args(out, data_dir, "--steps1", "2", "--steps2", "4", "--eval-batch", "8"))
     again = ev.main(["--bench", "entitygrid", "--data", os.path.join(data_dir, "test"), "--ckpt", str(out / "stage2"),
-                     "--out", str(tmp_path / "eval"), "--mc", "rank", "--batch-size", "5"])
-    with open(out / "predictions.json") as f:
-        in_process = json.load(f)
+                     "--out", str(tmp_path / "eval"), "--batch-size", "5"])  # --mc rank: the checkpoint's
+    with open(out / "predictions.json") as f:  # one predictions format: train.py's is eval.py's
+        in_process = {e["id"]: e["answer"] for e in json.load(f)}
     with open(tmp_path / "eval" / "predictions.json") as f:
         reloaded = {e["id"]: e["answer"] for e in json.load(f)}
-    assert reloaded == in_process and again["accuracy"] == metrics["accuracy"] and again["mc"] == "rank"
+    assert reloaded == in_process and again["accuracy"] == metrics["accuracy"]
+    assert (again["mc"], again["mc_from"]) == ("rank", "checkpoint")
+    rescored = ev.main(["--bench", "entitygrid", "--data", os.path.join(data_dir, "test"), "--predictions",
+                        str(out / "predictions.json"), "--out", str(tmp_path / "rescored")])
+    assert rescored["accuracy"] == metrics["accuracy"]
+    # a moved run evaluates the same with no flags: its checkpoints name the backbones relative to themselves
+    os.rename(out, tmp_path / "moved")
+    assert json.loads((tmp_path / "moved" / "stage2" / "config.json").read_text())["llm_path"] == "../base/llm"
+    moved = ev.main(["--bench", "entitygrid", "--data", os.path.join(data_dir, "test"), "--ckpt",
+                     str(tmp_path / "moved" / "stage2"), "--out", str(tmp_path / "eval_moved")])
+    assert moved["provenance"]["llm_path"] == str(tmp_path / "moved" / "base" / "llm")
+    with open(tmp_path / "eval_moved" / "predictions.json") as f:
+        assert {e["id"]: e["answer"] for e in json.load(f)} == in_process
 
 
 def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_dir):
@@ -406,6 +439,7 @@ def test_cuda_device_is_set_before_the_process_group(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
     monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
     monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is refused on a machine without
     args = train.parse_args(tiny_args(tmp_path, "unused", "--device", "cuda", "--dtype", "fp32"))
     ctx = train.setup(args)
     assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx["device"] == torch.device("cuda", 1)
