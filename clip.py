@@ -220,3 +220,19 @@ def mlp(m, x):
         return m(x)
     h = F.silu(F.linear(x, m.c_fc.weight * 1.702, m.c_fc.bias * 1.702))  # (N, T, 4D)
     return F.linear(h, m.c_proj.weight / 1.702, m.c_proj.bias)
+
+
+@torch.no_grad()
+def attention_entropy(tower, pixels):
+    """Mean entropy (nats) of the attention rows of every block, head and query of the ViT on normalised pixels
+    (N, 3, S, S). Uniform attention over 1+L tokens gives ln(1+L): a token then mixes in only the image mean."""
+    x, total = tower.vit._embeds(pixels), 0.0                            # (N, 1+L, D)
+    for blk in tower.vit.transformer.resblocks:
+        N, T, D = x.shape
+        nh = blk.attn.num_heads
+        qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+        q, k, _ = qkv.view(N, T, 3, nh, D // nh).permute(2, 0, 3, 1, 4)  # (N, nh, T, hs) each
+        p = (q @ k.transpose(-1, -2) * (D // nh) ** -0.5).softmax(-1)   # (N, nh, T, T)
+        total += -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
+        x = block(blk, x)
+    return total / len(tower.vit.transformer.resblocks)

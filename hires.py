@@ -587,6 +587,8 @@ def merge_checkpoint(ckpt, out):
     return cfg
 
 
+
+
 def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
     """Write random tiny backbones into the directory path (a CLIP tower file; llm/, a complete HF LLaMA directory
     with its sentencepiece tokenizer trained on texts) and return a HiResConfig pointing at them, so the tiny preset

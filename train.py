@@ -35,10 +35,10 @@ import slicing
 
 ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
-    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_length=512,
+    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=8, lora_alpha=16, max_length=512,
                  lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=1, epochs2=4,
                  train_size=6000, test_size=2700, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
-                 train_llm=True, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
+                 train_llm=False, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_length=0,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
@@ -86,12 +86,10 @@ def make_optimizer(model, lr, llm_lr, sra_lr=None):
 
 def trainable_counts(model):
     """{group: trainable parameter count}: sra, sampler, projector, lora, llm (LLaVA users ask for it)."""
-    counts = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            group = "lora" if "lora_" in n else n.split(".")[0]  # llm: the whole LLM trains (train_llm)
-            counts[group] = counts.get(group, 0) + p.numel()
-    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm") if g in counts}
+    counts = Counter()
+    for n, p in model.named_parameters():  # llm: the whole LLM trains (train_llm; stage 0)
+        counts["lora" if "lora_" in n else n.split(".")[0]] += p.numel() if p.requires_grad else 0
+    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm", "vision") if counts[g]}
 
 
 def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
@@ -210,8 +208,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
 
 def stage_plan(args, stage, n_samples, world):
     """-> (learning rate, global batch, micro-batches accumulated per process and step, total steps) of a stage."""
-    lr, global_batch, epochs, steps = (args.lr1, args.batch1, args.epochs1, args.steps1) if stage == 1 else \
-        (args.lr2, args.batch2, args.epochs2, args.steps2)
+    lr, global_batch, epochs, steps = (getattr(args, f"{k}{stage}", 0) for k in ("lr", "batch", "epochs", "steps"))
     if global_batch % (args.micro_batch * world):
         raise TrainError(f"global batch {global_batch} is not a multiple of micro batch {args.micro_batch} x "
                          f"{world} processes")
@@ -330,22 +327,6 @@ def gather_rng(world, device):
 # ----------------------------------------------------------------------------------------------------------------
 # tiny preset: generated data and random base models written in their real formats
 
-def entitygrid_text_qa(questions):
-    """EntityGrid-QA as stage-2 data with option-text answers: the options listed without letters, the answer is
-    the correct option's text (scored by likelihood ranking, --mc rank)."""
-    return [{"id": q["id"], "image": q["image"], "conversations": [
-        {"from": "human", "value": "<image>\n" + entitygrid.format_question(q, letters=False)},
-        {"from": "gpt", "value": q["options"][entitygrid.LETTERS.index(q["answer"])]}]} for q in questions]
-
-
-def entitygrid_captions(questions):
-    """Stage-1 captions for EntityGrid-QA images (plain template): each entity's name and its cell."""
-    return [{"id": q["id"], "image": q["image"], "conversations": [
-        {"from": "human", "value": "<image>"},
-        {"from": "gpt", "value": ", ".join(f"{e} in cell {c}" for e, c in zip(q["entities"], q["positions"]))}]}
-        for q in questions]
-
-
 def prepare_tiny(args):
     """Generate EntityGrid-QA train/test under args.data_dir when missing, stage-1 captions, a sentencepiece model
     trained on the training text, a random tiny CLIP tower and tiny LLaMA under args.out/base. Master only."""
@@ -356,7 +337,7 @@ def prepare_tiny(args):
                                 families=args.families.split(","))
     train_dir = os.path.join(args.data_dir, "train")
     captions, text_qa = (os.path.join(train_dir, f) for f in ("captions.json", "text_qa.json"))
-    for path, make in ((captions, entitygrid_captions), (text_qa, entitygrid_text_qa)):
+    for path, make in ((captions, entitygrid.caption_items), (text_qa, entitygrid.text_qa_items)):
         if not os.path.isfile(path):
             hires.atomic_write(path, json.dumps(make(entitygrid.load_questions(train_dir))))
     base = os.path.join(args.out, "base")
@@ -376,10 +357,40 @@ def prepare_tiny(args):
         hires.atomic_write(os.path.join(base, "hires_config.json"), json.dumps(hires.config_dict(cfg, base, args.out)))
 
 
+def run_stage0(args, ctx):
+    """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (llava_data.TinyPretrain) and written
+    to OUT/stage0 in their real formats (open_clip state dict, HF LLaMA directory, tokenizer), with the encoder
+    diagnostics of both in OUT/stage0/encoder.json; hires_config.json, written last, points stages 1-2 at them."""
+    out = os.path.join(args.out, "stage0")
+    base = hires.read_config(os.path.join(args.out, "base"), "hires_config.json")
+    families = args.families.split(",")
+    cfg = llava_data.PretrainConfig(base["clip_weights"], base["llm_path"], base["tokenizer_path"],
+                               entitygrid.entity_classes(families))
+    torch.manual_seed(args.seed)
+    model = llava_data.TinyPretrain(cfg).to(ctx["device"])
+    random_probe = llava_data.encoder_probe(model.vision, families)
+    data = llava_data.Stage0Data(args.data_dir, conversation.Tokenizer(cfg.tokenizer_path), cfg.classes, args.seed,
+                                 families, model.vision.cfg.image_size, model.vision.cfg.patch_size)
+    train_stage(args, 0, model, data, out, ctx)
+    if ctx["master"]:
+        probe = dict(random=random_probe, pretrained=llava_data.encoder_probe(model.vision, families))
+        hires.atomic_write(os.path.join(out, "encoder.json"), json.dumps(probe, indent=1))
+        print("stage 0: encoder (random -> pretrained): " + ", ".join(f"{k} {v:.3f} -> {probe['pretrained'][k]:.3f}"
+                                                                        for k, v in probe["random"].items()))
+        model.save_backbones(out)
+    barrier(ctx)
+
+
+def backbone_dir(args):
+    """Tiny preset: where stages 1-2 find their frozen backbones: random (OUT/base, --random-backbones), or stage 0's
+    (--stage0 DIR, else OUT/stage0)."""
+    return os.path.join(args.out, "base") if args.random_backbones else args.stage0 or os.path.join(args.out, "stage0")
+
+
 def model_config(args):
     """HiResConfig: the tiny backbones written by prepare_tiny, or --clip/--llm for the paper preset."""
     if args.preset == "tiny":
-        stored = hires.read_config(os.path.join(args.out, "base"), "hires_config.json")
+        stored = hires.read_config(backbone_dir(args), "hires_config.json")
         paths = dict(clip_preset="tiny", **{k: stored[k] for k in hires.BACKBONE_PATHS})
     else:
         paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
@@ -489,8 +500,12 @@ def parse_args(argv=None):
     a("--preset", choices=sorted(PRESETS), help="hyper-parameter defaults: 'tiny' (random tiny ViT + LLaMA, "
       "EntityGrid-QA, CPU minutes; the default without --clip/--llm) or 'paper' (ViT-L-14-336 + Vicuna-7B); "
       "the defaults shown are the tiny preset's")
-    a("--stage", choices=("1", "2", "all"), default="all", help="1: sampler+projector on captions; 2: SRA+sampler+"
-      "projector+LoRA on instructions (needs --init unless 'all'); all: 1 then 2 (then EntityGrid eval for tiny)")
+    a("--stage", choices=("0", "1", "2", "all"), default="all", help="0 (tiny only): pretrain the tiny ViT and LLaMA; "
+      "1: sampler+projector on captions; 2: SRA+sampler+projector+LoRA on instructions (needs --init unless 'all'); "
+      "all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
+    a("--stage0", help="tiny: a finished stage-0 directory (OUT/stage0 of a run with the same data and seed) whose "
+      "backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and Vicuna are pretrained")
+    a("--random-backbones", action="store_true", help="tiny: no stage 0, random frozen ViT and LLaMA (ablation)")
     a("--out", help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
     a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
     a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")
@@ -523,6 +538,9 @@ def parse_args(argv=None):
     a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
     a("--max-len", dest="max_length", type=int, help="tokens of one sequence, image tokens included; 0: the LLM's "
       "own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
+    a("--lr0", type=float, default=1e-3, help="tiny: stage-0 learning rate")
+    a("--batch0", type=int, default=32, help="tiny: stage-0 batch (scenes and texts)")
+    a("--steps0", type=int, default=300, help="tiny: stage-0 optimizer steps")
     a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
     a("--lr2", type=float, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
     a("--sra-lr", type=float, help="stage-2 learning rate of the SliceRestore Adapter (default: a tenth of "
@@ -609,6 +627,10 @@ def check_args(p, args):
         p.error(f"--init {args.init}: not a checkpoint folder (no config.json; stage 1 writes OUT/stage1)")
     if args.preset == "paper" and (args.stage != "1" and not args.data2 or args.stage != "2" and not args.data1):
         p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
+    if args.preset == "paper" and (args.stage == "0" or args.stage0 or args.random_backbones):
+        p.error("stage 0 belongs to the tiny preset: the paper preset's CLIP and Vicuna arrive pretrained")
+    if args.stage == "0" and (args.stage0 or args.random_backbones):
+        p.error("--stage 0 writes OUT/stage0: drop --stage0/--random-backbones")
     if args.stage == "2" and not args.init:
         p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
     if args.resume and args.overwrite:
@@ -670,6 +692,13 @@ def run(args, ctx):
         if master:
             prepare_tiny(args)
         barrier(ctx)
+        done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))  # written last
+        if args.stage == "0" or args.stage == "all" and not done and not (args.stage0 or args.random_backbones):
+            run_stage0(args, ctx)
+        elif not done and args.stage != "2":  # stage 2 takes its backbones from --init's config
+            raise TrainError(f"{backbone_dir(args)}: no finished stage 0 there; run --stage 0 (or --stage all)")
+        if args.stage == "0":
+            return None
         args.data1 = args.data1 or os.path.join(args.data_dir, "train", "captions.json")
         args.data2 = args.data2 or os.path.join(args.data_dir, "train", "text_qa.json" if args.mc == "rank" else
                                                 "llava.json")
