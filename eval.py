@@ -535,7 +535,7 @@ def ask(args):
         pre = model.preprocess(slicing.load_image(args.image))
     except slicing.ImageError as e:
         raise EvalError(str(e)) from None
-    image_tokens, (m, n) = model.cfg.image_tokens(pre[2]), pre[2]
+    image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
     questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
     amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")

@@ -22,13 +22,13 @@ from clip import CLIPConfig, VisionTower, build_vision_tower, default_adapter_la
 from conversation import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, encode_conversation, encode_prompt, image_first,
                           train_tokenizer)
 from llama import Llama, LlamaConfig, apply_lora, check_state_dict, merge_lora
-from slicing import image_token_count, normalize, preprocess_image
+from slicing import normalize, preprocess_image, token_count, token_layout
 
-# separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;
-# docs/method.md#projector-and-separators)
-SEP_OVERVIEW = "\n"   # (a) between the overview and the slices
-SEP_SLICE = ","       # (b) between two slices of a row
-SEP_ROW = "\n"        # (c) at the end of each row of slices
+# the separators of slicing.token_layout as plain text tokens, so no new embedding rows (design choice, as
+# LLaVA-UHD; docs/method.md#projector-and-separators)
+SEPARATORS = {"sep_overview": "\n",  # (a) between the overview and the slices
+              "sep_slice": ",",       # (b) between two slices of a row
+              "sep_row": "\n"}        # (c) at the end of each row of slices
 SRA_KERNEL = 3        # depthwise conv of the local fusion (design choice)
 SAMPLERS = ("sms", "qformer", "avgpool")
 
@@ -75,17 +75,17 @@ class HiResConfig:
         if not self.tokenizer_path and self.llm_path:
             self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
 
-    def image_tokens(self, grid):
-        """LLM tokens of one image whose slice grid is (m, n), as encode_images lays them out."""
-        h = CLIPConfig.from_preset(self.clip_preset).grid
-        per_image = (h // self.kernel) ** 2
+    def layout(self, grid):
+        """slicing.token_layout of one image whose slice grid is (m, n), with this config's overview and slices."""
         m, n = grid if self.slices else (0, 0)
-        count = image_token_count(m, n, per_image)
-        if not self.sample_overview:
-            count += h * h - per_image                     # the overview keeps all h*w tokens
-        if not self.overview:
-            count -= (h * h if not self.sample_overview else per_image) + 1  # no overview, no separator (a)
-        return count
+        return token_layout(m, n, self.overview)
+
+    def image_tokens(self, grid, seps=None):
+        """LLM tokens of one image whose slice grid is (m, n): the count of its layout (seps: tokens per separator,
+        default one each as with LLaMA's tokenizer; HiResLLaVA.image_tokens passes its tokenizer's)."""
+        h = CLIPConfig.from_preset(self.clip_preset).grid
+        per_slice = (h // self.kernel) ** 2
+        return token_count(self.layout(grid), per_slice if self.sample_overview else h * h, per_slice, seps)
 
 
 
@@ -270,7 +270,7 @@ class HiResLLaVA(nn.Module):
         self.projector = nn.Sequential(nn.Linear(D, C), nn.GELU(), nn.Linear(C, C))  # LLaVA mlp2x_gelu
         if cfg.lora_rank > 0:
             apply_lora(self.llm, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        self.seps = [separator_ids(self.tokenizer, t) for t in (SEP_OVERVIEW, SEP_SLICE, SEP_ROW)]
+        self.seps = {name: separator_ids(self.tokenizer, text) for name, text in SEPARATORS.items()}
         self.to(device)
         for name, p in self.named_parameters():  # rebinding .data keeps parameter identity (LoRA, optimizer)
             p.data = p.data.to((adapter_dtype or dtype) if self._is_adapter(name) else dtype)
@@ -310,47 +310,47 @@ class HiResLLaVA(nn.Module):
         c = self.cfg
         return preprocess_image(img, self.vision.cfg.image_size, c.max_slices, c.upscale, c.slices)
 
+    def image_tokens(self, grid):
+        """LLM tokens of one image whose slice grid is (m, n), with this tokenizer's separators."""
+        return self.cfg.image_tokens(grid, {name: len(ids) for name, ids in self.seps.items()})
+
     @torch.no_grad()
     def prefix(self, images):
         """preprocess() tuples -> Prefix tuples: each image's hidden states after the ViT blocks before the first SRA
-        layer, which are frozen in both stages (so train.py can compute them once per image)."""
-        device = self.llm.model.embed_tokens.weight.device
-        pixels = torch.cat([torch.cat([o[None], s]) for o, s, _ in images]).to(device)
-        x = self.vision.prefix(normalize(pixels), min(self.cfg.sra_layers))     # (N, 1+L, D)
-        parts = torch.split(x, [1 + len(s) for _, s, _ in images])
-        return [Prefix(p[0], p[1:], tuple(g)) for p, (_, _, g) in zip(parts, images)]
+        layer, which no stage trains. The one place the ViT-prefix cache enters: Prefix tuples computed earlier
+        (train.py --cache-vit) pass through unchanged."""
+        todo = [im for im in images if not isinstance(im, Prefix)]
+        if todo:
+            device = self.llm.model.embed_tokens.weight.device
+            pixels = torch.cat([torch.cat([overview[None], slices]) for overview, slices, _ in todo]).to(device)
+            x = self.vision.prefix(normalize(pixels), min(self.cfg.sra_layers))  # (N, 1+L, D)
+            parts = torch.split(x, [1 + len(slices) for _, slices, _ in todo])
+            computed = iter([Prefix(p[0], p[1:], tuple(grid)) for p, (_, _, grid) in zip(parts, todo)])
+        return [im if isinstance(im, Prefix) else next(computed) for im in images]
 
     def encode_images(self, images):
-        """List of preprocess() tuples (or all Prefix tuples) -> list of (T_i, C) embeddings: overview, (a), slices
-        row-major with (b) between slices and (c) at each row end (paper Fig. 2a). The batch's overviews go through
-        one ViT call, its slices through another with the SRA."""
-        cfg, device = self.cfg, self.llm.model.embed_tokens.weight.device
-        cached = isinstance(images[0], Prefix)
-        if any(isinstance(im, Prefix) != cached for im in images):
-            raise ValueError("a batch mixes Prefix tuples and pixels")
-
-        def vit(x, groups=None, adapters=None):                                  # uint8 pixels or Prefix states
-            x = x.to(device)
-            return self.vision(x if cached else normalize(x), groups, adapters,
-                               start=min(cfg.sra_layers) if cached else 0)       # (N, L, D)
-
+        """preprocess() tuples (or Prefix tuples) -> list of (T_i, C) LLM embeddings in the order of
+        slicing.token_layout (paper Fig. 2a): the ViT's frozen first blocks (prefix); the rest of the ViT, the
+        batch's overviews in one call without SRA and its slices in another with the SRA inside its blocks; the
+        sampler and the projector; the separators' token embeddings between."""
+        cfg, depth = self.cfg, min(self.cfg.sra_layers)
+        device = self.llm.model.embed_tokens.weight.device
+        states = self.prefix(images)
         if cfg.overview:
             with torch.no_grad():  # the overview passes the plain, frozen ViT (paper 2.4): nothing there to train
-                f = vit(torch.stack([overview for overview, _, _ in images]))     # (B, L, D)
+                f = self.vision.features(torch.stack([s.overview for s in states]).to(device), depth)  # (B, L, D)
             overviews = self.projector(self.sampler(f) if cfg.sample_overview else f)  # (B, L/k^2 or L, C)
         if cfg.slices:
             adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
-            f = vit(torch.cat([s for _, s, _ in images]), [tuple(g) for _, _, g in images], adapters)  # (S, L, D)
-            slices = iter(self.projector(self.sampler(f)))                       # S x (L/k^2, C)
-        sep_a, sep_b, sep_c = (self.llm.embed(torch.tensor([s], device=device))[0] for s in self.seps)  # (k_i, C)
+            f = self.vision.features(torch.cat([s.slices for s in states]).to(device), depth,
+                                     [s.grid for s in states], adapters)         # (sum m*n, L, D)
+            slices = torch.split(self.projector(self.sampler(f)), [len(s.slices) for s in states])  # (m*n, L/k^2, C)
+        seps = {name: self.llm.embed(torch.tensor([ids], device=device))[0] for name, ids in self.seps.items()}
         out = []
-        for b, (_, _, (m, n)) in enumerate(images):
-            parts = [overviews[b]] + ([sep_a] if cfg.slices else []) if cfg.overview else []
-            for r in range(m if cfg.slices else 0):
-                for c in range(n):
-                    parts += [next(slices), sep_b if c < n - 1 else sep_c]
-            out.append(torch.cat(parts))                                         # (T_i, C)
-        return out
+        for b, s in enumerate(states):
+            tokens = {"overview": overviews[b] if cfg.overview else None, **seps}  # (t, C) each
+            out.append(torch.cat([tokens[p] if isinstance(p, str) else slices[b][p] for p in cfg.layout(s.grid)]))
+        return out                                                               # B x (T_i, C)
 
     def splice(self, ids, labels, image):
         """Text ids (with IMAGE_TOKEN_INDEX once if image is not None) -> (embeds (T, C), labels (T,))."""

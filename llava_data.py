@@ -28,7 +28,7 @@ class LlavaData(torch.utils.data.Dataset):
 
     def __init__(self, path, folder, tokenizer, template, preprocess, context, image_tokens):
         """context: tokens of one spliced sequence (HiResLLaVA.context); image_tokens: slice grid -> LLM tokens of
-        the image (HiResConfig.image_tokens), so the length check counts what the model will see."""
+        the image (HiResLLaVA.image_tokens), so the length check counts what the model will see."""
         try:
             with open(path) as f:
                 self.items = json.load(f)

@@ -635,7 +635,7 @@ def run(args, ctx):
     stages = [1, 2] if args.stage == "all" else [int(args.stage)]
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
                                         model.tokenizer, "plain" if stage == 1 else "vicuna_v1", model.preprocess,
-                                        model.context, model.cfg.image_tokens) for stage in stages}
+                                        model.context, model.image_tokens) for stage in stages}
     if args.cache_vit:
         prefixes = llava_data.cache_prefixes(model, list(data.values()), master)
         for d in data.values():

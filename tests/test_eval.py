@@ -587,7 +587,7 @@ def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
     out = ev.main(ask + ["--ask", "What does the sign say?"])
     model = hires.load_checkpoint(tiny_ckpt)
     pre = model.preprocess(slicing.load_image(tmp_path / "photo.png"))
-    assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.cfg.image_tokens(pre[2])
+    assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.image_tokens(pre[2])
     assert out["answers"] == model.generate([pre], ["What does the sign say?"], max_new_tokens=6)  # greedy
     printed = capsys.readouterr().out
     assert "overview + 2x2 slices" in printed and f"{out['image_tokens']} image tokens" in printed

@@ -211,14 +211,14 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
     data = llava_data.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, 256,
-                           model.cfg.image_tokens)
+                           model.image_tokens)
     batch = llava_data.collate([data[i] for i in range(len(data))])
     expected = {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
                 "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 1,
                 "too long (no answer left)": 1}
     assert dict(batch["skipped"]) == expected
     # the spliced length (image tokens in place of the placeholder) fits, and so nothing is cut in the model
-    lengths = [len(i) + model.cfg.image_tokens(im[2]) - 1 for i, im in zip(batch["input_ids"], batch["images"])]
+    lengths = [len(i) + model.image_tokens(im[2]) - 1 for i, im in zip(batch["input_ids"], batch["images"])]
     assert max(lengths) == 256
     assert len(batch["input_ids"]) == len(items)  # every bad one was replaced, so batches keep their size
     loss = model(batch["input_ids"], batch["labels"], batch["images"])
@@ -265,7 +265,7 @@ def fit_fixed_batch(args, n=16, steps=100):
     model.set_stage(2)
     train_dir = os.path.join(args.data_dir, "train")
     data = llava_data.LlavaData(os.path.join(train_dir, "text_qa.json"), train_dir, model.tokenizer, "vicuna_v1",
-                           model.preprocess, model.context, model.cfg.image_tokens)
+                           model.preprocess, model.context, model.image_tokens)
     batch = llava_data.collate([data[i] for i in range(n)])
     batch["images"] = model.prefix(batch["images"])  # the frozen ViT blocks once, as --cache-vit does
     opt = train.make_optimizer(model, args.lr2, args.lora_lr, args.sra_lr)
