@@ -185,7 +185,7 @@ def run_study(runs, args):
     cores = queue.Queue()  # a run takes a free core and gives it back
     for core in (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0])[:args.jobs]:
         cores.put(core)
-    futures, t0 = {}, time.time()
+    futures, walls, t0 = {}, [], time.time()
 
     def job(c, s):
         if (source(c), s) in futures:
@@ -195,9 +195,12 @@ def run_study(runs, args):
             record = run_one(c, s, args.out, args.smoke, core)
         finally:
             cores.put(core)
+        walls.append(record["wall_s"])
+        left = (len(todo) - len(walls)) * float(np.mean(walls)) / args.jobs  # runs left x mean run / cores
         print(f"{c} seed {s}: accuracy {record['metrics']['accuracy']:.3f}, gap (other - edge) "
               f"{record['metrics']['other_accuracy'] - record['metrics']['edge_accuracy']:+.3f} "
-              f"({record['wall_s']:.0f} s; {time.time() - t0:.0f} s so far)", flush=True)
+              f"({record['wall_s']:.0f} s; {time.time() - t0:.0f} s so far, about {left / 60:.0f} min to go)",
+              flush=True)
         return record
     with ThreadPoolExecutor(args.jobs) as pool:
         for c, s in todo:
