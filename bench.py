@@ -561,8 +561,8 @@ def bench_gpu(args):
     t0 = time.perf_counter()
     with torch.inference_mode(), amp:  # as HiResLLaVA.generate, but ids out: random weights pick ids the small
         seqs = model._embed_batch([prompt] * n_gen, [None] * n_gen, [pre] * n_gen)  # tokenizer cannot decode
-        E, _, M = hires.pad_batch(seqs, len(seqs[0][0]), left=True)
-        out = model.llm.generate(input_embeds=E, attention_mask=M, max_new_tokens=args.new_tokens, eos_id=-1)
+        embeds, _, mask = hires.pad_batch(seqs, len(seqs[0][0]), left=True)
+        out = model.llm.generate(input_embeds=embeds, attention_mask=mask, max_new_tokens=args.new_tokens, eos_id=-1)
     sync()
     gen_s = time.perf_counter() - t0
     n_new = sum(map(len, out))

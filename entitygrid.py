@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from conversation import multiple_choice
 from metrics import mean
 
 TASKS = ("recognition", "position", "counting")
@@ -38,8 +39,6 @@ EDGE_CELLS = (2, 4, 5, 6, 8)   # crossed by a 2 x 2 slice border (5 by both)
 OTHER_CELLS = tuple(c for c in CELLS if c not in EDGE_CELLS)  # 1, 3, 7, 9: inside one slice
 LAYOUTS = ("edge", "corner", "mixed")  # where a question's entities sit: all in edge cells, none, some
 LETTERS = "ABCD"
-MC_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's multiple-choice prompt
-TEXT_PROMPT = "Answer with the option's text from the given choices directly."  # option-text answers (ranked)
 MIN_BASE, MAX_BASE = 48, 2048  # a cell of 2*base/3 >= 32 px keeps a 6-letter word ~8 px high
 MARGIN = 2                     # px of blank between an entity and its cell's border
 
@@ -360,11 +359,9 @@ def load_questions(out_dir):
 
 
 def format_question(q, letters=True):
-    """LLaVA's multiple-choice prompt: question, lettered options, answer instruction; letters=False lists the
-    options without letters and asks for the option's text (the answers likelihood ranking scores)."""
-    if not letters:
-        return q["question"] + "".join(f"\n{o}" for o in q["options"]) + "\n" + TEXT_PROMPT
-    return q["question"] + "".join(f"\n{l}. {o}" for l, o in zip(LETTERS, q["options"])) + "\n" + MC_PROMPT
+    """LLaVA's multiple-choice prompt of a question (conversation.multiple_choice): lettered options and the letter
+    instruction; letters=False lists the options bare and asks for the option's text (likelihood ranking)."""
+    return multiple_choice(q["question"], q["options"], letters)
 
 
 # ----------------------------------------------------------------------------- metric

@@ -18,9 +18,16 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from tqdm import tqdm
+
+import entitygrid
+from conversation import encode_prompt, multiple_choice
 from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_letter_ai2d, parse_letter_mmbench,
                      parse_letter_scienceqa, parse_yes_no, parse_yes_pope, pope_metrics, relaxed_accuracy,
                      vqa_accuracy)
+
+# hires, slicing and torch are imported inside the functions that run the model: they take seconds to import
+# (torch, open_clip), and `--help` needs none of them.
 
 
 class EvalError(Exception):
@@ -29,10 +36,10 @@ class EvalError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmarks: official files in, LLaVA-1.5's prompts, submission files out (docs/benchmarks.md#benchmarks).
 
+
 SHORT = "\nAnswer the question using a single word or phrase."
-LETTER = "\nAnswer with the option's letter from the given choices directly."
-TEXT = "\nAnswer with the option's text from the given choices directly."  # --mc rank (entitygrid.TEXT_PROMPT)
 BENCHES = {}
+
 
 @dataclass
 class Sample:
@@ -48,9 +55,12 @@ class Sample:
         LLaVA's prompt) or listed without letters for likelihood ranking (mc="rank")."""
         if self.options is None:
             return self.prompt
-        if mc == "rank":
-            return self.prompt + "".join(f"\n{o}" for o in self.options) + TEXT
-        return self.prompt + "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(self.options)) + LETTER
+        return multiple_choice(self.prompt, self.options, letters=mc != "rank")
+
+    def ranked(self, mc):
+        """True when --mc rank scores this question's options by likelihood instead of generating an answer."""
+        return self.options is not None and mc == "rank"
+
 
 @dataclass
 class Bench:
@@ -68,6 +78,7 @@ class Bench:
     def qid(self, record):
         return "/".join(str(record[k]) for k in self.id_keys)
 
+
 def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128,
              slicing=None):
     """Decorator: adds a loader (data_dir, split) -> list[Sample] to BENCHES under `name`."""
@@ -77,12 +88,14 @@ def register(name, score, files, source, id_keys, answer_key="answer", split="te
         return load
     return add
 
+
 def need(path, bench):
     """`path` if it exists, else a one-line error naming the expected files and where to get them."""
     if not os.path.exists(path):
         raise EvalError(f"{path} not found: {bench} expects {BENCHES[bench].files} "
                         f"(get it from {BENCHES[bench].source})")
     return path
+
 
 def load_json(path, bench, lines=False):
     """A JSON file, or a JSON-lines file (lines=True); one-line errors when missing or malformed."""
@@ -92,9 +105,11 @@ def load_json(path, bench, lines=False):
     except json.JSONDecodeError as e:
         raise EvalError(f"{path}: not valid JSON ({e})") from None
 
+
 def scorer(metric, per_question):
     """score function averaging per_question(sample, answer) into {metric: mean}."""
     return lambda samples, answers: {metric: mean(per_question(s, a) for s, a in zip(samples, answers))}
+
 
 def add_anls_bench(name, file, image_key, folder, id_key, source, split):
     """DocVQA / InfographicVQA / ST-VQA: {"data": [...]} files scored with ANLS (docs/benchmarks.md#docvqa)."""
@@ -105,6 +120,7 @@ def add_anls_bench(name, file, image_key, folder, id_key, source, split):
                        {"answers": q["answers"]} if "answers" in q else None)
                 for q in load_json(os.path.join(data, file.format(split=split)), name)["data"]]
 
+
 add_anls_bench("docvqa", "{split}_v1.0.json", "image", "", "questionId", "https://rrc.cvc.uab.es/?ch=17 (Task 1)",
                "val")
 add_anls_bench("infovqa", "infographicsVQA_{split}_v1.0.json", "image_local_name",
@@ -112,6 +128,7 @@ add_anls_bench("infovqa", "infographicsVQA_{split}_v1.0.json", "image_local_name
 # ST-VQA's annotation field names are not verified (docs/benchmarks.md#stvqa): task-3 files, question_id, file_path.
 add_anls_bench("stvqa", "{split}_task_3.json", "file_path", "", "question_id", "https://rrc.cvc.uab.es/?ch=11",
                "test")
+
 
 @register("textvqa", scorer("accuracy", lambda s, a: vqa_accuracy(a, s.gt["answers"])),
           "DIR/TextVQA_0.5.1_<split>.json, DIR/train_images/<image_id>.jpg, optionally "
@@ -134,10 +151,12 @@ def load_textvqa(data, split):
                               {"answers": q["answers"]} if "answers" in q else None))
     return samples
 
+
 def score_chartqa(samples, answers):
     ok = [(s.gt["part"], relaxed_accuracy(a, s.gt["label"])) for s, a in zip(samples, answers)]
     return {"relaxed_overall": mean(x for _, x in ok), "relaxed_human_split": mean(x for p, x in ok if p == "human"),
             "relaxed_augmented_split": mean(x for p, x in ok if p == "augmented")}
+
 
 @register("chartqa", score_chartqa, "DIR/<split>_human.json, DIR/<split>_augmented.json and DIR/png/ (the "
           "'ChartQA Dataset/test' folder)", "https://github.com/vis-nlp/ChartQA", ("id",), max_new_tokens=16)
@@ -148,6 +167,7 @@ def load_chartqa(data, split):
                    {"label": q["label"], "part": part})
             for part in ("human", "augmented")
             for i, q in enumerate(load_json(os.path.join(data, f"{split}_{part}.json"), "chartqa"))]
+
 
 @register("ai2d", scorer("accuracy", lambda s, a: parse_letter_ai2d(a) == s.gt["answer"]),
           "DIR/questions/*.json, DIR/images/ and DIR/ai2d_test_ids.csv (split 'all' needs no id list)",
@@ -168,10 +188,12 @@ def load_ai2d(data, split):
                                options=list(q["answerTexts"])) for text, q in entry["questions"].items()]
     return samples
 
+
 def score_scienceqa(samples, answers):
     ok = [parse_letter_scienceqa(a, s.gt["n_choices"]) == s.gt["answer"] for s, a in zip(samples, answers)]
     return {"accuracy": mean(ok), "img_accuracy": mean(o for o, s in zip(ok, samples) if s.image is not None),
             "n_img": sum(s.image is not None for s in samples)}
+
 
 @register("scienceqa", score_scienceqa, "DIR/problems.json, DIR/pid_splits.json and DIR/images/<split>/<pid>/"
           "image.png", "https://github.com/lupantech/ScienceQA (data/scienceqa)", ("question_id",), "text",
@@ -189,7 +211,9 @@ def load_scienceqa(data, split):
                               options=list(p["choices"])))
     return samples
 
+
 MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category")  # LLaVA's
+
 
 def score_mmbench(samples, answers):
     index = [int(s.record["index"]) for s in samples]
@@ -199,6 +223,7 @@ def score_mmbench(samples, answers):
     return {"circular_accuracy": mean(groups[i] for i, _ in main), "n_questions": len(main),
             "single_pass_accuracy": mean(ok[i] for i, _ in main),
             "per_category": {c: mean(groups[i] for i, k in main if k == c) for c in sorted({k for _, k in main})}}
+
 
 @register("mmbench", score_mmbench, "DIR/<the one MMBench *.tsv whose name contains the split, e.g. "
           "mmbench_dev_20230712.tsv>", "https://github.com/open-compass/MMBench (test: the OpenCompass server, "
@@ -230,7 +255,9 @@ def load_mmbench(data, split):
                                   options=list(choices.values())))
     return samples
 
+
 POPE_CATEGORIES = ("adversarial", "popular", "random")
+
 
 def score_pope(samples, answers):
     out = {}
@@ -240,6 +267,7 @@ def score_pope(samples, answers):
             out[cat] = pope_metrics([parse_yes_pope(a) for _, a in sub], [s.gt["label"] == "yes" for s, _ in sub])
     out["mean_over_categories"] = {k: mean(m[k] for m in out.values()) for k in ("accuracy", "f1", "yes_ratio")}
     return out
+
 
 @register("pope", score_pope, "DIR/coco_pope_{adversarial,popular,random}.json and the COCO val2014 images in "
           "DIR/val2014/", "https://github.com/AoiDragon/POPE (output/coco) + https://cocodataset.org (val2014)",
@@ -253,6 +281,7 @@ def load_pope(data, split):
             for cat in ((cats or POPE_CATEGORIES[:1]) if split == "all" else (split,))
             for q in load_json(os.path.join(data, f"coco_pope_{cat}.json"), "pope", lines=True)]
 
+
 def score_hallusion(samples, answers):
     """aAcc/fAcc/qAcc with the offline judge standing in for GPT-4 (docs/benchmarks.md#hallusionbench-scores)."""
     correct = []
@@ -264,6 +293,7 @@ def score_hallusion(samples, answers):
     return {**hallusion_metrics([s.record for s in samples], correct),
             "judge": "offline yes/no extraction (VLMEvalKit YOrN_Extraction), not the official GPT-4 judge"}
 
+
 @register("hallusionbench", score_hallusion, "DIR/HallusionBench.json and the images of hallusion_bench.zip "
           "unpacked in DIR", "https://github.com/tianyi-lab/HallusionBench",
           ("category", "subcategory", "set_id", "figure_id", "question_id"), "model_prediction", "all")
@@ -272,6 +302,7 @@ def load_hallusion(data, split):
     (docs/benchmarks.md#hallusionbench)."""
     return [Sample(q, q["question"], os.path.normpath(os.path.join(data, q["filename"])) if q.get("filename") else None,
                    {}) for q in load_json(os.path.join(data, "HallusionBench.json"), "hallusionbench")]
+
 
 @register("llava-w", lambda samples, answers: {"score": None, "note": "LLaVA-Bench is scored only by a GPT-4 judge: "
           "run LLaVA's llava/eval/eval_gpt_review_bench.py --answer-list answers_gpt4.jsonl OUT/answers.jsonl, "
@@ -283,18 +314,19 @@ def load_llava_w(data, split):
                     "model_id": "hires-llava", "metadata": {}}, q["text"], os.path.join(data, "images", q["image"]),
                    {}) for q in load_json(os.path.join(data, "questions.jsonl"), "llava-w", lines=True)]
 
+
 def score_entitygrid(samples, answers):
-    import entitygrid
     return entitygrid.score([s.gt for s in samples], {s.gt["id"]: a for s, a in zip(samples, answers)})
 
 # the 2S x 2S canvas is built for exactly 2 x 2 slices (entitygrid.py): with upscale (the paper preset) it would be
 # 4 x 4, and the slice borders would cut the edge cells too, so every checkpoint is evaluated without upscaling
+
+
 @register("entitygrid", score_entitygrid, "DIR/questions.jsonl and its images (written by `python entitygrid.py`)",
           "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16,
           slicing=dict(upscale=False, max_slices=4))
 def load_entitygrid(data, split):
     """EntityGrid-QA (docs/method.md#entitygrid-qa) through entitygrid.py's own reader, prompt and score."""
-    import entitygrid
     need(os.path.join(data, "questions.jsonl"), "entitygrid")
     return [Sample({"id": q["id"]}, q["question"], os.path.join(data, q["image"]), q, options=q["options"])
             for q in entitygrid.load_questions(data)]
@@ -302,10 +334,12 @@ def load_entitygrid(data, split):
 # ----------------------------------------------------------------------------------------------------------------
 # Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
 
+
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
     import hires
     hires.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
 
 def read_partial(path):
     """{qid: record} from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off the file."""
@@ -324,11 +358,14 @@ def read_partial(path):
             f.truncate(good)
     return records
 
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
 
 def resolve_dtype(name, device):
     """--dtype auto: bf16 on CUDA, fp32 elsewhere."""
     return name if name != "auto" else "bf16" if device.startswith("cuda") else "fp32"
+
 
 def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
     """hires.load_checkpoint in eval mode, backbones in dtype and the trained adapters in fp32 as training keeps
@@ -351,6 +388,7 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
 
+
 def open_image(sample, tmp):
     """The sample's PIL image via slicing.load_image (image bytes go through a temporary file); None: no image."""
     import slicing
@@ -361,6 +399,7 @@ def open_image(sample, tmp):
         f.write(sample.image)
     return slicing.load_image(path)
 
+
 def preprocess(model, bench, sample, img):
     """The image through the model's slicing -> preprocess tuple; a benchmark with fixed slicing gets exactly it."""
     pre = model.preprocess(img)
@@ -368,6 +407,7 @@ def preprocess(model, bench, sample, img):
         raise EvalError(f"{sample.image}: {img.width}x{img.height} slices {pre[2][0]}x{pre[2][1]}, not 2x2, at this "
                         f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
     return pre
+
 
 def backbones(args):
     """--clip/--llm/--tokenizer as absolute config overrides (backbones moved since training)."""
@@ -377,13 +417,13 @@ def backbones(args):
         out["tokenizer_path"] = os.path.abspath(os.path.join(args.llm, "tokenizer.model"))
     return out
 
+
 def generate_all(bench, samples, args, partial):
     """Answers parallel to samples, the counts of bad images and over-long prompts, and the slice grids used;
     --resume continues."""
     import hires
     import slicing
     import torch
-    from tqdm import tqdm
 
     def failed(s, error, kind):  # documented choice: an empty prediction, a warning, a count under `kind`
         tqdm.write(f"warning: {error}: empty prediction for question {s.qid}")
@@ -401,18 +441,22 @@ def generate_all(bench, samples, args, partial):
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
-                batch, ask = todo[i:i + args.batch_size], []
+                batch, fit = todo[i:i + args.batch_size], []
                 for s in batch:
                     try:
                         img = open_image(s, tmp)
-                        ask.append((s, img if img is None else preprocess(model, bench, s, img)))
+                        pre = img if img is None else preprocess(model, bench, s, img)
+                        ranked = s.ranked(args.mc)
+                        model.check_length(pre, s.text(args.mc), s.options if ranked else None)
+                        fit.append((s, pre))
                     except slicing.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
-                with torch.inference_mode(), amp:  # a prompt beyond the context gets its PromptTooLong as answer
-                    texts = answer(model, ask, args, bench) if ask else []
-                for (s, pre), t in zip(ask, texts):  # hires.generate returns the answers stripped
-                    done[s.qid] = failed(s, t, "too_long") if isinstance(t, hires.PromptTooLong) else \
-                        {"qid": s.qid, "text": t, **({"grid": list(pre[2])} if pre is not None else {})}
+                    except hires.PromptTooLong as e:
+                        done[s.qid] = failed(s, e, "too_long")
+                with torch.inference_mode(), amp:
+                    texts = answer_batch(model, fit, args, bench) if fit else []
+                for (s, pre), text in zip(fit, texts):  # hires.generate returns the answers stripped
+                    done[s.qid] = {"qid": s.qid, "text": text, **({"grid": list(pre[2])} if pre is not None else {})}
                 f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
                 f.flush()
                 os.fsync(f.fileno())  # an answer on disk is never generated again
@@ -421,6 +465,7 @@ def generate_all(bench, samples, args, partial):
     grids = sorted("x".join(map(str, done[s.qid]["grid"])) for s in samples if "grid" in done[s.qid])
     return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
         {g: grids.count(g) for g in dict.fromkeys(grids)}
+
 
 def provenance(args, bench, samples, grids):
     """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
@@ -438,26 +483,21 @@ def provenance(args, bench, samples, grids):
                                            "grids": grids}, "git_commit": hires.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-def answer(model, batch, args, bench):
-    """Greedy answers to [(sample, image)]; with --mc rank, multiple-choice samples get the letter of the option
-    the model finds most likely (the option texts after the letter-free prompt; the scorer parses that letter)."""
-    import hires
-    rank = [s.options is not None and args.mc == "rank" for s, _ in batch]
-    texts = iter(model.generate([img for (_, img), r in zip(batch, rank) if not r],
-                                [s.text() for (s, _), r in zip(batch, rank) if not r], temperature=0.0,
-                                max_new_tokens=args.max_new_tokens or bench.max_new_tokens, too_long="return")
-                 if not all(rank) else [])
+
+def answer_batch(model, batch, args, bench):
+    """Greedy answers to [(sample, image)] whose prompts fit the context; with --mc rank, multiple-choice samples
+    get the letter of the option the model finds most likely (the option texts after the letter-free prompt; the
+    scorer parses that letter)."""
+    rank = [s.ranked(args.mc) for s, _ in batch]
+    free = [(s, img) for (s, img), r in zip(batch, rank) if not r]
+    texts = iter(model.generate([img for _, img in free], [s.text() for s, _ in free], temperature=0.0,
+                                max_new_tokens=args.max_new_tokens or bench.max_new_tokens) if free else [])
     ranked = [(s, img) for (s, img), r in zip(batch, rank) if r]
     scores = iter(model.option_logprobs([img for _, img in ranked], [s.text("rank") for s, _ in ranked],
-                                        [s.options for s, _ in ranked], too_long="return") if ranked else [])
-    out = []
-    for r in rank:
-        if not r:
-            out.append(next(texts))
-            continue
-        lp = next(scores)
-        out.append(lp if isinstance(lp, hires.PromptTooLong) else chr(65 + max(range(len(lp)), key=lp.__getitem__)))
-    return out
+                                        [s.options for s, _ in ranked]) if ranked else [])
+    best = lambda lp: chr(65 + max(range(len(lp)), key=lp.__getitem__))  # the letter of the likeliest option
+    return [best(next(scores)) if r else next(texts) for r in rank]
+
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -476,6 +516,7 @@ def read_predictions(path, bench, samples):
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -523,11 +564,11 @@ def parse_args(argv=None):
         p.error("--image needs --ckpt")
     return args
 
+
 def ask(args):
     """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
     import hires
     import slicing
-    import conversation
     import torch
     dtype = resolve_dtype(args.dtype, args.device)
     model = load_model(args.ckpt, args.device, dtype, **backbones(args))
@@ -543,16 +584,17 @@ def ask(args):
     answers = []
     for q in questions:
         prompt = q if "<image>" in q else "<image>\n" + q
-        n_tokens = len(conversation.encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
+        n_tokens = len(encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
         try:
             with torch.inference_mode(), amp:
-                answer = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,
-                                        temperature=args.temperature, top_p=args.top_p)[0]
+                text = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,
+                                      temperature=args.temperature, top_p=args.top_p)[0]
         except hires.PromptTooLong as e:
             raise EvalError(str(e)) from None
-        print(f"[{n_tokens} prompt tokens] {answer}")
-        answers.append(answer)
+        print(f"[{n_tokens} prompt tokens] {text}")
+        answers.append(text)
     return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
+
 
 def input_line():
     """A question typed at the prompt; None at the end of input or on an empty line."""
@@ -560,6 +602,7 @@ def input_line():
         return input("USER: ").strip() or None
     except EOFError:
         return None
+
 
 def run(args):
     bench = BENCHES[args.bench]
@@ -591,6 +634,7 @@ def run(args):
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -601,6 +645,7 @@ def main(argv=None):
         raise SystemExit(f"eval.py: error: {e}") from None
     print(json.dumps(metrics, indent=2))
     return metrics
+
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,7 @@ CONFIG_FLAGS = dict(max_slices="max_slices", upscale="upscale", sampler="sampler
                     lora_rank="lora_rank", lora_alpha="lora_alpha", lora_dropout="lora_dropout", sra="sra",
                     sra_layers="sra_layers", slices="slices", overview="overview", train_llm="train_llm")
 
+
 class TrainError(Exception):
     """A one-line, user-facing problem that stops the run (bad flag, missing file, non-finite loss)."""
 
@@ -167,8 +168,11 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         groups = ", ".join(f"{g} {n:,}" for g, n in trainable_counts(model).items())
         print(f"stage {stage}: trainable by group: {groups}")
     net = ddp_wrap(model, ctx)
+    lengths = data.modality_lengths(model.grid) if stage == 2 else None
+    if lengths and (min(lengths) > 0 or max(lengths) < 0):
+        lengths = None  # one modality: as LLaVA, length grouping is for finetuning on mixed data (LLaVA-665K)
     sampler = llava_data.MicroBatchSampler(len(data), global_batch, args.micro_batch, ctx["rank"], world, args.seed,
-                                           start)
+                                           start, lengths)
     # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=llava_data.collate,
                                               num_workers=args.num_workers, generator=torch.Generator()))

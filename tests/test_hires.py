@@ -9,7 +9,7 @@ from PIL import Image
 import clip
 import hires
 import slicing
-from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, encode_conversation, encode_prompt
 
 
 def test_slice_grid_properties():
@@ -276,7 +276,6 @@ def test_show_draws_the_slicing_png(tmp_path, capsys):
 def test_option_logprobs_sum_each_options_tokens(model):
     """option_logprobs = the sum of log-softmax(full logits) over the answer's tokens and </s>, each sequence scored
     alone (so padding the options of a batch together changes nothing)."""
-    from conversation import encode_conversation
     images, prompts = [Image.new("RGB", (100, 40), "red"), None], ["what is this?", "hi"]
     options = [["A B", "C", "apple"], ["D", "0.596"]]
     with torch.no_grad():
@@ -410,3 +409,27 @@ def test_vit_checkpointing_through_sra_blocks_same_gradients_less_memory(model):
     assert grads[True].keys() == grads[False].keys() and all(g.any() for g in grads[False].values())
     for n in grads[False]:  # the recomputed forward is the same computation: equal up to float rounding
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7)
+
+
+@torch.no_grad()
+def test_check_length_counts_what_the_model_embeds(model):
+    """PromptTooLong is raised before any work, from the token layout's count, which is exactly the length of the
+    spliced sequence: one token of room left fits, none does not; with options, the longest option counts."""
+    im = model.preprocess(Image.new("RGB", (100, 40)))
+    prompt, image = "What is this?", model.encode_images([im])[0]
+    n = len(model.splice(encode_prompt("<image>\n" + prompt, model.tokenizer), None, image)[0])
+    context = model.context
+    try:
+        model.context = n + 1
+        model.check_length(im, prompt)
+        model.context = n
+        with pytest.raises(hires.PromptTooLong, match=f"prompt is {n} tokens with its image; the LLM context holds {n}"):
+            model.generate([im], [prompt])
+    finally:
+        model.context = context
+    long = "red " * model.llm.cfg.max_seq_len
+    turns = [{"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": long}]
+    n = len(model.splice(*encode_conversation(turns, model.tokenizer), image)[0])
+    with pytest.raises(hires.PromptTooLong, match=f"prompt and option are {n} tokens"):
+        model.option_logprobs([im], [prompt], [["blue", long]])
+    model.check_length(im, prompt, ["blue", "red"])  # short options fit
