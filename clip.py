@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock, VisionTransformer
 
 WEIGHTS_HELP = (
     "download the open_clip 'openai' ViT-L-14-336 weights, e.g. "
@@ -77,6 +76,8 @@ def default_adapter_layers(n_layers):
 def build_vision_tower(cfg, weights=None):
     """open_clip VisionTransformer for cfg; weights: a local open_clip checkpoint (full CLIP with `visual.` keys, or
     visual-only), safetensors or .bin (read with weights_only=True). Loaded strictly."""
+    # imported here, not at the top: open_clip takes 3-4 s to import, which every CLI's --help would wait for
+    from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
     vit = VisionTransformer(
         image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
         heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.output_dim,
@@ -133,6 +134,7 @@ class VisionTower(nn.Module):
         self.vit.eval()
         blocks = self.vit.transformer.resblocks
         # the hook below re-uses the block's own submodules; it relies on open_clip's default block layout
+        from open_clip.transformer import ResidualAttentionBlock  # loaded by build_vision_tower already
         assert self.vit.transformer.batch_first and all(type(b) is ResidualAttentionBlock for b in blocks)
         self.feature_layer = cfg.layers - 2  # LLaVA: output of the penultimate block
         self.gradient_checkpointing = False  # recompute the blocks autograd runs through (SRA) in backward
@@ -216,7 +218,23 @@ def attention(attn, x):
 def mlp(m, x):
     """open_clip's c_fc -> act -> c_proj. QuickGELU, h * sigmoid(1.702 h), is computed as silu(1.702 h) / 1.702 with
     the two scales folded into c_fc and c_proj: one fused op over the (N, T, 4D) activations instead of three."""
-    if not isinstance(m.gelu, QuickGELU):
+    if isinstance(m.gelu, nn.GELU):  # build_vision_tower's other choice, QuickGELU's alternative
         return m(x)
     h = F.silu(F.linear(x, m.c_fc.weight * 1.702, m.c_fc.bias * 1.702))  # (N, T, 4D)
     return F.linear(h, m.c_proj.weight / 1.702, m.c_proj.bias)
+
+
+@torch.no_grad()
+def attention_entropy(tower, pixels):
+    """Mean entropy (nats) of the attention rows of every block, head and query of the ViT on normalised pixels
+    (N, 3, S, S). Uniform attention over 1+L tokens gives ln(1+L): a token then mixes in only the image mean."""
+    x, total = tower.vit._embeds(pixels), 0.0                            # (N, 1+L, D)
+    for blk in tower.vit.transformer.resblocks:
+        N, T, D = x.shape
+        nh = blk.attn.num_heads
+        qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+        q, k, _ = qkv.view(N, T, 3, nh, D // nh).permute(2, 0, 3, 1, 4)  # (N, nh, T, hs) each
+        p = (q @ k.transpose(-1, -2) * (D // nh) ** -0.5).softmax(-1)   # (N, nh, T, T)
+        total += -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
+        x = block(blk, x)
+    return total / len(tower.vit.transformer.resblocks)

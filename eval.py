@@ -12,8 +12,10 @@ import argparse
 import base64
 import csv
 import glob
+import hashlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,18 +30,14 @@ from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_let
 
 # hires, slicing and torch are imported inside the functions that run the model: they take seconds to import
 # (torch, open_clip), and `--help` needs none of them.
-
-
 class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
 
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmarks: official files in, LLaVA-1.5's prompts, submission files out (docs/benchmarks.md#benchmarks).
 
-
 SHORT = "\nAnswer the question using a single word or phrase."
 BENCHES = {}
-
 
 @dataclass
 class Sample:
@@ -61,7 +59,6 @@ class Sample:
         """True when --mc rank scores this question's options by likelihood instead of generating an answer."""
         return self.options is not None and mc == "rank"
 
-
 @dataclass
 class Bench:
     name: str
@@ -74,20 +71,19 @@ class Bench:
     split: str
     max_new_tokens: int   # LLaVA-1.5's (or lmms-eval's) generation length for the benchmark
     slicing: dict = None  # checkpoint config fields the benchmark fixes (EntityGrid-QA: its 2 x 2 grid)
+    batch_size: int = 1   # questions generated together unless --batch-size says otherwise
 
     def qid(self, record):
         return "/".join(str(record[k]) for k in self.id_keys)
 
-
 def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128,
-             slicing=None):
+             slicing=None, batch_size=1):
     """Decorator: adds a loader (data_dir, split) -> list[Sample] to BENCHES under `name`."""
     def add(load):
         BENCHES[name] = Bench(name, load, score, files, source, id_keys, answer_key, split, max_new_tokens,
-                              slicing)
+                              slicing, batch_size)
         return load
     return add
-
 
 def need(path, bench):
     """`path` if it exists, else a one-line error naming the expected files and where to get them."""
@@ -96,20 +92,23 @@ def need(path, bench):
                         f"(get it from {BENCHES[bench].source})")
     return path
 
-
 def load_json(path, bench, lines=False):
     """A JSON file, or a JSON-lines file (lines=True); one-line errors when missing or malformed."""
-    try:
-        with open(need(path, bench), encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not valid JSON ({e})") from None
-
+    with open(need(path, bench), encoding="utf-8") as f:
+        text = f.read()
+    parts = [(i, line) for i, line in enumerate(text.split("\n"), 1) if line.strip()] if lines else [(0, text)]
+    out = []
+    for i, part in parts:
+        try:
+            out.append(json.loads(part))
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}{f' line {i}' if lines else ''}: not valid JSON ({e}); truncated? get the "
+                            "file again") from None
+    return out if lines else out[0]
 
 def scorer(metric, per_question):
     """score function averaging per_question(sample, answer) into {metric: mean}."""
     return lambda samples, answers: {metric: mean(per_question(s, a) for s, a in zip(samples, answers))}
-
 
 def add_anls_bench(name, file, image_key, folder, id_key, source, split):
     """DocVQA / InfographicVQA / ST-VQA: {"data": [...]} files scored with ANLS (docs/benchmarks.md#docvqa)."""
@@ -120,7 +119,6 @@ def add_anls_bench(name, file, image_key, folder, id_key, source, split):
                        {"answers": q["answers"]} if "answers" in q else None)
                 for q in load_json(os.path.join(data, file.format(split=split)), name)["data"]]
 
-
 add_anls_bench("docvqa", "{split}_v1.0.json", "image", "", "questionId", "https://rrc.cvc.uab.es/?ch=17 (Task 1)",
                "val")
 add_anls_bench("infovqa", "infographicsVQA_{split}_v1.0.json", "image_local_name",
@@ -128,7 +126,6 @@ add_anls_bench("infovqa", "infographicsVQA_{split}_v1.0.json", "image_local_name
 # ST-VQA's annotation field names are not verified (docs/benchmarks.md#stvqa): task-3 files, question_id, file_path.
 add_anls_bench("stvqa", "{split}_task_3.json", "file_path", "", "question_id", "https://rrc.cvc.uab.es/?ch=11",
                "test")
-
 
 @register("textvqa", scorer("accuracy", lambda s, a: vqa_accuracy(a, s.gt["answers"])),
           "DIR/TextVQA_0.5.1_<split>.json, DIR/train_images/<image_id>.jpg, optionally "
@@ -151,12 +148,10 @@ def load_textvqa(data, split):
                               {"answers": q["answers"]} if "answers" in q else None))
     return samples
 
-
 def score_chartqa(samples, answers):
     ok = [(s.gt["part"], relaxed_accuracy(a, s.gt["label"])) for s, a in zip(samples, answers)]
     return {"relaxed_overall": mean(x for _, x in ok), "relaxed_human_split": mean(x for p, x in ok if p == "human"),
             "relaxed_augmented_split": mean(x for p, x in ok if p == "augmented")}
-
 
 @register("chartqa", score_chartqa, "DIR/<split>_human.json, DIR/<split>_augmented.json and DIR/png/ (the "
           "'ChartQA Dataset/test' folder)", "https://github.com/vis-nlp/ChartQA", ("id",), max_new_tokens=16)
@@ -167,7 +162,6 @@ def load_chartqa(data, split):
                    {"label": q["label"], "part": part})
             for part in ("human", "augmented")
             for i, q in enumerate(load_json(os.path.join(data, f"{split}_{part}.json"), "chartqa"))]
-
 
 @register("ai2d", scorer("accuracy", lambda s, a: parse_letter_ai2d(a) == s.gt["answer"]),
           "DIR/questions/*.json, DIR/images/ and DIR/ai2d_test_ids.csv (split 'all' needs no id list)",
@@ -188,12 +182,10 @@ def load_ai2d(data, split):
                                options=list(q["answerTexts"])) for text, q in entry["questions"].items()]
     return samples
 
-
 def score_scienceqa(samples, answers):
     ok = [parse_letter_scienceqa(a, s.gt["n_choices"]) == s.gt["answer"] for s, a in zip(samples, answers)]
     return {"accuracy": mean(ok), "img_accuracy": mean(o for o, s in zip(ok, samples) if s.image is not None),
             "n_img": sum(s.image is not None for s in samples)}
-
 
 @register("scienceqa", score_scienceqa, "DIR/problems.json, DIR/pid_splits.json and DIR/images/<split>/<pid>/"
           "image.png", "https://github.com/lupantech/ScienceQA (data/scienceqa)", ("question_id",), "text",
@@ -211,9 +203,7 @@ def load_scienceqa(data, split):
                               options=list(p["choices"])))
     return samples
 
-
 MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category")  # LLaVA's
-
 
 def score_mmbench(samples, answers):
     index = [int(s.record["index"]) for s in samples]
@@ -223,7 +213,6 @@ def score_mmbench(samples, answers):
     return {"circular_accuracy": mean(groups[i] for i, _ in main), "n_questions": len(main),
             "single_pass_accuracy": mean(ok[i] for i, _ in main),
             "per_category": {c: mean(groups[i] for i, k in main if k == c) for c in sorted({k for _, k in main})}}
-
 
 @register("mmbench", score_mmbench, "DIR/<the one MMBench *.tsv whose name contains the split, e.g. "
           "mmbench_dev_20230712.tsv>", "https://github.com/open-compass/MMBench (test: the OpenCompass server, "
@@ -255,9 +244,7 @@ def load_mmbench(data, split):
                                   options=list(choices.values())))
     return samples
 
-
 POPE_CATEGORIES = ("adversarial", "popular", "random")
-
 
 def score_pope(samples, answers):
     out = {}
@@ -267,7 +254,6 @@ def score_pope(samples, answers):
             out[cat] = pope_metrics([parse_yes_pope(a) for _, a in sub], [s.gt["label"] == "yes" for s, _ in sub])
     out["mean_over_categories"] = {k: mean(m[k] for m in out.values()) for k in ("accuracy", "f1", "yes_ratio")}
     return out
-
 
 @register("pope", score_pope, "DIR/coco_pope_{adversarial,popular,random}.json and the COCO val2014 images in "
           "DIR/val2014/", "https://github.com/AoiDragon/POPE (output/coco) + https://cocodataset.org (val2014)",
@@ -281,7 +267,6 @@ def load_pope(data, split):
             for cat in ((cats or POPE_CATEGORIES[:1]) if split == "all" else (split,))
             for q in load_json(os.path.join(data, f"coco_pope_{cat}.json"), "pope", lines=True)]
 
-
 def score_hallusion(samples, answers):
     """aAcc/fAcc/qAcc with the offline judge standing in for GPT-4 (docs/benchmarks.md#hallusionbench-scores)."""
     correct = []
@@ -293,7 +278,6 @@ def score_hallusion(samples, answers):
     return {**hallusion_metrics([s.record for s in samples], correct),
             "judge": "offline yes/no extraction (VLMEvalKit YOrN_Extraction), not the official GPT-4 judge"}
 
-
 @register("hallusionbench", score_hallusion, "DIR/HallusionBench.json and the images of hallusion_bench.zip "
           "unpacked in DIR", "https://github.com/tianyi-lab/HallusionBench",
           ("category", "subcategory", "set_id", "figure_id", "question_id"), "model_prediction", "all")
@@ -302,7 +286,6 @@ def load_hallusion(data, split):
     (docs/benchmarks.md#hallusionbench)."""
     return [Sample(q, q["question"], os.path.normpath(os.path.join(data, q["filename"])) if q.get("filename") else None,
                    {}) for q in load_json(os.path.join(data, "HallusionBench.json"), "hallusionbench")]
-
 
 @register("llava-w", lambda samples, answers: {"score": None, "note": "LLaVA-Bench is scored only by a GPT-4 judge: "
           "run LLaVA's llava/eval/eval_gpt_review_bench.py --answer-list answers_gpt4.jsonl OUT/answers.jsonl, "
@@ -314,80 +297,78 @@ def load_llava_w(data, split):
                     "model_id": "hires-llava", "metadata": {}}, q["text"], os.path.join(data, "images", q["image"]),
                    {}) for q in load_json(os.path.join(data, "questions.jsonl"), "llava-w", lines=True)]
 
-
 def score_entitygrid(samples, answers):
     return entitygrid.score([s.gt for s in samples], {s.gt["id"]: a for s, a in zip(samples, answers)})
 
 # the 2S x 2S canvas is built for exactly 2 x 2 slices (entitygrid.py): with upscale (the paper preset) it would be
 # 4 x 4, and the slice borders would cut the edge cells too, so every checkpoint is evaluated without upscaling
-
-
 @register("entitygrid", score_entitygrid, "DIR/questions.jsonl and its images (written by `python entitygrid.py`)",
           "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16,
-          slicing=dict(upscale=False, max_slices=4))
+          slicing=dict(upscale=False, max_slices=4), batch_size=64)  # 64: train.py's --eval-batch, as fast
 def load_entitygrid(data, split):
-    """EntityGrid-QA (docs/method.md#entitygrid-qa) through entitygrid.py's own reader, prompt and score."""
-    need(os.path.join(data, "questions.jsonl"), "entitygrid")
+    """EntityGrid-QA (docs/method.md#entitygrid-qa): questions.jsonl as entitygrid.py writes it, scored by
+    entitygrid.score."""
+    questions = load_json(os.path.join(data, "questions.jsonl"), "entitygrid", lines=True)
     return [Sample({"id": q["id"]}, q["question"], os.path.join(data, q["image"]), q, options=q["options"])
-            for q in entitygrid.load_questions(data)]
+            for q in questions]
 
 # ----------------------------------------------------------------------------------------------------------------
+
 # Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
-
-
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
     import hires
     hires.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
-
 def read_partial(path):
-    """{qid: record} from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off the file."""
+    """(run key, {qid: record}) from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off."""
     with open(path, "rb") as f:
         data = f.read()
-    records, good = {}, 0
+    records, good = [], 0
     for line in data.split(b"\n")[:-1]:  # what follows the last newline is incomplete by construction
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             break
-        records[record["qid"]] = record
         good += len(line) + 1
     if good != len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
-    return records
-
+    if not records or not isinstance(records[0], dict) or "key" not in records[0]:
+        raise EvalError(f"{path}: no run key on its first line, so its answers cannot be matched to this run; "
+                        "delete it to start over")
+    return records[0]["key"], {r["qid"]: r for r in records[1:]}
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
 
 def resolve_dtype(name, device):
     """--dtype auto: bf16 on CUDA, fp32 elsewhere."""
     return name if name != "auto" else "bf16" if device.startswith("cuda") else "fp32"
-
 
 def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
     """hires.load_checkpoint in eval mode, backbones in dtype and the trained adapters in fp32 as training keeps
     them (overrides: config fields), with one-line errors for a missing or non-fitting checkpoint."""
     import hires
     import torch
-    if not os.path.isdir(ckpt):
-        raise EvalError(f"{ckpt}: checkpoint folder not found (train.py writes one)")
-    try:
-        with open(os.path.join(ckpt, "config.json")) as f:
-            cfg = {**json.load(f), **overrides}
-    except (OSError, ValueError) as e:
-        raise EvalError(f"{ckpt}: checkpoint does not fit the model: {e}") from None
+    cfg = {**checkpoint_config(ckpt), **overrides}
     for key, flag in (("clip_weights", "--clip"), ("llm_path", "--llm"), ("tokenizer_path", "--tokenizer")):
         if cfg.get(key) and not os.path.exists(cfg[key]):
             raise EvalError(f"{cfg[key]}: the {key} of {ckpt} is not there; moved? point to it with {flag}")
     try:
         return hires.load_checkpoint(ckpt, device=device, dtype=getattr(torch, DTYPES[dtype]),
                                      adapter_dtype=torch.float32, **overrides).eval()
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
 
+def checkpoint_config(ckpt):
+    """hires.read_config: the checkpoint's config.json, backbone paths resolved; one-line errors."""
+    import hires
+    try:
+        return hires.read_config(ckpt)
+    except (OSError, ValueError) as e:
+        raise EvalError(str(e)) from None
 
 def open_image(sample, tmp):
     """The sample's PIL image via slicing.load_image (image bytes go through a temporary file); None: no image."""
@@ -399,7 +380,6 @@ def open_image(sample, tmp):
         f.write(sample.image)
     return slicing.load_image(path)
 
-
 def preprocess(model, bench, sample, img):
     """The image through the model's slicing -> preprocess tuple; a benchmark with fixed slicing gets exactly it."""
     pre = model.preprocess(img)
@@ -407,7 +387,6 @@ def preprocess(model, bench, sample, img):
         raise EvalError(f"{sample.image}: {img.width}x{img.height} slices {pre[2][0]}x{pre[2][1]}, not 2x2, at this "
                         f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
     return pre
-
 
 def backbones(args):
     """--clip/--llm/--tokenizer as absolute config overrides (backbones moved since training)."""
@@ -417,10 +396,10 @@ def backbones(args):
         out["tokenizer_path"] = os.path.abspath(os.path.join(args.llm, "tokenizer.model"))
     return out
 
-
-def generate_all(bench, samples, args, partial):
-    """Answers parallel to samples, the counts of bad images and over-long prompts, and the slice grids used;
-    --resume continues."""
+def generate_all(bench, samples, args, partial, key):
+    """Answers parallel to samples, each one's failure kind (None: answered), the counts of bad images and
+    over-long prompts, and the slice grids used. --resume continues a partial file only if its first line holds
+    the same run key (run_key)."""
     import hires
     import slicing
     import torch
@@ -430,7 +409,16 @@ def generate_all(bench, samples, args, partial):
         return {"qid": s.qid, "text": "", "error": str(error), "kind": kind}
     if os.path.exists(partial) and not args.resume:
         raise EvalError(f"{partial} exists from an earlier run: pass --resume to continue it, or delete it")
-    done = read_partial(partial) if os.path.exists(partial) else {}
+    done = {}
+    if os.path.exists(partial):
+        theirs, done = read_partial(partial)
+        differ = "; ".join(f"{k} {theirs.get(k)} there, {key[k]} here" for k in key if theirs.get(k) != key[k])
+        if differ:
+            raise EvalError(f"{partial}: answers of another run ({differ}); pass another --out, or delete it to "
+                            "start over")
+    else:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key}) + "\n")
     torch.manual_seed(args.seed)
     todo = [s for s in samples if s.qid not in done]
     if todo:
@@ -446,15 +434,15 @@ def generate_all(bench, samples, args, partial):
                     try:
                         img = open_image(s, tmp)
                         pre = img if img is None else preprocess(model, bench, s, img)
-                        ranked = s.ranked(args.mc)
-                        model.check_length(pre, s.text(args.mc), s.options if ranked else None)
+                        ranked = s.ranked(key["mc"])
+                        model.check_length(pre, s.text(key["mc"]), s.options if ranked else None)
                         fit.append((s, pre))
                     except slicing.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
                     except hires.PromptTooLong as e:
                         done[s.qid] = failed(s, e, "too_long")
                 with torch.inference_mode(), amp:
-                    texts = answer_batch(model, fit, args, bench) if fit else []
+                    texts = answer_batch(model, fit, args, bench, key["mc"]) if fit else []
                 for (s, pre), text in zip(fit, texts):  # hires.generate returns the answers stripped
                     done[s.qid] = {"qid": s.qid, "text": text, **({"grid": list(pre[2])} if pre is not None else {})}
                 f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
@@ -463,32 +451,45 @@ def generate_all(bench, samples, args, partial):
                 bar.update(len(batch))
     kinds = [done[s.qid].get("kind") for s in samples]
     grids = sorted("x".join(map(str, done[s.qid]["grid"])) for s in samples if "grid" in done[s.qid])
-    return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
+    return [done[s.qid]["text"] for s in samples], kinds, {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
         {g: grids.count(g) for g in dict.fromkeys(grids)}
 
+def run_key(args, bench, split, mc, max_new_tokens):
+    """What the answers depend on, stored as the first line of the partial file: the checkpoint by content (sha256
+    of its tensors and its config without the backbone paths, so a moved run is the same checkpoint), benchmark,
+    split, multiple-choice mode and generation settings (greedy). The batch size is left out: fp32 answers do not
+    depend on it, and a run that ran out of memory resumes with a smaller one."""
+    import hires
+    h, weights = hashlib.sha256(), os.path.join(args.ckpt, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise EvalError(f"{args.ckpt}: not a checkpoint folder (no model.safetensors; train.py writes checkpoints)")
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    cfg = {k: v for k, v in checkpoint_config(args.ckpt).items() if k not in hires.BACKBONE_PATHS}
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    return dict(checkpoint=h.hexdigest()[:16], bench=bench.name, split=split, mc=mc, max_new_tokens=max_new_tokens,
+                temperature=0.0, dtype=resolve_dtype(args.dtype, args.device))
 
-def provenance(args, bench, samples, grids):
+def provenance(args, bench, samples, grids, key):
     """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
     import hires
-    path, cfg = os.path.join(args.ckpt, "config.json"), {}
-    if os.path.isfile(path):  # a --resume with every answer already written may run without the checkpoint
-        with open(path) as f:
-            cfg = json.load(f)
+    cfg = checkpoint_config(args.ckpt)
     cfg.update(bench.slicing or {}, **backbones(args))
     return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
-            "llm_path", "tokenizer_path")}, "prompt_template": "vicuna_v1", "example_prompt": samples[0].prompt,
-            "max_new_tokens": args.max_new_tokens or bench.max_new_tokens, "temperature": 0.0,
+            "llm_path", "tokenizer_path")}, "checkpoint_sha256": key["checkpoint"], "prompt_template": "vicuna_v1",
+            "trained_template": cfg.get("template"), "example_prompt": samples[0].prompt,
+            "max_new_tokens": key["max_new_tokens"], "temperature": 0.0,
             "batch_size": args.batch_size, "dtype": resolve_dtype(args.dtype, args.device), "device": args.device,
             "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
                                            "grids": grids}, "git_commit": hires.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-
-def answer_batch(model, batch, args, bench):
+def answer_batch(model, batch, args, bench, mc):
     """Greedy answers to [(sample, image)] whose prompts fit the context; with --mc rank, multiple-choice samples
     get the letter of the option the model finds most likely (the option texts after the letter-free prompt; the
     scorer parses that letter)."""
-    rank = [s.ranked(args.mc) for s, _ in batch]
+    rank = [s.ranked(mc) for s, _ in batch]
     free = [(s, img) for (s, img), r in zip(batch, rank) if not r]
     texts = iter(model.generate([img for _, img in free], [s.text() for s, _ in free], temperature=0.0,
                                 max_new_tokens=args.max_new_tokens or bench.max_new_tokens) if free else [])
@@ -497,7 +498,6 @@ def answer_batch(model, batch, args, bench):
                                         [s.options for s, _ in ranked]) if ranked else [])
     best = lambda lp: chr(65 + max(range(len(lp)), key=lp.__getitem__))  # the letter of the likeliest option
     return [best(next(scores)) if r else next(texts) for r in rank]
-
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -515,11 +515,10 @@ def read_predictions(path, bench, samples):
     return [preds[s.qid] for s in samples]
 
 # ----------------------------------------------------------------------------------------------------------------
+
 # CLI
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(usage=argparse.SUPPRESS,  # an error is one line, not a usage block above it
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
                     "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json. "
                     "With --image: ask the checkpoint about one image (--ask, or questions read from stdin).",
@@ -531,51 +530,69 @@ def parse_args(argv=None):
     a("--data", help="folder holding the benchmark's released files (see below)")
     a("--image", help="ask about this image instead of running a benchmark")
     a("--ask", help="with --image: the question (without it, one question per line from stdin)")
-    a("--temperature", type=float, default=0.0, help="with --image: 0 is greedy, else sampled with --top-p")
-    a("--top-p", type=float, default=1.0, help="with --image: nucleus sampling mass")
+    a("--temperature", type=float, default=0.0, help="with --image: 0 is greedy, else sampled with --top-p (>= 0)")
+    a("--top-p", type=float, default=1.0, help="with --image: nucleus sampling mass, in (0, 1]")
     a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
     a("--out", help="output folder (default: runs/eval/<bench>)")
     a("--clip", help="CLIP weights file, if moved since training (default: the checkpoint's)")
     a("--llm", help="LLM directory, if moved since training (default: the checkpoint's)")
     a("--tokenizer", help="sentencepiece model (default: LLM/tokenizer.model with --llm, else the checkpoint's)")
     a("--split", help="split to read (default: the benchmark's, listed below)")
-    a("--device", default="cpu", help="torch device, e.g. cuda")
+    a("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     a("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="backbone weights and autocast (adapters "
       "stay fp32, as in training); auto: bf16 on cuda, fp32 on cpu")
-    a("--batch-size", type=int, default=1, help="questions generated together (default 1, as LLaVA's model_vqa; "
-      "greedy answers are the same at any batch size in fp32, not always in bf16: see the README)")
+    a("--batch-size", type=int, help="questions generated together (default 1, as LLaVA's model_vqa; entitygrid "
+      "64, as train.py's evaluation); greedy answers are the same at any batch size in fp32, not always in bf16: "
+      "see the README")
     a("--limit", type=int, help="evaluate only the first N questions (quick checks)")
     a("--seed", type=int, default=0, help="torch seed set before generation (recorded in metrics.json)")
     a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
       "(without it, an existing partial file is an error)")
-    a("--max-new-tokens", type=int, help="generation length cap (default: LLaVA-1.5's for the benchmark, below)")
-    a("--mc", choices=("letter", "rank"), default="letter", help="multiple-choice benchmarks (ai2d, scienceqa, "
-      "mmbench, entitygrid): generate the option letter after LLaVA's prompt (letter, default), or rank the option "
-      "texts by likelihood after a letter-free prompt and answer the best one's letter (rank; the tiny preset)")
+    a("--max-new-tokens", type=int, help="generation length cap, >= 1 (default: LLaVA-1.5's for the benchmark, "
+      "below; with --image 512)")
+    a("--mc", choices=("letter", "rank"), help="multiple-choice benchmarks (ai2d, scienceqa, mmbench, entitygrid): "
+      "generate the option letter after LLaVA's prompt (letter), or rank the option texts by likelihood after a "
+      "letter-free prompt and answer the best one's letter (rank; the tiny preset). Default: the mode the "
+      "checkpoint was trained for (its config.json 'mc'; metrics.json says which was used)")
     a("--predictions", help="score this existing predictions.json instead of running a model")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--batch-size and --limit must be >= 1")
+    for flag, value, ok, need in (("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1,
+                                   ">= 1"),
+                                  ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+                                  ("--max-new-tokens", args.max_new_tokens,
+                                   args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
+                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            p.error(f"{flag} {value}: must be {need}")
     if not args.ckpt and not args.predictions:
         p.error("--ckpt is required unless --predictions is given")
     if not args.image and not (args.bench and args.data):
         p.error("--bench and --data are required (or --image FILE to ask about one image)")
     if args.image and not args.ckpt:
         p.error("--image needs --ckpt")
+    for flag, path in (("--ckpt", args.ckpt), ("--image", args.image)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path}: no such file or directory")
+    if args.device.startswith("cuda"):
+        import torch  # here, not at the top: --help and the checks above answer without torch's 2-5 s import
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this machine has no CUDA device (torch.cuda.is_available() is "
+                    "False); use --device cpu")
     return args
-
 
 def ask(args):
     """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
     import hires
     import slicing
     import torch
-    dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
     try:
-        pre = model.preprocess(slicing.load_image(args.image))
+        img = slicing.load_image(args.image)  # before the model: a bad image costs no model load
     except slicing.ImageError as e:
         raise EvalError(str(e)) from None
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
+    pre = model.preprocess(img)
     image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
     questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
@@ -595,7 +612,6 @@ def ask(args):
         answers.append(text)
     return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
 
-
 def input_line():
     """A question typed at the prompt; None at the end of input or on an empty line."""
     try:
@@ -603,9 +619,9 @@ def input_line():
     except EOFError:
         return None
 
-
 def run(args):
     bench = BENCHES[args.bench]
+    args.batch_size = args.batch_size or bench.batch_size
     split, out = args.split or bench.split, args.out or os.path.join("runs", "eval", args.bench)
     try:
         samples = bench.load(need(args.data, args.bench), split)[:args.limit]
@@ -616,24 +632,39 @@ def run(args):
     for s in samples:
         s.qid = bench.qid(s.record)
     os.makedirs(out, exist_ok=True)
+    partial = os.path.join(out, "predictions.partial.jsonl")
     if args.predictions:
-        answers, errors = read_predictions(args.predictions, bench, samples), {"bad_images": 0, "too_long": 0}
-        run_info = {}
+        answers, kinds, run_info = read_predictions(args.predictions, bench, samples), [None] * len(samples), {}
+        errors, mc = {"bad_images": 0, "too_long": 0}, {"mc": args.mc} if args.mc else {}
     else:
-        answers, errors, grids = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
-        run_info = {"provenance": provenance(args, bench, samples, grids)}
+        import hires
+        trained = checkpoint_config(args.ckpt)
+        if trained.get("template") == "plain":
+            print(hires.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
+        # the answer mode the checkpoint was trained for, unless --mc says otherwise
+        mc = {"mc": args.mc or trained.get("mc", "letter"), "mc_from": "--mc" if args.mc else "checkpoint"}
+        key = run_key(args, bench, split, mc["mc"], args.max_new_tokens or bench.max_new_tokens)
+        answers, kinds, errors, grids = generate_all(bench, samples, args, partial, key)
+        run_info = {"provenance": provenance(args, bench, samples, grids, key)}
         submission = [{**s.record, bench.answer_key: a} for s, a in zip(samples, answers)]
         write_json(os.path.join(out, "predictions.json"), submission)
         if args.bench == "llava-w":  # LLaVA's judge reads JSON lines
             with open(os.path.join(out, "answers.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in submission)
-    scores = ({"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
-              if any(s.gt is None for s in samples) else bench.score(samples, answers))
-    metrics = {"bench": args.bench, "split": split, "n": len(samples), "mc": args.mc, **scores, **errors,
-               **run_info}
+    # a question without an answer (bad image, prompt too long) is counted above, never scored as an answer
+    scored = [(s, a) for s, a, k in zip(samples, answers, kinds) if k is None]
+    if any(s.gt is None for s in samples):
+        scores = {"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
+    elif not scored:
+        scores = {"score": None, "note": "no question was answered (see bad_images, too_long)"}
+    else:
+        scores = bench.score(*map(list, zip(*scored)))
+    metrics = {"bench": args.bench, "split": split, "n": len(samples), "n_scored": len(scored), **mc, **scores,
+               **errors, **run_info}
     write_json(os.path.join(out, "metrics.json"), metrics)
+    if os.path.exists(partial) and not args.predictions:
+        os.remove(partial)  # every answer is in predictions.json: a finished run leaves no partial file
     return metrics
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -645,7 +676,6 @@ def main(argv=None):
         raise SystemExit(f"eval.py: error: {e}") from None
     print(json.dumps(metrics, indent=2))
     return metrics
-
 
 if __name__ == "__main__":
     main()

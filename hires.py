@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ SAMPLERS = ("sms", "qformer", "avgpool")
 @dataclass
 class HiResConfig:
     clip_preset: str = "vit-l-14-336"
+    # the backbones; config.json stores those inside the run relative to the checkpoint folder (config_dict)
     clip_weights: str = ""          # open_clip checkpoint file (see clip.WEIGHTS_HELP)
     llm_path: str = ""              # HF directory of the LLM (Vicuna-7B-v1.5)
     tokenizer_path: str = ""        # sentencepiece .model; default <llm_path>/tokenizer.model
@@ -55,6 +57,11 @@ class HiResConfig:
     lora_dropout: float = 0.05      # LLaVA's LoRA dropout (design choice)
     train_llm: bool = False         # the whole LLM trains in both stages: the tiny preset's random stand-in for
                                     # Vicuna must learn language; the paper's Vicuna stays frozen (+ LoRA)
+    # how it was trained to answer, which evaluation follows: the template of its last stage ("plain": stage 1, on
+    # captions, never an instruction; "vicuna_v1": stage 2) and its multiple-choice answers ("letter": the option's
+    # letter after LLaVA's prompt; "rank": the option's text, scored by ranking the options by likelihood)
+    template: str = "vicuna_v1"
+    mc: str = "letter"
 
     def __post_init__(self):
         clip_cfg = CLIPConfig.from_preset(self.clip_preset)
@@ -72,6 +79,8 @@ class HiResConfig:
             raise ValueError("at least one of slices and overview must be on")
         if self.max_slices < 1 or self.lora_rank < 0:
             raise ValueError("max_slices must be >= 1 and lora_rank >= 0")
+        if self.template not in ("plain", "vicuna_v1") or self.mc not in ("letter", "rank"):
+            raise ValueError(f"template {self.template!r} / mc {self.mc!r}: need plain|vicuna_v1 / letter|rank")
         if not self.tokenizer_path and self.llm_path:
             self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
 
@@ -488,54 +497,93 @@ def git_commit():
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def save_checkpoint(model, path, cfg=None):
-    """Directory with config.json (HiResConfig, default model.cfg) and model.safetensors (the trainable tensors
-    cfg has: no LoRA ones when its lora_rank is 0), each atomic."""
+BACKBONE_PATHS = ("clip_weights", "llm_path", "tokenizer_path")
+
+
+def config_dict(cfg, path, run=None):
+    """cfg as the dict config.json holds for a checkpoint in folder `path`: a backbone inside `run` (default: the
+    folder above `path`) is stored relative to `path`, so a moved or copied run loads its own backbones."""
+    d, here = asdict(cfg), os.path.abspath(path)
+    run = os.path.abspath(run or os.path.dirname(here))
+    for k in BACKBONE_PATHS:
+        if d[k] and os.path.commonpath([os.path.abspath(d[k]), run]) == run:
+            d[k] = os.path.relpath(os.path.abspath(d[k]), here)
+    return d
+
+
+def read_config(path, name="config.json"):
+    """path/name (a config_dict) with its relative backbone paths resolved against path; one-line errors for a
+    folder that is missing or is not a checkpoint."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no {name}; train.py writes checkpoints)")
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: unreadable checkpoint config ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: not a checkpoint config (a JSON object)")
+    for k in BACKBONE_PATHS:
+        if d.get(k) and not os.path.isabs(d[k]):
+            d[k] = os.path.normpath(os.path.join(path, d[k]))
+    return d
+
+
+def save_checkpoint(model, path, cfg=None, run=None):
+    """Directory with config.json (HiResConfig, default model.cfg, as config_dict) and model.safetensors (the
+    trainable tensors cfg has: no LoRA ones when its lora_rank is 0, no LLM ones unless train_llm), each atomic."""
     from safetensors.torch import save_file
     cfg = cfg or model.cfg
     os.makedirs(path, exist_ok=True)
-    sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()
-          if cfg.lora_rank or "lora_" not in k}
+    keep = lambda k: cfg.lora_rank > 0 if "lora_" in k else cfg.train_llm or not k.startswith("llm.")
+    sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items() if keep(k)}
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
+    d = config_dict(cfg, path, run)
 
-    atomic_write(os.path.join(path, "config.json"), json.dumps(asdict(cfg), indent=2))
+    atomic_write(os.path.join(path, "config.json"), json.dumps(d, indent=2))
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, adapter_dtype=None, **overrides):
     """HiResLLaVA from a save_checkpoint directory (dtype, adapter_dtype as HiResLLaVA); overrides replace config
     fields (e.g. moved backbone paths)."""
     from safetensors.torch import load_file
-    files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
-    for f in files:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f}: checkpoint file not found")
+    d = read_config(path)
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no model.safetensors)")
     try:
-        with open(files[0]) as f:
-            d = json.load(f)
-        sd = load_file(files[1])
+        sd = load_file(weights)
     except Exception as e:
-        raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        raise ValueError(f"{weights}: corrupt checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     names = {f.name for f in fields(HiResConfig)}
     if set(d) - names:
-        raise ValueError(f"{files[0]}: unknown config keys {sorted(set(d) - names)}")
+        raise ValueError(f"{path}/config.json: unknown config keys {sorted(set(d) - names)}")
     model = HiResLLaVA(HiResConfig(**{**d, **overrides}), dtype=dtype, device=device, adapter_dtype=adapter_dtype)
     try:
         model.load_trainable_state_dict(sd)
     except ValueError as e:
-        raise ValueError(f"{files[1]}: {e}") from None
+        raise ValueError(f"{weights}: {e}") from None
     return model
+
+
+STAGE1_WARNING = ("warning: {} is a stage-1 checkpoint (trained on captions with the plain template, never on an "
+                  "instruction): its answers say little; evaluate or merge a stage-2 checkpoint")
 
 
 def merge_checkpoint(ckpt, out):
     """Deployment form of a stage-2 checkpoint, as LLaVA's merge_lora_weights.py: the LoRA folded into the LLM,
     written as a standard HF LLaMA directory OUT/llm (config.json, model.safetensors in the LLM's own dtype,
-    tokenizer.model), beside OUT/config.json (lora_rank 0) and OUT/model.safetensors (SRA, sampler, projector): a
-    checkpoint eval.py loads as it is."""
-    with open(os.path.join(ckpt, "config.json")) as f:
-        llm_path = json.load(f)["llm_path"]
+    tokenizer.model), beside OUT/config.json (lora_rank 0, train_llm off) and OUT/model.safetensors (the adapters
+    only: SRA, sampler, projector): a checkpoint eval.py loads as it is."""
+    llm_path = read_config(ckpt)["llm_path"]
     with open(os.path.join(llm_path, "config.json")) as f:
         dtype = getattr(torch, json.load(f).get("torch_dtype") or "float32")  # Vicuna-7B-v1.5: float16
     model = load_checkpoint(ckpt, dtype=dtype, adapter_dtype=torch.float32)
+    if model.cfg.template == "plain":
+        print(STAGE1_WARNING.format(ckpt), file=sys.stderr)
     merge_lora(model.llm)  # W + (alpha / r) B A, computed in fp32
     llm_dir = os.path.abspath(os.path.join(out, "llm"))
     model.llm.save_pretrained(llm_dir)
@@ -543,42 +591,52 @@ def merge_checkpoint(ckpt, out):
     for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if os.path.isfile(os.path.join(llm_path, name)):  # HF's own tokenizer files, when the LLM has them
             shutil.copyfile(os.path.join(llm_path, name), os.path.join(llm_dir, name))
-    cfg = replace(model.cfg, llm_path=llm_dir, tokenizer_path=os.path.join(llm_dir, "tokenizer.model"), lora_rank=0)
+    cfg = replace(model.cfg, llm_path=llm_dir, tokenizer_path=os.path.join(llm_dir, "tokenizer.model"), lora_rank=0,
+                  train_llm=False)
     save_checkpoint(model, out, cfg)
     return cfg
 
 
 def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
-    """Write random tiny backbones (CLIP tower, LLaMA, sentencepiece trained on texts) into the directory path and
-    return a HiResConfig pointing at them, so the tiny preset runs the real loading code. Each is built in a
-    directory beside path and renamed into place: a killed run leaves no half-written file."""
+    """Write random tiny backbones into the directory path (a CLIP tower file; llm/, a complete HF LLaMA directory
+    with its sentencepiece tokenizer trained on texts) and return a HiResConfig pointing at them, so the tiny preset
+    runs the real loading code. Each is built in a directory beside path and renamed into place: a killed run leaves
+    no half-written file."""
     path = os.path.abspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    os.makedirs(os.path.join(tmp, "llm"))
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
     save_vision_tower(build_vision_tower(CLIPConfig.from_preset("tiny")), os.path.join(tmp, "clip_tiny.safetensors"))
-    tok = train_tokenizer(list(texts), os.path.join(tmp, "tokenizer.model"), vocab_size)
+    tok = train_tokenizer(list(texts), os.path.join(tmp, "llm", "tokenizer.model"), vocab_size)
     Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(os.path.join(tmp, "llm"))
+    hf_tokenizer = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, bos_token="<s>",
+                        eos_token="</s>", unk_token="<unk>", pad_token=None, legacy=False)  # ids 1, 2, 0 as trained
+    atomic_write(os.path.join(tmp, "llm", "tokenizer_config.json"), json.dumps(hf_tokenizer, indent=2))
     for name in os.listdir(tmp):
         shutil.rmtree(os.path.join(path, name), ignore_errors=True)  # llm/ of a killed run: os.replace needs it gone
         os.replace(os.path.join(tmp, name), os.path.join(path, name))
     os.rmdir(tmp)
     defaults = dict(clip_preset="tiny", clip_weights=os.path.join(path, "clip_tiny.safetensors"),
-                    llm_path=os.path.join(path, "llm"), tokenizer_path=os.path.join(path, "tokenizer.model"),
-                    lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
+                    llm_path=os.path.join(path, "llm"), lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
     return HiResConfig(**{**defaults, **cfg_overrides})
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Merge a stage-2 checkpoint's LoRA into its LLM for deployment. "
-                                 "(The slicing picture: python slicing.py --show IMAGE.)")
+                                 "(The slicing picture: python slicing.py --show IMAGE.)",
+                                 usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
     ap.add_argument("--merge", metavar="CKPT", required=True, help="stage-2 checkpoint to merge: writes OUT/llm (HF "
                     "LLaMA directory) and OUT/config.json + OUT/model.safetensors (the adapters), which eval.py loads")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
-    cfg = merge_checkpoint(args.merge, args.out)
+    if os.path.abspath(args.out) == os.path.abspath(args.merge):
+        ap.error(f"--out {args.out}: the checkpoint itself; merge into another folder")
+    try:
+        cfg = merge_checkpoint(args.merge, args.out)
+    except (OSError, ValueError) as e:  # a missing or unfit checkpoint, a backbone not there, a full disk
+        raise SystemExit(f"hires.py: error: {str(e).splitlines()[0]}") from None
     print(f"wrote {cfg.llm_path} (HF LLaMA, LoRA merged) and {args.out}/model.safetensors (adapters)")
 
 

@@ -155,7 +155,8 @@ def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=3
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid.")
+    ap = argparse.ArgumentParser(description="HiRes-LLaVA slicing: draw an image's overview and slice grid.",
+                                 usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
     ap.add_argument("--show", metavar="IMAGE", required=True, help="image file to slice")
     ap.add_argument("--png", default="slicing.png", help="output PNG path (default: slicing.png)")
     ap.add_argument("--base", type=int, default=336, help="slice / overview resolution S (default 336)")
@@ -164,11 +165,20 @@ def main(argv=None):
     ap.add_argument("--kernel", type=int, default=2, help="sampler kernel k, for the token count (default 2)")
     ap.add_argument("--patch", type=int, default=14, help="ViT patch size, for the token count (default 14)")
     args = ap.parse_args(argv)
+    for flag in ("base", "max_slices", "kernel", "patch"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.base % args.patch or (args.base // args.patch) % args.kernel:
+        ap.error(f"--base {args.base}: must be a multiple of --patch {args.patch} whose patch grid "
+                 f"{args.base // args.patch} --kernel {args.kernel} divides")
     try:
         img = load_image(args.show)
     except ImageError as e:
-        raise SystemExit(f"error: {e}")
-    draw_slicing(img, args.base, args.max_slices, not args.no_upscale, args.kernel, patch=args.patch).save(args.png)
+        raise SystemExit(f"slicing.py: error: {e}") from None
+    try:
+        draw_slicing(img, args.base, args.max_slices, not args.no_upscale, args.kernel, patch=args.patch).save(args.png)
+    except (OSError, ValueError) as e:  # PIL: a folder that is not there, an unknown file extension
+        raise SystemExit(f"slicing.py: error: --png {args.png}: cannot write the picture ({e})") from None
     print(f"wrote {args.png}")
 
 

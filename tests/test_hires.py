@@ -370,6 +370,45 @@ def test_merged_checkpoint_is_an_hf_llama_and_answers_the_same(tiny, tmp_path, c
     assert merged.generate(images, prompts, max_new_tokens=8) == model.generate(images, prompts, max_new_tokens=8)
 
 
+def test_merged_holds_the_adapters_only_and_moves_with_its_run(tiny, tmp_path, capsys):
+    """With the whole LLM trained (the tiny preset), merged/model.safetensors still holds no llm.* tensor (they are in
+    merged/llm/); the tiny llm/ folder is a complete HF directory with its tokenizer; a moved merged folder loads."""
+    import json
+    import os
+    import shutil
+    import sys
+    from dataclasses import replace
+    from safetensors.torch import load_file
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import eval as ev
+    cfg = replace(tiny[0], lora_rank=0, train_llm=True)
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= \
+        set(os.listdir(cfg.llm_path)) and cfg.tokenizer_path == os.path.join(cfg.llm_path, "tokenizer.model")
+    torch.manual_seed(0)
+    model = hires.HiResLLaVA(cfg)
+    with torch.no_grad():
+        model.llm.lm_head.weight.add_(0.5)  # as if trained
+    hires.save_checkpoint(model, tmp_path / "run" / "stage2")
+    assert any(k.startswith("llm.") for k in load_file(tmp_path / "run" / "stage2" / "model.safetensors"))
+    hires.main(["--merge", str(tmp_path / "run" / "stage2"), "--out", str(tmp_path / "run" / "merged")])
+    assert not any(k.startswith("llm.") for k in load_file(tmp_path / "run" / "merged" / "model.safetensors"))
+    stored = json.loads((tmp_path / "run" / "merged" / "config.json").read_text())
+    assert (stored["llm_path"], stored["tokenizer_path"], stored["train_llm"]) == ("llm", "llm/tokenizer.model", False)
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    merged = ev.load_model(str(tmp_path / "moved" / "merged"))
+    assert torch.equal(merged.llm.lm_head.weight, model.llm.lm_head.weight)
+    images, prompts = [Image.new("RGB", (100, 40), "red")], ["what is this?"]
+    model.eval()
+    assert merged.generate(images, prompts, max_new_tokens=6) == model.generate(images, prompts, max_new_tokens=6)
+
+
+def test_stage1_checkpoint_warns_when_merged(tiny, tmp_path, capsys):
+    from dataclasses import replace
+    hires.save_checkpoint(hires.HiResLLaVA(replace(tiny[0], template="plain")), tmp_path / "stage1")
+    hires.main(["--merge", str(tmp_path / "stage1"), "--out", str(tmp_path / "merged")])
+    assert "is a stage-1 checkpoint" in capsys.readouterr().err
+
+
 def test_pixels_travel_as_uint8_and_are_normalised_on_the_device():
     img = Image.fromarray(np.random.RandomState(1).randint(0, 256, (50, 70, 3), dtype=np.uint8))
     ov, sl, _ = slicing.preprocess_image(img, base=32, max_slices=4)
