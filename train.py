@@ -49,6 +49,7 @@ PRESETS = {  # every value is a command-line default; see --help
 MODEL_FLAGS = ("max_slices", "upscale", "sampler", "max_length", "lora_rank", "lora_alpha", "lora_dropout", "sra",
                "sra_layers", "slices", "overview", "train_llm")
 
+
 class TrainError(Exception):
     """A one-line, user-facing problem that stops the run (bad flag, missing file, non-finite loss)."""
 
@@ -166,8 +167,11 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         groups = ", ".join(f"{g} {n:,}" for g, n in trainable_counts(model).items())
         print(f"stage {stage}: trainable by group: {groups}")
     net = ddp_wrap(model, ctx)
+    lengths = data.modality_lengths(model.grid) if stage == 2 else None
+    if lengths and (min(lengths) > 0 or max(lengths) < 0):
+        lengths = None  # one modality: as LLaVA, length grouping is for finetuning on mixed data (LLaVA-665K)
     sampler = llava_data.MicroBatchSampler(len(data), global_batch, args.micro_batch, ctx["rank"], world, args.seed,
-                                           start)
+                                           start, lengths)
     # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=llava_data.collate,
                                               num_workers=args.num_workers, generator=torch.Generator()))
@@ -699,7 +703,7 @@ def run(args, ctx):
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
                                         model.tokenizer, "plain" if stage == 1 else "vicuna_v1", model.preprocess,
-                                        model.context, model.cfg.image_tokens) for stage in stages}
+                                        model.context, model.image_tokens) for stage in stages}
     if args.cache_vit:
         prefixes = llava_data.cache_prefixes(model, list(data.values()), master)
         for d in data.values():
