@@ -669,24 +669,21 @@ def main(argv=None):
     ap.add_argument("--gguf", required=True, help="path of the .gguf file (needs: pip install gguf)")
     ap.add_argument("--prompt", required=True, help="the user's message, put into the file's chat template")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy new tokens at most (default 128)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be >= 1")
     if not os.path.isfile(args.gguf):
         ap.error(f"--gguf {args.gguf}: file not found")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import conversation  # the byte-level BPE tokenizer and the chat template
     try:
         model, meta = Llama.from_gguf(args.gguf)
         tok = conversation.BPETokenizer.from_gguf(meta)
         messages = [{"role": "user", "content": args.prompt}]
-        ids = tok.encode(conversation.render_chat(meta.get("tokenizer.chat_template") or "", messages))
+        if "tokenizer.chat_template" not in meta:
+            raise ValueError(f"{args.gguf}: no chat template (tokenizer.chat_template)")
+        ids = tok.encode(conversation.render_chat(meta["tokenizer.chat_template"], messages))
     except (ImportError, ValueError, KeyError) as e:
         sys.exit(f"llama.py: {e}")
-    if not ids:
-        sys.exit(f"llama.py: {args.gguf} has no chat template (tokenizer.chat_template)")
     t0 = time.perf_counter()
     new = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id)[0]
     seconds = time.perf_counter() - t0
