@@ -347,7 +347,7 @@ def next_first_token(path, llm, vit, hf_vit):
     the same ViT and LLaMA configs, random weights -> (first-token function, LLM tokens per image). The function
     includes LlavaNextImageProcessor, as HiResLLaVA.generate includes its preprocessing."""
     import transformers
-    from llama import IMAGE_TOKEN_INDEX
+    from conversation import IMAGE_TOKEN_INDEX
     from conversation import Tokenizer, encode_prompt
     transformers.utils.logging.disable_progress_bar()
     S = vit.image_size

@@ -11,7 +11,10 @@ import pathlib
 import re
 import unicodedata
 
-from llama import IGNORE_INDEX, IMAGE_TOKEN_INDEX, atomic_write
+# LLaVA's constants.py: a label the loss skips (torch's and HF's cross-entropy default, llama.IGNORE_INDEX), and the
+# placeholder id where `<image>` stood in a prompt
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200
 
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -56,7 +59,7 @@ class Tokenizer:
 
 def train_tokenizer(texts, path, vocab_size):
     """Deterministic BPE SentencePiece model (single thread, no sampling or shuffling) with <unk>=0, <s>=1,
-    </s>=2, no pad, byte fallback, Llama's normaliser settings; written atomically to path."""
+    </s>=2, no pad, byte fallback, Llama's normaliser settings; written to path."""
     import sentencepiece as spm
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -65,7 +68,7 @@ def train_tokenizer(texts, path, vocab_size):
         split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, hard_vocab_limit=False,
         max_sentence_length=1 << 16, minloglevel=2)
-    atomic_write(path, lambda f: pathlib.Path(f).write_bytes(model.getvalue()))
+    pathlib.Path(path).write_bytes(model.getvalue())
     return Tokenizer(path)
 
 

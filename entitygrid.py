@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from metrics import mean
+
 TASKS = ("recognition", "position", "counting")
 CELLS = tuple(range(1, 10))
 EDGE_CELLS = (2, 4, 5, 6, 8)   # crossed by a 2 x 2 slice border (5 by both)
@@ -377,12 +379,6 @@ def parse_letter(text):
         return core.upper()
     m = re.match(r"^(?:\(([A-D])\)|([A-D])[.):])", s)
     return (m.group(1) or m.group(2)) if m else None
-
-
-def mean(xs):
-    """Mean of the values that are not None; None if there are none."""
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def layout(positions):

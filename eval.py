@@ -14,7 +14,6 @@ import csv
 import glob
 import json
 import os
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -305,9 +304,8 @@ def load_entitygrid(data, split):
 
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
+    import hires
+    hires.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 def read_partial(path):
     """{qid: record} from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off the file."""
@@ -424,19 +422,9 @@ def generate_all(bench, samples, args, partial):
     return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
         {g: grids.count(g) for g in dict.fromkeys(grids)}
 
-def git_commit():
-    """HEAD of the repository eval.py lives in (+ "-dirty" with uncommitted changes), None outside git."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
 def provenance(args, bench, samples, grids):
     """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
+    import hires
     path, cfg = os.path.join(args.ckpt, "config.json"), {}
     if os.path.isfile(path):  # a --resume with every answer already written may run without the checkpoint
         with open(path) as f:
@@ -447,7 +435,7 @@ def provenance(args, bench, samples, grids):
             "max_new_tokens": args.max_new_tokens or bench.max_new_tokens, "temperature": 0.0,
             "batch_size": args.batch_size, "dtype": resolve_dtype(args.dtype, args.device), "device": args.device,
             "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
-                                           "grids": grids}, "git_commit": git_commit(),
+                                           "grids": grids}, "git_commit": hires.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 def answer(model, batch, args, bench):

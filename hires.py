@@ -9,6 +9,8 @@ k sampler kernel.
 import argparse
 import json
 import os
+import shutil
+import subprocess
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
@@ -17,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, save_vision_tower
-from conversation import Tokenizer, encode_conversation, encode_prompt, image_first, train_tokenizer
-from llama import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llama, LlamaConfig, apply_lora, atomic_write, merge_lora
+from conversation import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, encode_conversation, encode_prompt, image_first,
+                          train_tokenizer)
+from llama import Llama, LlamaConfig, apply_lora, check_state_dict, merge_lora
 from slicing import image_token_count, normalize, preprocess_image
 
 # separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;
@@ -297,14 +300,7 @@ class HiResLLaVA(nn.Module):
 
     def load_trainable_state_dict(self, sd):
         own = self.trainable_state_dict()  # detached views: copying into them fills the parameters
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match this model config: missing {missing[:5]}"
-                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                             f"{'...' if len(unexpected) > 5 else ''}")
-        bad = [k for k in own if own[k].shape != sd[k].shape]
-        if bad:
-            raise ValueError(f"checkpoint shapes do not match this model config: {bad[:5]}")
+        check_state_dict(own, sd, "checkpoint does not match this model config")
         for k, p in own.items():
             p.copy_(sd[k])
 
@@ -457,6 +453,31 @@ def pad_batch(seqs, T, left=False):
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints and the tiny preset
 
+def atomic_write(path, content):
+    """Writes content (str: UTF-8 text; or a function that writes a given path) to a temporary file beside path,
+    then renames it over path, so a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if isinstance(content, str):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        content(tmp)
+    os.replace(tmp, path)
+
+
+def git_commit():
+    """HEAD of the repository this file lives in (+ "-dirty" with uncommitted changes to tracked files), None
+    outside git: recorded beside results so a figure names the code that made it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def save_checkpoint(model, path, cfg=None):
     """Directory with config.json (HiResConfig, default model.cfg) and model.safetensors (the trainable tensors
     cfg has: no LoRA ones when its lora_rank is 0), each atomic."""
@@ -467,10 +488,7 @@ def save_checkpoint(model, path, cfg=None):
           if cfg.lora_rank or "lora_" not in k}
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
 
-    def write_json(p):
-        with open(p, "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-    atomic_write(os.path.join(path, "config.json"), write_json)
+    atomic_write(os.path.join(path, "config.json"), json.dumps(asdict(cfg), indent=2))
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, adapter_dtype=None, **overrides):
@@ -503,7 +521,6 @@ def merge_checkpoint(ckpt, out):
     written as a standard HF LLaMA directory OUT/llm (config.json, model.safetensors in the LLM's own dtype,
     tokenizer.model), beside OUT/config.json (lora_rank 0) and OUT/model.safetensors (SRA, sampler, projector): a
     checkpoint eval.py loads as it is."""
-    import shutil
     with open(os.path.join(ckpt, "config.json")) as f:
         llm_path = json.load(f)["llm_path"]
     with open(os.path.join(llm_path, "config.json")) as f:
@@ -522,18 +539,25 @@ def merge_checkpoint(ckpt, out):
 
 
 def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
-    """Write random tiny backbones (CLIP tower, LLaMA, sentencepiece trained on texts) into path and return a
-    HiResConfig pointing at them, so the tiny preset runs the real loading code."""
+    """Write random tiny backbones (CLIP tower, LLaMA, sentencepiece trained on texts) into the directory path and
+    return a HiResConfig pointing at them, so the tiny preset runs the real loading code. Each is built in a
+    directory beside path and renamed into place: a killed run leaves no half-written file."""
     path = os.path.abspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
-    clip_file = os.path.join(path, "clip_tiny.safetensors")
-    save_vision_tower(build_vision_tower(CLIPConfig.from_preset("tiny")), clip_file)
-    tok_file = os.path.join(path, "tokenizer.model")
-    tok = train_tokenizer(list(texts), tok_file, vocab_size)
-    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(os.path.join(path, "llm"))
-    defaults = dict(clip_preset="tiny", clip_weights=clip_file, llm_path=os.path.join(path, "llm"),
-                    tokenizer_path=tok_file, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
+    save_vision_tower(build_vision_tower(CLIPConfig.from_preset("tiny")), os.path.join(tmp, "clip_tiny.safetensors"))
+    tok = train_tokenizer(list(texts), os.path.join(tmp, "tokenizer.model"), vocab_size)
+    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(os.path.join(tmp, "llm"))
+    for name in os.listdir(tmp):
+        shutil.rmtree(os.path.join(path, name), ignore_errors=True)  # llm/ of a killed run: os.replace needs it gone
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
+    defaults = dict(clip_preset="tiny", clip_weights=os.path.join(path, "clip_tiny.safetensors"),
+                    llm_path=os.path.join(path, "llm"), tokenizer_path=os.path.join(path, "tokenizer.model"),
+                    lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
     return HiResConfig(**{**defaults, **cfg_overrides})
 
 

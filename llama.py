@@ -18,11 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # label ignore index (LLaVA / HF)
-IMAGE_TOKEN_INDEX = -200  # placeholder id where `<image>` stood in a prompt (LLaVA)
+IGNORE_INDEX = -100  # a label the loss skips (HF's and torch's cross-entropy default)
 
 
 @dataclass
@@ -352,7 +351,6 @@ class Llama(nn.Module):
         """The model of cfg holding state (HF names; sources: the file of each key), checked key by key."""
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:  # HF writes the shared tensor once
             if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
                                                              state["model.embed_tokens.weight"]):
@@ -360,13 +358,8 @@ class Llama(nn.Module):
                                  "model.embed_tokens.weight")
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
             sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        shapes = sorted(f"{k} {tuple(state[k].shape)} in {sources[k]} (expected {expected[k]})"
-                        for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
-        if missing or unexpected or shapes:
-            files = ", ".join(sorted(set(sources.values())))
-            raise ValueError(f"{path}: checkpoint ({files}) does not match its config: "
-                             f"missing {missing}; unexpected {unexpected}; wrong shape {shapes}")
+        files = ", ".join(sorted(set(sources.values())))
+        check_state_dict(model.state_dict(), state, f"{path}: checkpoint ({files}) does not match its config")
         model.load_state_dict(state, strict=True, assign=True)
         model._tie_weights()  # assign=True gave each name its own Parameter: share the embedding's again
         model._init_rope()
@@ -374,7 +367,7 @@ class Llama(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path):
-        """Writes config.json (transformers-4.x keys) and model.safetensors atomically (temp + os.replace)."""
+        """Writes config.json (transformers-4.x keys) and model.safetensors into the directory path, as HF does."""
         if any(isinstance(m, LoRALinear) and not m.merged for m in self.modules()):
             raise ValueError("save_pretrained: merge_lora(model) first (HF has no LoRA layers)")
         os.makedirs(path, exist_ok=True)
@@ -388,9 +381,8 @@ class Llama(nn.Module):
                   torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if "lora_" not in k and not (c.tie_word_embeddings and k == "lm_head.weight")}
-        atomic_write(os.path.join(path, "model.safetensors"),
-                     lambda f: save_file(state, f, metadata={"format": "pt"}))
-        atomic_write(os.path.join(path, "config.json"), lambda f: pathlib.Path(f).write_text(json.dumps(hf, indent=2)))
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        pathlib.Path(path, "config.json").write_text(json.dumps(hf, indent=2))
 
 
 def padded_positions_and_mask(keys, T):
@@ -413,11 +405,16 @@ def sample(logits, temperature, top_p, generator=None):
     return idx.gather(-1, choice).squeeze(-1)
 
 
-def atomic_write(path, write):
-    """Calls write(tmp_path), then renames tmp over path so a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+def check_state_dict(expected, state, where):
+    """The strict load check: ValueError (one line, up to 4 names each) if state's keys differ from expected's or a
+    shape differs. expected, state: name -> tensor."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        first = lambda xs: (", ".join(xs[:4]) + (f" and {len(xs) - 4} more" if len(xs) > 4 else "")) or "none"
+        raise ValueError(f"{where}: missing {first(missing)}; unexpected {first(unexpected)}; "
+                         f"wrong shape {first(shapes)}")
 
 
 def config_from_hf(path):
@@ -570,7 +567,7 @@ def read_gguf(file, dtype=torch.float32, device="cpu"):
 
 class LoRALinear(nn.Linear):
     """y = W x + (alpha / r) * B A dropout(x); A kaiming-uniform, B zeros so it starts as the base layer.
-    Keeps the base `weight` under its HF name; merge()/unmerge() fold B A into W and back, both idempotent."""
+    Keeps the base `weight` under its HF name; merge() folds B A into W for deployment, idempotent."""
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout):
         nn.Module.__init__(self)
@@ -590,15 +587,12 @@ class LoRALinear(nn.Linear):
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     @torch.no_grad()
-    def merge(self, sign=1.0):
-        """W += (alpha / r) B A (sign -1: W -= it); computed in fp32. Does nothing if already in that state."""
-        if self.merged != (sign > 0):
+    def merge(self):
+        """W += (alpha / r) B A, computed in fp32; the branch is then skipped. Does nothing the second time."""
+        if not self.merged:
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
-            self.weight.copy_(self.weight.float() + sign * delta)
-            self.merged = sign > 0
-
-    def unmerge(self):
-        self.merge(-1.0)
+            self.weight.copy_(self.weight.float() + delta)
+            self.merged = True
 
 
 def apply_lora(model, rank=8, alpha=16, dropout=0.0,
@@ -615,49 +609,11 @@ def apply_lora(model, rank=8, alpha=16, dropout=0.0,
     return wrapped
 
 
-def merge_lora(model, sign=1.0):
-    """Folds every LoRA branch into its base weight (sign -1: takes it back out); idempotent."""
+def merge_lora(model):
+    """Folds every LoRA branch into its base weight; idempotent."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
-            m.merge(sign)
-
-
-def unmerge_lora(model):
-    merge_lora(model, -1.0)
-
-
-def lora_state_dict(model):
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
-
-
-def load_lora_state_dict(model, sd):
-    """Copies LoRA tensors into model; the keys must be exactly the model's LoRA keys with the same shapes."""
-    own = lora_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(f"LoRA state dict mismatch: missing {missing}; unexpected {unexpected}; "
-                         f"wrong shape {shapes}")
-    merged = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
-    for m in merged:  # the merged weight holds the old B A: take it out, load, fold the new one in
-        m.unmerge()
-    with torch.no_grad():
-        for k, v in sd.items():
-            own[k].copy_(v)
-    for m in merged:
-        m.merge()
-
-
-def save_lora(model, path):
-    """LoRA tensors only, as safetensors, written atomically."""
-    sd = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    atomic_write(path, lambda f: save_file(sd, f, metadata={"format": "pt"}))
-
-
-def load_lora(model, path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: LoRA file not found")
-    load_lora_state_dict(model, load_file(path))
+            m.merge()
 
 
 # ---- CLI: chat with a GGUF file, no transformers ----

@@ -11,7 +11,6 @@ import torch
 from tqdm import tqdm
 
 import conversation
-import llama
 import slicing
 
 SKIP_REASONS = ("missing image", "bad image", "empty or malformed conversation", "<image> without an image",
@@ -94,7 +93,7 @@ class LlavaData(torch.utils.data.Dataset):
         if len(ids) + extra > self.context:  # cut here, where it is counted, not silently in the model
             keep = self.context - extra
             ids, labels, reason = ids[:max(0, keep)], labels[:max(0, keep)], "too long (truncated)"
-            if all(x == llama.IGNORE_INDEX for x in labels):  # the answers lie beyond the context
+            if all(x == conversation.IGNORE_INDEX for x in labels):  # the answers lie beyond the context
                 return None, "too long (no answer left)"
         return (ids, labels, image), reason
 

@@ -6,10 +6,11 @@ import re
 import string
 
 
-
 def mean(xs):
-    xs = list(xs)
+    """Mean of the values that are not None; None if there are none (a metric with no question to average)."""
+    xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
+
 
 def levenshtein(a, b):
     """Edit distance with unit costs (insert, delete, substitute)."""

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from clip import CLIP_MEAN, CLIP_STD
-
+# OpenAI CLIP preprocessing (open_clip's OPENAI_DATASET_MEAN/STD); images are RGB in [0, 1] before this.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 OVERVIEW_PAD = tuple(int(255 * c) for c in CLIP_MEAN)  # (122, 116, 104): LLaVA's expand2square fill colour
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import shutil
 import sys
 import time
@@ -32,7 +31,6 @@ import clip
 import conversation
 import entitygrid
 import hires
-import llama
 import llava_data
 import slicing
 
@@ -93,10 +91,6 @@ def trainable_counts(model):
     return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm") if g in counts}
 
 
-def write_atomic(path, text):
-    llama.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
-
 def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
     """ckpt_dir/step-N/: hires checkpoint + optimizer.safetensors + rng.safetensors + trainer.json, built in a temp
     dir and renamed; then the `latest` pointer is replaced; then old checkpoints beyond `keep` are removed."""
@@ -109,10 +103,10 @@ def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
                for p, state in opt.state.items() for k, v in state.items()}
     save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
     save_file(rng_states, os.path.join(tmp, "rng.safetensors"))
-    write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(dict(trainer, step=step), indent=1))
+    hires.atomic_write(os.path.join(tmp, "trainer.json"), json.dumps(dict(trainer, step=step), indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    write_atomic(os.path.join(ckpt_dir, "latest"), name)  # written last: it names only complete checkpoints
+    hires.atomic_write(os.path.join(ckpt_dir, "latest"), name)  # written last: it names only complete checkpoints
     done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp"))
     for old in done[:-keep] + [d for d in os.listdir(ckpt_dir) if d.endswith(".tmp")]:  # .tmp: cut-short saves
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -202,7 +196,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     skipped_all = reduce_counts(skipped, world, ctx["device"])
     if master:
         hires.save_checkpoint(model, out_dir)
-        write_atomic(os.path.join(out_dir, "history.json"), json.dumps(history))
+        hires.atomic_write(os.path.join(out_dir, "history.json"), json.dumps(history))
         print(f"stage {stage}: done, weights in {out_dir}; skipped/repaired samples: "
               f"{dict(skipped_all) or 'none'} (sum over all samples drawn)")
     return history, skipped_all
@@ -358,7 +352,7 @@ def prepare_tiny(args):
     captions, text_qa = (os.path.join(train_dir, f) for f in ("captions.json", "text_qa.json"))
     for path, make in ((captions, entitygrid_captions), (text_qa, entitygrid_text_qa)):
         if not os.path.isfile(path):
-            write_atomic(path, json.dumps(make(entitygrid.load_questions(train_dir))))
+            hires.atomic_write(path, json.dumps(make(entitygrid.load_questions(train_dir))))
     base = os.path.join(args.out, "base")
     if not os.path.isfile(os.path.join(base, "hires_config.json")):  # written last: the backbones are complete
         texts = []
@@ -373,7 +367,7 @@ def prepare_tiny(args):
         except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the data has characters
             raise TrainError(f"--vocab-size {args.vocab_size}: sentencepiece cannot train on {train_dir} "
                              f"({str(e).splitlines()[-1]})") from None
-        write_atomic(os.path.join(base, "hires_config.json"), json.dumps(dataclasses.asdict(cfg)))
+        hires.atomic_write(os.path.join(base, "hires_config.json"), json.dumps(dataclasses.asdict(cfg)))
 
 
 def model_config(args):
@@ -407,7 +401,8 @@ def backbone_paths(args):
 
 def init_model(args, where):
     """Stage 2 from a stage-1 checkpoint: its config, with every flag the user passed winning over it. The sampler
-    cannot change (stage 1 trained it); a new LoRA rank starts fresh, as stage 1 leaves LoRA at its init."""
+    cannot change (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA, as stage 1 leaves
+    both at their init."""
     try:
         with open(os.path.join(args.init, "config.json")) as f:
             stored = json.load(f)
@@ -434,6 +429,8 @@ def init_model(args, where):
                              f"{stored['lora_rank']}); its rank cannot change")
         own = model.trainable_state_dict()
         sd = {**{k: v for k, v in sd.items() if "lora_" not in k}, **{k: v for k, v in own.items() if "lora_" in k}}
+    if model.sra is None:  # --no-sra over a checkpoint with SRA: stage 1 leaves it at its init, the identity
+        sd = {k: v for k, v in sd.items() if not k.startswith("sra.")}
     try:
         model.load_trainable_state_dict(sd)
     except ValueError as e:
@@ -648,8 +645,8 @@ def run(args, ctx):
     if tiny and args.stage != "1":
         metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, ctx)
         if master:
-            write_atomic(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
-            write_atomic(os.path.join(args.out, "predictions.json"), json.dumps(preds, indent=1))
+            hires.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
+            hires.atomic_write(os.path.join(args.out, "predictions.json"), json.dumps(preds, indent=1))
             pt = metrics["per_task"]
             print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} "
                   f"(recognition {pt['recognition']:.3f}, position {pt['position']:.3f}, counting "

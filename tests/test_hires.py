@@ -9,7 +9,7 @@ from PIL import Image
 import clip
 import hires
 import slicing
-from llama import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
 def test_slice_grid_properties():
@@ -365,7 +365,7 @@ def test_pixels_travel_as_uint8_and_are_normalised_on_the_device():
     ov, sl, _ = slicing.preprocess_image(img, base=32, max_slices=4)
     assert ov.dtype == sl.dtype == torch.uint8  # a 16-slice ViT-L sample: 5.8 MB instead of 23 MB of float32
     x = torch.from_numpy(np.asarray(slicing.make_overview(img, 32), dtype=np.float32) / 255.0).permute(2, 0, 1)
-    reference = (x - torch.tensor(clip.CLIP_MEAN)[:, None, None]) / torch.tensor(clip.CLIP_STD)[:, None, None]
+    reference = (x - torch.tensor(slicing.CLIP_MEAN)[:, None, None]) / torch.tensor(slicing.CLIP_STD)[:, None, None]
     assert slicing.normalize(ov).dtype == torch.float32 and torch.equal(slicing.normalize(ov), reference)
 
 

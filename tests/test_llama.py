@@ -89,14 +89,14 @@ def test_bin_shards_dtype_and_errors(hf_dir, tmp_path):
     torch.testing.assert_close(ours(ids), hf_logits(m16, ids), atol=ATOL, rtol=0)
     # one mis-shaped and one missing tensor -> a single error naming both and the file
     bad = torch.load(tmp_path / "pytorch_model-00002-of-00002.bin", weights_only=True)
-    name = sorted(bad)[0]
+    name, gone = sorted(bad)[:2]
     bad[name] = torch.zeros(3, 3)
-    del bad[sorted(bad)[1]]
+    del bad[gone]
     torch.save(bad, tmp_path / "pytorch_model-00002-of-00002.bin")
     with pytest.raises(ValueError) as e:
         llama.Llama.from_pretrained(tmp_path)
     msg = str(e.value)
-    assert name in msg and sorted(bad)[1] not in msg.split("missing")[0] and "missing ['" in msg
+    assert f"missing {gone};" in msg and f"wrong shape {name} (3, 3)" in msg
     assert "pytorch_model-00002-of-00002.bin" in msg and "\n" not in msg
     with pytest.raises(FileNotFoundError, match="config.json"):
         llama.Llama.from_pretrained(tmp_path / "nope")
@@ -299,7 +299,15 @@ def test_sample_temperature_and_nucleus():
     assert set(llama.sample(logits, 1.0, 0.7, g).tolist()) == {2, 3}  # smallest prefix with mass >= 0.7
 
 
-def test_lora_identity_merge_save_load_and_frozen_base(tmp_path, monkeypatch):
+def test_check_state_dict_names_every_kind_of_mismatch_in_one_line():
+    own = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(4)}
+    llama.check_state_dict(own, {k: v.clone() for k, v in own.items()}, "x")  # equal key sets and shapes: silent
+    with pytest.raises(ValueError) as e:
+        llama.check_state_dict(own, {"a": torch.zeros(2), "b": torch.zeros(5), "d": torch.zeros(1)}, "f.safetensors")
+    assert str(e.value) == "f.safetensors: missing c; unexpected d; wrong shape b (5,) (expected (3,))"
+
+
+def test_lora_identity_merge_and_frozen_base(monkeypatch):
     m = tiny()
     ids = torch.randint(3, 97, (2, 10))
     base = m(ids)
@@ -326,26 +334,13 @@ def test_lora_identity_merge_save_load_and_frozen_base(tmp_path, monkeypatch):
     assert not torch.allclose(unmerged, base)
     q, x = m.model.layers[0].self_attn.q_proj, torch.randn(3, 64)
     torch.testing.assert_close(q(x), x @ (q.weight + 8 / 4 * q.lora_B @ q.lora_A).T, atol=1e-6, rtol=0)  # alpha/r
-    before = m.model.layers[0].self_attn.q_proj.weight.clone()
+    q = m.model.layers[0].self_attn.q_proj
+    folded = q.weight + 8 / 4 * q.lora_B @ q.lora_A  # (out, in): W + (alpha / r) B A
     llama.merge_lora(m)
-    llama.merge_lora(m)  # idempotent
+    llama.merge_lora(m)  # idempotent: the second call adds nothing
+    torch.testing.assert_close(q.weight, folded, atol=1e-6, rtol=0)  # fp32 rounding of the product
     # merged W + BA vs W x + B A x: fp32 reassociation only
     torch.testing.assert_close(m(ids), unmerged, atol=ATOL, rtol=0)
-    llama.unmerge_lora(m)
-    llama.unmerge_lora(m)
-    torch.testing.assert_close(m.model.layers[0].self_attn.q_proj.weight, before, atol=1e-6, rtol=0)  # fp32 add/sub
-    llama.save_lora(m, tmp_path / "lora.safetensors")
-    m2 = tiny()
-    llama.apply_lora(m2, rank=4, alpha=8)
-    llama.load_lora(m2, tmp_path / "lora.safetensors")
-    torch.testing.assert_close(m2(ids), unmerged, atol=0, rtol=0)  # same tensors, same ops
-    llama.merge_lora(m2)  # loading into a merged model replaces the folded B A
-    llama.load_lora_state_dict(m2, {k: torch.zeros_like(v) for k, v in llama.lora_state_dict(m2).items()})
-    torch.testing.assert_close(m2(ids), base, atol=ATOL, rtol=0)
-    sd = llama.lora_state_dict(m)
-    sd.pop(next(iter(sd)))
-    with pytest.raises(ValueError, match="missing"):
-        llama.load_lora_state_dict(m2, sd)
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +355,7 @@ def test_tokenizer_roundtrip_eos_and_determinism(tok, tmp_path):
     assert (t.bos_id, t.eos_id, t.pad_id) == (1, 2, 0)
     for s in ["The lazy fox.\nÜber 42 ünïcode ✓", "  two spaces"]:
         assert t.decode(t.encode(s)) == s
-    assert t.decode([llama.IMAGE_TOKEN_INDEX] + t.encode("hi", bos=False)) == "hi"  # placeholder dropped
+    assert t.decode([conversation.IMAGE_TOKEN_INDEX] + t.encode("hi", bos=False)) == "hi"  # placeholder dropped
     ids = t.encode("hi</s>there")
     assert ids.count(2) == 1 and ids[0] == 1
     t2 = conversation.train_tokenizer(texts, str(tmp_path / "t2.model"), 400)
@@ -368,7 +363,7 @@ def test_tokenizer_roundtrip_eos_and_determinism(tok, tmp_path):
 
 
 def pieces(t, ids):
-    return "".join("<image>" if i == llama.IMAGE_TOKEN_INDEX else t.sp.id_to_piece(i) for i in ids)
+    return "".join("<image>" if i == conversation.IMAGE_TOKEN_INDEX else t.sp.id_to_piece(i) for i in ids)
 
 
 def test_image_first_is_the_one_image_normalisation():
@@ -385,9 +380,10 @@ def test_vicuna_template_labels(tok):
     conv = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A red square."},
             {"from": "human", "value": "And the fox?"}, {"from": "gpt", "value": "It jumps."}]
     ids, labels = conversation.encode_conversation(conv, t)
-    assert len(ids) == len(labels) and ids.count(llama.IMAGE_TOKEN_INDEX) == 1 and ids[0] == t.bos_id
-    kept = [i for i, l in zip(ids, labels) if l != llama.IGNORE_INDEX]
-    assert all(l in (llama.IGNORE_INDEX, i) for i, l in zip(ids, labels))
+    assert len(ids) == len(labels) and ids.count(conversation.IMAGE_TOKEN_INDEX) == 1 and ids[0] == t.bos_id
+    assert conversation.IGNORE_INDEX == llama.IGNORE_INDEX  # the labels' skip mark is the one the loss skips
+    kept = [i for i, l in zip(ids, labels) if l != conversation.IGNORE_INDEX]
+    assert all(l in (conversation.IGNORE_INDEX, i) for i, l in zip(ids, labels))
     assert pieces(t, kept) == "▁A▁red▁square.</s>▁It▁jumps.</s>"
     # chunk-wise around the image: the chunk after it gets its own dummy prefix "▁" (as LLaVA), and no
     # dummy prefix after </s> (HF legacy=False)
@@ -397,7 +393,7 @@ def test_vicuna_template_labels(tok):
     p = conversation.encode_prompt("<image>\nWhat is this?", t)
     assert ids[:len(p)] == p  # the inference prompt is the training prefix up to "ASSISTANT:"
     pid, plab = conversation.encode_conversation(conv[:2], t, "plain")
-    assert pid[:2] == [t.bos_id, llama.IMAGE_TOKEN_INDEX] and plab[:2] == [-100, -100] and plab[2:] == pid[2:]
+    assert pid[:2] == [t.bos_id, conversation.IMAGE_TOKEN_INDEX] and plab[:2] == [-100, -100] and plab[2:] == pid[2:]
     assert t.decode(pid[2:]) == "A red square.\n" and t.eos_id not in pid
 
 

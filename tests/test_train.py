@@ -331,7 +331,7 @@ def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_
     data = llava_data.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, context, cfg.image_tokens)
     (ids, labels, image), reason = data.encode(item)
     assert image[2] == (4, 4) and reason is None
-    answer = [x for x in labels if x != llama.IGNORE_INDEX]
+    answer = [x for x in labels if x != conversation.IGNORE_INDEX]
     assert answer == tok.encode("green", bos=False) + [tok.eos_id]
     assert len(ids) - 1 + 2465 <= context
     old = llava_data.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, 2048, cfg.image_tokens)
