@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock, VisionTransformer
 
 WEIGHTS_HELP = (
     "download the open_clip 'openai' ViT-L-14-336 weights, e.g. "
@@ -77,6 +76,8 @@ def default_adapter_layers(n_layers):
 def build_vision_tower(cfg, weights=None):
     """open_clip VisionTransformer for cfg; weights: a local open_clip checkpoint (full CLIP with `visual.` keys, or
     visual-only), safetensors or .bin (read with weights_only=True). Loaded strictly."""
+    # imported here, not at the top: open_clip takes 3-4 s to import, which every CLI's --help would wait for
+    from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
     vit = VisionTransformer(
         image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
         heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.output_dim,
@@ -133,6 +134,7 @@ class VisionTower(nn.Module):
         self.vit.eval()
         blocks = self.vit.transformer.resblocks
         # the hook below re-uses the block's own submodules; it relies on open_clip's default block layout
+        from open_clip.transformer import ResidualAttentionBlock  # loaded by build_vision_tower already
         assert self.vit.transformer.batch_first and all(type(b) is ResidualAttentionBlock for b in blocks)
         self.feature_layer = cfg.layers - 2  # LLaVA: output of the penultimate block
         self.gradient_checkpointing = False  # recompute the blocks autograd runs through (SRA) in backward
@@ -142,37 +144,39 @@ class VisionTower(nn.Module):
         self.vit.eval()  # frozen: always eval (no dropout anywhere, but keep it explicit)
         return self
 
-    def forward(self, pixels, groups=None, adapters=None, start=0):
-        """pixels (N, 3, S, S) normalised; groups: list of (m, n) or None, consecutive runs of images (m*n images for
-        a grid, 1 for None) -- the adapters see a grid's slices together, None passes through unadapted;
-        adapters: dict block index -> module(p (m*n, L, D), (m, n)) -> (m*n, L, D). With start > 0, pixels is
-        instead prefix(pixels, start): the hidden states (N, 1+L, D) after the first `start` blocks, which must hold
-        no adapter. Returns (N, L, D)."""
+    def forward(self, pixels, groups=None, adapters=None):
+        """pixels (N, 3, S, S) normalised -> LLaVA features (N, L, D): prefix, then features (groups, adapters there)."""
+        return self.features(self.prefix(pixels, 0), 0, groups, adapters)
+
+    @torch.no_grad()
+    def prefix(self, pixels, depth):
+        """pixels (N, 3, S, S) normalised -> hidden states (N, 1+L, D) after the patch embedding and the first `depth`
+        blocks (no adapters): frozen in every stage, so they can be computed once per image and reused."""
+        x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))
+        for blk in self.vit.transformer.resblocks[:depth]:
+            x = block(blk, x)
+        return x
+
+    def features(self, x, start, groups=None, adapters=None):
+        """x (N, 1+L, D): hidden states after the first `start` blocks (prefix) -> LLaVA features (N, L, D), CLS
+        dropped, after the blocks up to the feature layer. groups: list of (m, n) or None, consecutive runs of
+        images (m*n images for a grid, 1 for None) -- the adapters see a grid's slices together, None passes through
+        unadapted; adapters: dict block index (>= start) -> module(p (m*n, L, D), (m, n)) -> (m*n, L, D)."""
         adapters = adapters or {}
         if groups is None:
-            groups = [None] * pixels.shape[0]
+            groups = [None] * x.shape[0]
         sizes = [1 if g is None else g[0] * g[1] for g in groups]
-        if sum(sizes) != pixels.shape[0]:
-            raise ValueError(f"groups cover {sum(sizes)} images, pixels hold {pixels.shape[0]}")
+        if sum(sizes) != x.shape[0]:
+            raise ValueError(f"groups cover {sum(sizes)} images, x holds {x.shape[0]}")
         if adapters and start > min(adapters):
             raise ValueError(f"a prefix of {start} blocks skips the adapter in block {min(adapters)}")
         trains_adapter = torch.is_grad_enabled() and any(
             p.requires_grad for a in adapters.values() for p in a.parameters())
         first_grad = min(adapters) if trains_adapter else self.feature_layer + 1
         with torch.no_grad():  # everything before the first trainable adapter needs no graph
-            x = self.prefix(pixels, 0) if start == 0 else pixels.to(self.vit.conv1.weight.dtype)  # (N, 1+L, D)
-            x = self._blocks(x, start, first_grad, groups, sizes, adapters)
+            x = self._blocks(x.to(self.vit.conv1.weight.dtype), start, first_grad, groups, sizes, adapters)
         x = self._blocks(x, max(start, first_grad), self.feature_layer + 1, groups, sizes, adapters)
         return x[:, 1:]  # (N, L, D), CLS dropped
-
-    @torch.no_grad()
-    def prefix(self, pixels, depth):
-        """pixels (N, 3, S, S) -> hidden states (N, 1+L, D) after the patch embedding and the first `depth` blocks
-        (no adapters): frozen in every stage, so they can be computed once per image and reused."""
-        x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))
-        for blk in self.vit.transformer.resblocks[:depth]:
-            x = block(blk, x)
-        return x
 
     def _blocks(self, x, start, stop, groups, sizes, adapters):
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -214,7 +218,23 @@ def attention(attn, x):
 def mlp(m, x):
     """open_clip's c_fc -> act -> c_proj. QuickGELU, h * sigmoid(1.702 h), is computed as silu(1.702 h) / 1.702 with
     the two scales folded into c_fc and c_proj: one fused op over the (N, T, 4D) activations instead of three."""
-    if not isinstance(m.gelu, QuickGELU):
+    if isinstance(m.gelu, nn.GELU):  # build_vision_tower's other choice, QuickGELU's alternative
         return m(x)
     h = F.silu(F.linear(x, m.c_fc.weight * 1.702, m.c_fc.bias * 1.702))  # (N, T, 4D)
     return F.linear(h, m.c_proj.weight / 1.702, m.c_proj.bias)
+
+
+@torch.no_grad()
+def attention_entropy(tower, pixels):
+    """Mean entropy (nats) of the attention rows of every block, head and query of the ViT on normalised pixels
+    (N, 3, S, S). Uniform attention over 1+L tokens gives ln(1+L): a token then mixes in only the image mean."""
+    x, total = tower.vit._embeds(pixels), 0.0                            # (N, 1+L, D)
+    for blk in tower.vit.transformer.resblocks:
+        N, T, D = x.shape
+        nh = blk.attn.num_heads
+        qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+        q, k, _ = qkv.view(N, T, 3, nh, D // nh).permute(2, 0, 3, 1, 4)  # (N, nh, T, hs) each
+        p = (q @ k.transpose(-1, -2) * (D // nh) ** -0.5).softmax(-1)   # (N, nh, T, T)
+        total += -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
+        x = block(blk, x)
+    return total / len(tower.vit.transformer.resblocks)

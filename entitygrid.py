@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from conversation import multiple_choice
 from metrics import mean
 
 TASKS = ("recognition", "position", "counting")
@@ -38,8 +39,6 @@ EDGE_CELLS = (2, 4, 5, 6, 8)   # crossed by a 2 x 2 slice border (5 by both)
 OTHER_CELLS = tuple(c for c in CELLS if c not in EDGE_CELLS)  # 1, 3, 7, 9: inside one slice
 LAYOUTS = ("edge", "corner", "mixed")  # where a question's entities sit: all in edge cells, none, some
 LETTERS = "ABCD"
-MC_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's multiple-choice prompt
-TEXT_PROMPT = "Answer with the option's text from the given choices directly."  # option-text answers (ranked)
 MIN_BASE, MAX_BASE = 48, 2048  # a cell of 2*base/3 >= 32 px keeps a 6-letter word ~8 px high
 MARGIN = 2                     # px of blank between an entity and its cell's border
 
@@ -223,7 +222,9 @@ def noun(e):
 
 
 def plural(e):
-    return OBJECTS[e.name][0] if e.family == "object" else e.name + "s"
+    if e.family == "object":
+        return OBJECTS[e.name][0]
+    return e.name + ("es" if e.name.endswith("s") else "s")  # "red crosses"
 
 
 def sample_entity(rng, family, cell):
@@ -354,17 +355,106 @@ def generate(out_dir, num, seed, base=336, split="train", families=FAMILIES):
     return questions
 
 
+# ----------------------------------------------------------------------------- whole entities (tiny ViT stage 0)
+
+def entity_classes(families):
+    """Names of every entity the families can draw (numbers excluded: 10,000 of them), in a fixed order."""
+    return ([w for w in WORDS] if "word" in families else []) + (list(OBJECTS) if "object" in families else []) + \
+        ([f"{c} {s}" for c in INK_COLORS for s in SHAPES] if "shape" in families else [])
+
+
+def whole_entity_scene(rng, size, families=("object", "shape"), max_entities=3):
+    """A size x size RGB image of 1..max_entities whole entities (never cut by the border), sizes from an overview's
+    to a slice's scale, boxes not overlapping; a second entity repeats the first one's name half of the time, so
+    scenes hold copies. -> (image, entities)."""
+    names, entities = entity_classes(families), []
+    for _ in range(rng.randint(1, max_entities)):
+        name = entities[0].name if entities and rng.random() < 0.5 else rng.choice(names)
+        e = Entity(family_of(name), name, name.split()[0] if family_of(name) == "shape" else "black", 0)
+        for _ in range(20):  # rejection sampling of a free box
+            long_side = rng.uniform(0.2, 0.6) * size
+            if e.family == "word":
+                e.font_size, w, h = measure_text(name, long_side, long_side)
+            else:
+                aspect = OBJECTS[name][1] if e.family == "object" else 1.0
+                w, h = round(long_side * min(aspect, 1)), round(long_side / max(aspect, 1))
+            x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
+            if all(x0 + w <= a or a + c <= x0 or y0 + h <= b or b + d <= y0 for a, b, c, d in
+                   (f.box for f in entities)):
+                e.box = (x0, y0, w, h)
+                entities.append(e)
+                break
+    canvas = render(entities, size // 2).convert("RGB")
+    return canvas, entities
+
+
+def patch_targets(entities, names, size, patch):
+    """Per-patch stage-0 targets of a whole_entity_scene, row-major (L, 6) float32: the class index of the entity
+    under the patch centre (0: background, else 1 + index in names), the number of its copies in the scene, and its
+    box (x0, y0, x1, y1) relative to the patch centre in units of the image size. Class, extent and copies are
+    properties of the whole entity: a patch cannot tell them from its own pixels."""
+    g = size // patch
+    cy, cx = (a.flatten() for a in np.meshgrid((np.arange(g) + 0.5) * patch, (np.arange(g) + 0.5) * patch,
+                                                  indexing="ij"))                      # (L,) patch centres
+    out = np.zeros((g * g, 6), np.float32)
+    for e in entities:
+        x0, y0, w, h = e.box
+        inside = (cx >= x0) & (cx < x0 + w) & (cy >= y0) & (cy < y0 + h)              # (L,)
+        out[inside, 0] = 1 + names.index(e.name)
+        out[inside, 1] = sum(f.name == e.name for f in entities)
+        out[inside, 2:] = np.stack([x0 - cx, y0 - cy, x0 + w - cx, y0 + h - cy], 1)[inside] / size
+    return out
+
+
+def cut_entities(rng, n, size, patch, families=("object", "shape")):
+    """n single whole entities at a slice's scale and, beside each, the same image with the entity's right half
+    blanked from the patch boundary nearest its centre, as a slice border would cut it. -> whole, cut (n, 3, size,
+    size) uint8 arrays and keep (n, L) bool: the patches left of the cut that hold part of the entity."""
+    names, whole, cut, keep = entity_classes(families), [], [], []
+    g = np.arange(size // patch) * patch                                                # left/top edge of each patch
+    for _ in range(n):
+        name = rng.choice(names)
+        e = Entity(family_of(name), name, name.split()[0] if family_of(name) == "shape" else "black", 0)
+        long_side = rng.uniform(0.4, 0.6) * size
+        aspect = OBJECTS[name][1] if e.family == "object" else 1.0
+        w, h = round(long_side * min(aspect, 1)), round(long_side / max(aspect, 1))
+        x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
+        e.box = (x0, y0, w, h)
+        pixels = np.asarray(render([e], size // 2).convert("RGB")).transpose(2, 0, 1)  # (3, S, S)
+        at = max(patch, round((x0 + w / 2) / patch) * patch)
+        halved = pixels.copy()
+        halved[:, :, at:] = 255
+        whole.append(pixels), cut.append(halved)
+        cols, rows = (g + patch <= at) & (g + patch > x0), (g + patch > y0) & (g < y0 + h)
+        keep.append((rows[:, None] & cols[None, :]).flatten())
+    return np.stack(whole), np.stack(cut), np.stack(keep)
+
+
 def load_questions(out_dir):
     with open(os.path.join(out_dir, "questions.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def text_qa_items(questions):
+    """EntityGrid-QA as stage-2 data with option-text answers: the options listed without letters, the answer is
+    the correct option's text (scored by likelihood ranking, --mc rank)."""
+    return [{"id": q["id"], "image": q["image"], "conversations": [
+        {"from": "human", "value": "<image>\n" + format_question(q, letters=False)},
+        {"from": "gpt", "value": q["options"][LETTERS.index(q["answer"])]}]} for q in questions]
+
+
+def caption_items(questions):
+    """Stage-1 captions for EntityGrid-QA images (plain template): each entity's name and its cell."""
+    return [{"id": q["id"], "image": q["image"], "conversations": [
+        {"from": "human", "value": "<image>"},
+        {"from": "gpt", "value": ", ".join(f"{e} in cell {c}" for e, c in zip(q["entities"], q["positions"]))}]}
+        for q in questions]
+
+
 def format_question(q, letters=True):
-    """LLaVA's multiple-choice prompt: question, lettered options, answer instruction; letters=False lists the
-    options without letters and asks for the option's text (the answers likelihood ranking scores)."""
-    if not letters:
-        return q["question"] + "".join(f"\n{o}" for o in q["options"]) + "\n" + TEXT_PROMPT
-    return q["question"] + "".join(f"\n{l}. {o}" for l, o in zip(LETTERS, q["options"])) + "\n" + MC_PROMPT
+    """LLaVA's multiple-choice prompt of a question (conversation.multiple_choice): lettered options and the letter
+    instruction; letters=False lists the options bare and asks for the option's text (likelihood ranking)."""
+    return multiple_choice(q["question"], q["options"], letters)
 
 
 # ----------------------------------------------------------------------------- metric
@@ -471,7 +561,8 @@ def wrap(text, f, width):
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate EntityGrid-QA (paper 3.4) or draw a contact sheet of it.")
+    p = argparse.ArgumentParser(description="Generate EntityGrid-QA (paper 3.4) or draw a contact sheet of it.",
+                                usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
     p.add_argument("--out", help="output directory: gets images/*.png, questions.jsonl and llava.json")
     p.add_argument("--num", type=int, default=1000, help="number of questions (one image each), > 0")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical output")

@@ -12,17 +12,24 @@ import argparse
 import base64
 import csv
 import glob
+import hashlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from tqdm import tqdm
+
+import entitygrid
+from conversation import encode_prompt, multiple_choice
 from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_letter_ai2d, parse_letter_mmbench,
                      parse_letter_scienceqa, parse_yes_no, parse_yes_pope, pope_metrics, relaxed_accuracy,
                      vqa_accuracy)
 
-
+# hires, slicing and torch are imported inside the functions that run the model: they take seconds to import
+# (torch, open_clip), and `--help` needs none of them.
 class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
 
@@ -30,8 +37,6 @@ class EvalError(Exception):
 # Benchmarks: official files in, LLaVA-1.5's prompts, submission files out (docs/benchmarks.md#benchmarks).
 
 SHORT = "\nAnswer the question using a single word or phrase."
-LETTER = "\nAnswer with the option's letter from the given choices directly."
-TEXT = "\nAnswer with the option's text from the given choices directly."  # --mc rank (entitygrid.TEXT_PROMPT)
 BENCHES = {}
 
 @dataclass
@@ -48,9 +53,11 @@ class Sample:
         LLaVA's prompt) or listed without letters for likelihood ranking (mc="rank")."""
         if self.options is None:
             return self.prompt
-        if mc == "rank":
-            return self.prompt + "".join(f"\n{o}" for o in self.options) + TEXT
-        return self.prompt + "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(self.options)) + LETTER
+        return multiple_choice(self.prompt, self.options, letters=mc != "rank")
+
+    def ranked(self, mc):
+        """True when --mc rank scores this question's options by likelihood instead of generating an answer."""
+        return self.options is not None and mc == "rank"
 
 @dataclass
 class Bench:
@@ -64,16 +71,17 @@ class Bench:
     split: str
     max_new_tokens: int   # LLaVA-1.5's (or lmms-eval's) generation length for the benchmark
     slicing: dict = None  # checkpoint config fields the benchmark fixes (EntityGrid-QA: its 2 x 2 grid)
+    batch_size: int = 1   # questions generated together unless --batch-size says otherwise
 
     def qid(self, record):
         return "/".join(str(record[k]) for k in self.id_keys)
 
 def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128,
-             slicing=None):
+             slicing=None, batch_size=1):
     """Decorator: adds a loader (data_dir, split) -> list[Sample] to BENCHES under `name`."""
     def add(load):
         BENCHES[name] = Bench(name, load, score, files, source, id_keys, answer_key, split, max_new_tokens,
-                              slicing)
+                              slicing, batch_size)
         return load
     return add
 
@@ -86,11 +94,17 @@ def need(path, bench):
 
 def load_json(path, bench, lines=False):
     """A JSON file, or a JSON-lines file (lines=True); one-line errors when missing or malformed."""
-    try:
-        with open(need(path, bench), encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not valid JSON ({e})") from None
+    with open(need(path, bench), encoding="utf-8") as f:
+        text = f.read()
+    parts = [(i, line) for i, line in enumerate(text.split("\n"), 1) if line.strip()] if lines else [(0, text)]
+    out = []
+    for i, part in parts:
+        try:
+            out.append(json.loads(part))
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}{f' line {i}' if lines else ''}: not valid JSON ({e}); truncated? get the "
+                            "file again") from None
+    return out if lines else out[0]
 
 def scorer(metric, per_question):
     """score function averaging per_question(sample, answer) into {metric: mean}."""
@@ -284,45 +298,46 @@ def load_llava_w(data, split):
                    {}) for q in load_json(os.path.join(data, "questions.jsonl"), "llava-w", lines=True)]
 
 def score_entitygrid(samples, answers):
-    import entitygrid
     return entitygrid.score([s.gt for s in samples], {s.gt["id"]: a for s, a in zip(samples, answers)})
 
 # the 2S x 2S canvas is built for exactly 2 x 2 slices (entitygrid.py): with upscale (the paper preset) it would be
 # 4 x 4, and the slice borders would cut the edge cells too, so every checkpoint is evaluated without upscaling
 @register("entitygrid", score_entitygrid, "DIR/questions.jsonl and its images (written by `python entitygrid.py`)",
           "`python entitygrid.py --help`", ("id",), split="all", max_new_tokens=16,
-          slicing=dict(upscale=False, max_slices=4))
+          slicing=dict(upscale=False, max_slices=4), batch_size=64)  # 64: train.py's --eval-batch, as fast
 def load_entitygrid(data, split):
-    """EntityGrid-QA (docs/method.md#entitygrid-qa) through entitygrid.py's own reader, prompt and score."""
-    import entitygrid
-    need(os.path.join(data, "questions.jsonl"), "entitygrid")
+    """EntityGrid-QA (docs/method.md#entitygrid-qa): questions.jsonl as entitygrid.py writes it, scored by
+    entitygrid.score."""
+    questions = load_json(os.path.join(data, "questions.jsonl"), "entitygrid", lines=True)
     return [Sample({"id": q["id"]}, q["question"], os.path.join(data, q["image"]), q, options=q["options"])
-            for q in entitygrid.load_questions(data)]
+            for q in questions]
 
 # ----------------------------------------------------------------------------------------------------------------
-# Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
 
+# Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
     import hires
     hires.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 def read_partial(path):
-    """{qid: record} from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off the file."""
+    """(run key, {qid: record}) from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off."""
     with open(path, "rb") as f:
         data = f.read()
-    records, good = {}, 0
+    records, good = [], 0
     for line in data.split(b"\n")[:-1]:  # what follows the last newline is incomplete by construction
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             break
-        records[record["qid"]] = record
         good += len(line) + 1
     if good != len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
-    return records
+    if not records or not isinstance(records[0], dict) or "key" not in records[0]:
+        raise EvalError(f"{path}: no run key on its first line, so its answers cannot be matched to this run; "
+                        "delete it to start over")
+    return records[0]["key"], {r["qid"]: r for r in records[1:]}
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -335,21 +350,25 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
     them (overrides: config fields), with one-line errors for a missing or non-fitting checkpoint."""
     import hires
     import torch
-    if not os.path.isdir(ckpt):
-        raise EvalError(f"{ckpt}: checkpoint folder not found (train.py writes one)")
-    try:
-        with open(os.path.join(ckpt, "config.json")) as f:
-            cfg = {**json.load(f), **overrides}
-    except (OSError, ValueError) as e:
-        raise EvalError(f"{ckpt}: checkpoint does not fit the model: {e}") from None
+    cfg = {**checkpoint_config(ckpt), **overrides}
     for key, flag in (("clip_weights", "--clip"), ("llm_path", "--llm"), ("tokenizer_path", "--tokenizer")):
         if cfg.get(key) and not os.path.exists(cfg[key]):
             raise EvalError(f"{cfg[key]}: the {key} of {ckpt} is not there; moved? point to it with {flag}")
     try:
         return hires.load_checkpoint(ckpt, device=device, dtype=getattr(torch, DTYPES[dtype]),
                                      adapter_dtype=torch.float32, **overrides).eval()
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
+
+def checkpoint_config(ckpt):
+    """hires.read_config: the checkpoint's config.json, backbone paths resolved; one-line errors."""
+    import hires
+    try:
+        return hires.read_config(ckpt)
+    except (OSError, ValueError) as e:
+        raise EvalError(str(e)) from None
 
 def open_image(sample, tmp):
     """The sample's PIL image via slicing.load_image (image bytes go through a temporary file); None: no image."""
@@ -377,20 +396,29 @@ def backbones(args):
         out["tokenizer_path"] = os.path.abspath(os.path.join(args.llm, "tokenizer.model"))
     return out
 
-def generate_all(bench, samples, args, partial):
-    """Answers parallel to samples, the counts of bad images and over-long prompts, and the slice grids used;
-    --resume continues."""
+def generate_all(bench, samples, args, partial, key):
+    """Answers parallel to samples, each one's failure kind (None: answered), the counts of bad images and
+    over-long prompts, and the slice grids used. --resume continues a partial file only if its first line holds
+    the same run key (run_key)."""
     import hires
     import slicing
     import torch
-    from tqdm import tqdm
 
     def failed(s, error, kind):  # documented choice: an empty prediction, a warning, a count under `kind`
         tqdm.write(f"warning: {error}: empty prediction for question {s.qid}")
         return {"qid": s.qid, "text": "", "error": str(error), "kind": kind}
     if os.path.exists(partial) and not args.resume:
         raise EvalError(f"{partial} exists from an earlier run: pass --resume to continue it, or delete it")
-    done = read_partial(partial) if os.path.exists(partial) else {}
+    done = {}
+    if os.path.exists(partial):
+        theirs, done = read_partial(partial)
+        differ = "; ".join(f"{k} {theirs.get(k)} there, {key[k]} here" for k in key if theirs.get(k) != key[k])
+        if differ:
+            raise EvalError(f"{partial}: answers of another run ({differ}); pass another --out, or delete it to "
+                            "start over")
+    else:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key}) + "\n")
     torch.manual_seed(args.seed)
     todo = [s for s in samples if s.qid not in done]
     if todo:
@@ -401,63 +429,75 @@ def generate_all(bench, samples, args, partial):
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
-                batch, ask = todo[i:i + args.batch_size], []
+                batch, fit = todo[i:i + args.batch_size], []
                 for s in batch:
                     try:
                         img = open_image(s, tmp)
-                        ask.append((s, img if img is None else preprocess(model, bench, s, img)))
+                        pre = img if img is None else preprocess(model, bench, s, img)
+                        ranked = s.ranked(key["mc"])
+                        model.check_length(pre, s.text(key["mc"]), s.options if ranked else None)
+                        fit.append((s, pre))
                     except slicing.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
-                with torch.inference_mode(), amp:  # a prompt beyond the context gets its PromptTooLong as answer
-                    texts = answer(model, ask, args, bench) if ask else []
-                for (s, pre), t in zip(ask, texts):  # hires.generate returns the answers stripped
-                    done[s.qid] = failed(s, t, "too_long") if isinstance(t, hires.PromptTooLong) else \
-                        {"qid": s.qid, "text": t, **({"grid": list(pre[2])} if pre is not None else {})}
+                    except hires.PromptTooLong as e:
+                        done[s.qid] = failed(s, e, "too_long")
+                with torch.inference_mode(), amp:
+                    texts = answer_batch(model, fit, args, bench, key["mc"]) if fit else []
+                for (s, pre), text in zip(fit, texts):  # hires.generate returns the answers stripped
+                    done[s.qid] = {"qid": s.qid, "text": text, **({"grid": list(pre[2])} if pre is not None else {})}
                 f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
                 f.flush()
                 os.fsync(f.fileno())  # an answer on disk is never generated again
                 bar.update(len(batch))
     kinds = [done[s.qid].get("kind") for s in samples]
     grids = sorted("x".join(map(str, done[s.qid]["grid"])) for s in samples if "grid" in done[s.qid])
-    return [done[s.qid]["text"] for s in samples], {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
+    return [done[s.qid]["text"] for s in samples], kinds, {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
         {g: grids.count(g) for g in dict.fromkeys(grids)}
 
-def provenance(args, bench, samples, grids):
+def run_key(args, bench, split, mc, max_new_tokens):
+    """What the answers depend on, stored as the first line of the partial file: the checkpoint by content (sha256
+    of its tensors and its config without the backbone paths, so a moved run is the same checkpoint), benchmark,
+    split, multiple-choice mode and generation settings (greedy). The batch size is left out: fp32 answers do not
+    depend on it, and a run that ran out of memory resumes with a smaller one."""
+    import hires
+    h, weights = hashlib.sha256(), os.path.join(args.ckpt, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise EvalError(f"{args.ckpt}: not a checkpoint folder (no model.safetensors; train.py writes checkpoints)")
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    cfg = {k: v for k, v in checkpoint_config(args.ckpt).items() if k not in hires.BACKBONE_PATHS}
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    return dict(checkpoint=h.hexdigest()[:16], bench=bench.name, split=split, mc=mc, max_new_tokens=max_new_tokens,
+                temperature=0.0, dtype=resolve_dtype(args.dtype, args.device))
+
+def provenance(args, bench, samples, grids, key):
     """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
     import hires
-    path, cfg = os.path.join(args.ckpt, "config.json"), {}
-    if os.path.isfile(path):  # a --resume with every answer already written may run without the checkpoint
-        with open(path) as f:
-            cfg = json.load(f)
+    cfg = checkpoint_config(args.ckpt)
     cfg.update(bench.slicing or {}, **backbones(args))
     return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
-            "llm_path", "tokenizer_path")}, "prompt_template": "vicuna_v1", "example_prompt": samples[0].prompt,
-            "max_new_tokens": args.max_new_tokens or bench.max_new_tokens, "temperature": 0.0,
+            "llm_path", "tokenizer_path")}, "checkpoint_sha256": key["checkpoint"], "prompt_template": "vicuna_v1",
+            "trained_template": cfg.get("template"), "example_prompt": samples[0].prompt,
+            "max_new_tokens": key["max_new_tokens"], "temperature": 0.0,
             "batch_size": args.batch_size, "dtype": resolve_dtype(args.dtype, args.device), "device": args.device,
             "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
                                            "grids": grids}, "git_commit": hires.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-def answer(model, batch, args, bench):
-    """Greedy answers to [(sample, image)]; with --mc rank, multiple-choice samples get the letter of the option
-    the model finds most likely (the option texts after the letter-free prompt; the scorer parses that letter)."""
-    import hires
-    rank = [s.options is not None and args.mc == "rank" for s, _ in batch]
-    texts = iter(model.generate([img for (_, img), r in zip(batch, rank) if not r],
-                                [s.text() for (s, _), r in zip(batch, rank) if not r], temperature=0.0,
-                                max_new_tokens=args.max_new_tokens or bench.max_new_tokens, too_long="return")
-                 if not all(rank) else [])
+def answer_batch(model, batch, args, bench, mc):
+    """Greedy answers to [(sample, image)] whose prompts fit the context; with --mc rank, multiple-choice samples
+    get the letter of the option the model finds most likely (the option texts after the letter-free prompt; the
+    scorer parses that letter)."""
+    rank = [s.ranked(mc) for s, _ in batch]
+    free = [(s, img) for (s, img), r in zip(batch, rank) if not r]
+    texts = iter(model.generate([img for _, img in free], [s.text() for s, _ in free], temperature=0.0,
+                                max_new_tokens=args.max_new_tokens or bench.max_new_tokens) if free else [])
     ranked = [(s, img) for (s, img), r in zip(batch, rank) if r]
     scores = iter(model.option_logprobs([img for _, img in ranked], [s.text("rank") for s, _ in ranked],
-                                        [s.options for s, _ in ranked], too_long="return") if ranked else [])
-    out = []
-    for r in rank:
-        if not r:
-            out.append(next(texts))
-            continue
-        lp = next(scores)
-        out.append(lp if isinstance(lp, hires.PromptTooLong) else chr(65 + max(range(len(lp)), key=lp.__getitem__)))
-    return out
+                                        [s.options for s, _ in ranked]) if ranked else [])
+    best = lambda lp: chr(65 + max(range(len(lp)), key=lp.__getitem__))  # the letter of the likeliest option
+    return [best(next(scores)) if r else next(texts) for r in rank]
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -475,10 +515,10 @@ def read_predictions(path, bench, samples):
     return [preds[s.qid] for s in samples]
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
 
+# CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(usage=argparse.SUPPRESS,  # an error is one line, not a usage block above it
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
                     "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json. "
                     "With --image: ask the checkpoint about one image (--ask, or questions read from stdin).",
@@ -490,52 +530,70 @@ def parse_args(argv=None):
     a("--data", help="folder holding the benchmark's released files (see below)")
     a("--image", help="ask about this image instead of running a benchmark")
     a("--ask", help="with --image: the question (without it, one question per line from stdin)")
-    a("--temperature", type=float, default=0.0, help="with --image: 0 is greedy, else sampled with --top-p")
-    a("--top-p", type=float, default=1.0, help="with --image: nucleus sampling mass")
+    a("--temperature", type=float, default=0.0, help="with --image: 0 is greedy, else sampled with --top-p (>= 0)")
+    a("--top-p", type=float, default=1.0, help="with --image: nucleus sampling mass, in (0, 1]")
     a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
     a("--out", help="output folder (default: runs/eval/<bench>)")
     a("--clip", help="CLIP weights file, if moved since training (default: the checkpoint's)")
     a("--llm", help="LLM directory, if moved since training (default: the checkpoint's)")
     a("--tokenizer", help="sentencepiece model (default: LLM/tokenizer.model with --llm, else the checkpoint's)")
     a("--split", help="split to read (default: the benchmark's, listed below)")
-    a("--device", default="cpu", help="torch device, e.g. cuda")
+    a("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     a("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="backbone weights and autocast (adapters "
       "stay fp32, as in training); auto: bf16 on cuda, fp32 on cpu")
-    a("--batch-size", type=int, default=1, help="questions generated together (default 1, as LLaVA's model_vqa; "
-      "greedy answers are the same at any batch size in fp32, not always in bf16: see the README)")
+    a("--batch-size", type=int, help="questions generated together (default 1, as LLaVA's model_vqa; entitygrid "
+      "64, as train.py's evaluation); greedy answers are the same at any batch size in fp32, not always in bf16: "
+      "see the README")
     a("--limit", type=int, help="evaluate only the first N questions (quick checks)")
     a("--seed", type=int, default=0, help="torch seed set before generation (recorded in metrics.json)")
     a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
       "(without it, an existing partial file is an error)")
-    a("--max-new-tokens", type=int, help="generation length cap (default: LLaVA-1.5's for the benchmark, below)")
-    a("--mc", choices=("letter", "rank"), default="letter", help="multiple-choice benchmarks (ai2d, scienceqa, "
-      "mmbench, entitygrid): generate the option letter after LLaVA's prompt (letter, default), or rank the option "
-      "texts by likelihood after a letter-free prompt and answer the best one's letter (rank; the tiny preset)")
+    a("--max-new-tokens", type=int, help="generation length cap, >= 1 (default: LLaVA-1.5's for the benchmark, "
+      "below; with --image 512)")
+    a("--mc", choices=("letter", "rank"), help="multiple-choice benchmarks (ai2d, scienceqa, mmbench, entitygrid): "
+      "generate the option letter after LLaVA's prompt (letter), or rank the option texts by likelihood after a "
+      "letter-free prompt and answer the best one's letter (rank; the tiny preset). Default: the mode the "
+      "checkpoint was trained for (its config.json 'mc'; metrics.json says which was used)")
     a("--predictions", help="score this existing predictions.json instead of running a model")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--batch-size and --limit must be >= 1")
+    for flag, value, ok, need in (("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1,
+                                   ">= 1"),
+                                  ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+                                  ("--max-new-tokens", args.max_new_tokens,
+                                   args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
+                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            p.error(f"{flag} {value}: must be {need}")
     if not args.ckpt and not args.predictions:
         p.error("--ckpt is required unless --predictions is given")
     if not args.image and not (args.bench and args.data):
         p.error("--bench and --data are required (or --image FILE to ask about one image)")
     if args.image and not args.ckpt:
         p.error("--image needs --ckpt")
+    for flag, path in (("--ckpt", args.ckpt), ("--image", args.image)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path}: no such file or directory")
+    if args.device.startswith("cuda"):
+        import torch  # here, not at the top: --help and the checks above answer without torch's 2-5 s import
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this machine has no CUDA device (torch.cuda.is_available() is "
+                    "False); use --device cpu")
     return args
 
 def ask(args):
     """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
     import hires
     import slicing
-    import conversation
     import torch
-    dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
     try:
-        pre = model.preprocess(slicing.load_image(args.image))
+        img = slicing.load_image(args.image)  # before the model: a bad image costs no model load
     except slicing.ImageError as e:
         raise EvalError(str(e)) from None
-    image_tokens, (m, n) = model.cfg.image_tokens(pre[2]), pre[2]
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
+    pre = model.preprocess(img)
+    image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
     questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
     amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -543,15 +601,15 @@ def ask(args):
     answers = []
     for q in questions:
         prompt = q if "<image>" in q else "<image>\n" + q
-        n_tokens = len(conversation.encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
+        n_tokens = len(encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
         try:
             with torch.inference_mode(), amp:
-                answer = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,
-                                        temperature=args.temperature, top_p=args.top_p)[0]
+                text = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,
+                                      temperature=args.temperature, top_p=args.top_p)[0]
         except hires.PromptTooLong as e:
             raise EvalError(str(e)) from None
-        print(f"[{n_tokens} prompt tokens] {answer}")
-        answers.append(answer)
+        print(f"[{n_tokens} prompt tokens] {text}")
+        answers.append(text)
     return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
 
 def input_line():
@@ -563,6 +621,7 @@ def input_line():
 
 def run(args):
     bench = BENCHES[args.bench]
+    args.batch_size = args.batch_size or bench.batch_size
     split, out = args.split or bench.split, args.out or os.path.join("runs", "eval", args.bench)
     try:
         samples = bench.load(need(args.data, args.bench), split)[:args.limit]
@@ -573,22 +632,38 @@ def run(args):
     for s in samples:
         s.qid = bench.qid(s.record)
     os.makedirs(out, exist_ok=True)
+    partial = os.path.join(out, "predictions.partial.jsonl")
     if args.predictions:
-        answers, errors = read_predictions(args.predictions, bench, samples), {"bad_images": 0, "too_long": 0}
-        run_info = {}
+        answers, kinds, run_info = read_predictions(args.predictions, bench, samples), [None] * len(samples), {}
+        errors, mc = {"bad_images": 0, "too_long": 0}, {"mc": args.mc} if args.mc else {}
     else:
-        answers, errors, grids = generate_all(bench, samples, args, os.path.join(out, "predictions.partial.jsonl"))
-        run_info = {"provenance": provenance(args, bench, samples, grids)}
+        import hires
+        trained = checkpoint_config(args.ckpt)
+        if trained.get("template") == "plain":
+            print(hires.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
+        # the answer mode the checkpoint was trained for, unless --mc says otherwise
+        mc = {"mc": args.mc or trained.get("mc", "letter"), "mc_from": "--mc" if args.mc else "checkpoint"}
+        key = run_key(args, bench, split, mc["mc"], args.max_new_tokens or bench.max_new_tokens)
+        answers, kinds, errors, grids = generate_all(bench, samples, args, partial, key)
+        run_info = {"provenance": provenance(args, bench, samples, grids, key)}
         submission = [{**s.record, bench.answer_key: a} for s, a in zip(samples, answers)]
         write_json(os.path.join(out, "predictions.json"), submission)
         if args.bench == "llava-w":  # LLaVA's judge reads JSON lines
             with open(os.path.join(out, "answers.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in submission)
-    scores = ({"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
-              if any(s.gt is None for s in samples) else bench.score(samples, answers))
-    metrics = {"bench": args.bench, "split": split, "n": len(samples), "mc": args.mc, **scores, **errors,
-               **run_info}
+    # a question without an answer (bad image, prompt too long) is counted above, never scored as an answer
+    scored = [(s, a) for s, a, k in zip(samples, answers, kinds) if k is None]
+    if any(s.gt is None for s in samples):
+        scores = {"score": None, "note": f"answers are hidden for this split: submit predictions.json ({bench.source})"}
+    elif not scored:
+        scores = {"score": None, "note": "no question was answered (see bad_images, too_long)"}
+    else:
+        scores = bench.score(*map(list, zip(*scored)))
+    metrics = {"bench": args.bench, "split": split, "n": len(samples), "n_scored": len(scored), **mc, **scores,
+               **errors, **run_info}
     write_json(os.path.join(out, "metrics.json"), metrics)
+    if os.path.exists(partial) and not args.predictions:
+        os.remove(partial)  # every answer is in predictions.json: a finished run leaves no partial file
     return metrics
 
 def main(argv=None):

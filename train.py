@@ -11,7 +11,6 @@ safetensors/JSON, written atomically; --resume continues from the last complete 
 evaluates on the test split and writes metrics.json. `torchrun --nproc_per_node N train.py ...` runs DDP.
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -36,20 +35,20 @@ import slicing
 
 ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
-    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_len=512,
+    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=8, lora_alpha=16, max_length=512,
                  lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=1, epochs2=4,
                  train_size=6000, test_size=2700, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
-                 train_llm=True, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
-    "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_len=0,
+                 train_llm=False, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
+    "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_length=0,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
                   train_llm=False, mc="letter", cache_vit=False, families=",".join(entitygrid.FAMILIES),
                   sra_layers=[18, 19, 20, 21]),
 }
-# flag -> HiResConfig field: what a stage-2 start from --init takes from the command line over the stored config
-CONFIG_FLAGS = dict(max_slices="max_slices", upscale="upscale", sampler="sampler", max_len="max_length",
-                    lora_rank="lora_rank", lora_alpha="lora_alpha", lora_dropout="lora_dropout", sra="sra",
-                    sra_layers="sra_layers", slices="slices", overview="overview", train_llm="train_llm")
+# HiResConfig fields set by the flag of the same name; a stage-2 start from --init takes those given over its config
+MODEL_FLAGS = ("max_slices", "upscale", "sampler", "max_length", "lora_rank", "lora_alpha", "lora_dropout", "sra",
+               "sra_layers", "slices", "overview", "train_llm")
+
 
 class TrainError(Exception):
     """A one-line, user-facing problem that stops the run (bad flag, missing file, non-finite loss)."""
@@ -83,12 +82,10 @@ def make_optimizer(model, lr, llm_lr, sra_lr=None):
 
 def trainable_counts(model):
     """{group: trainable parameter count}: sra, sampler, projector, lora, llm (LLaVA users ask for it)."""
-    counts = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            group = "lora" if "lora_" in n else n.split(".")[0]  # llm: the whole LLM trains (train_llm)
-            counts[group] = counts.get(group, 0) + p.numel()
-    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm") if g in counts}
+    counts = Counter()
+    for n, p in model.named_parameters():  # llm: the whole LLM trains (train_llm; stage 0)
+        counts["lora" if "lora_" in n else n.split(".")[0]] += p.numel() if p.requires_grad else 0
+    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm", "vision") if counts[g]}
 
 
 def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
@@ -97,7 +94,7 @@ def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
     name = f"step-{step:07d}"
     final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    hires.save_checkpoint(model, tmp)
+    hires.save_checkpoint(model, tmp, run=os.path.dirname(os.path.dirname(ckpt_dir)))  # ckpt_dir: OUT/stage<k>/...
     index = {id(p): n for n, p in model.named_parameters()}
     moments = {f"{index[id(p)]}.{k}": v.detach().cpu().contiguous()
                for p, state in opt.state.items() for k, v in state.items()}
@@ -107,9 +104,10 @@ def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     hires.atomic_write(os.path.join(ckpt_dir, "latest"), name)  # written last: it names only complete checkpoints
-    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp"))
-    for old in done[:-keep] + [d for d in os.listdir(ckpt_dir) if d.endswith(".tmp")]:  # .tmp: cut-short saves
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    # the oldest beyond `keep` go, never the one `latest` names (a step number lower than older leftovers)
+    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp") and d != name)
+    for old in done[:max(0, len(done) + 1 - keep)] + [d for d in os.listdir(ckpt_dir) if d.endswith(".tmp")]:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)  # .tmp: cut-short saves
 
 
 def load_state(ckpt_dir, model, opt):
@@ -155,6 +153,8 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     world, master = ctx["world"], ctx["master"]
     lr, global_batch, accum, total = stage_plan(args, stage, len(data), world)
     model.set_stage(stage)
+    # what evaluation follows: the template trained, and the multiple-choice answer mode (hires.HiResConfig)
+    model.cfg.template, model.cfg.mc = ("plain" if stage == 1 else "vicuna_v1"), args.mc
     opt = make_optimizer(model, lr, args.lora_lr, args.sra_lr) if stage == 2 else make_optimizer(model, lr, lr)
     params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -167,8 +167,11 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         groups = ", ".join(f"{g} {n:,}" for g, n in trainable_counts(model).items())
         print(f"stage {stage}: trainable by group: {groups}")
     net = ddp_wrap(model, ctx)
+    lengths = data.modality_lengths(model.grid) if stage == 2 else None
+    if lengths and (min(lengths) > 0 or max(lengths) < 0):
+        lengths = None  # one modality: as LLaVA, length grouping is for finetuning on mixed data (LLaVA-665K)
     sampler = llava_data.MicroBatchSampler(len(data), global_batch, args.micro_batch, ctx["rank"], world, args.seed,
-                                           start)
+                                           start, lengths)
     # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=llava_data.collate,
                                               num_workers=args.num_workers, generator=torch.Generator()))
@@ -195,7 +198,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     bar.close()
     skipped_all = reduce_counts(skipped, world, ctx["device"])
     if master:
-        hires.save_checkpoint(model, out_dir)
+        hires.save_checkpoint(model, out_dir, run=args.out)
         hires.atomic_write(os.path.join(out_dir, "history.json"), json.dumps(history))
         print(f"stage {stage}: done, weights in {out_dir}; skipped/repaired samples: "
               f"{dict(skipped_all) or 'none'} (sum over all samples drawn)")
@@ -204,8 +207,7 @@ def train_stage(args, stage, model, data, out_dir, ctx):
 
 def stage_plan(args, stage, n_samples, world):
     """-> (learning rate, global batch, micro-batches accumulated per process and step, total steps) of a stage."""
-    lr, global_batch, epochs, steps = (args.lr1, args.batch1, args.epochs1, args.steps1) if stage == 1 else \
-        (args.lr2, args.batch2, args.epochs2, args.steps2)
+    lr, global_batch, epochs, steps = (getattr(args, f"{k}{stage}", 0) for k in ("lr", "batch", "epochs", "steps"))
     if global_batch % (args.micro_batch * world):
         raise TrainError(f"global batch {global_batch} is not a multiple of micro batch {args.micro_batch} x "
                          f"{world} processes")
@@ -324,22 +326,6 @@ def gather_rng(world, device):
 # ----------------------------------------------------------------------------------------------------------------
 # tiny preset: generated data and random base models written in their real formats
 
-def entitygrid_text_qa(questions):
-    """EntityGrid-QA as stage-2 data with option-text answers: the options listed without letters, the answer is
-    the correct option's text (scored by likelihood ranking, --mc rank)."""
-    return [{"id": q["id"], "image": q["image"], "conversations": [
-        {"from": "human", "value": "<image>\n" + entitygrid.format_question(q, letters=False)},
-        {"from": "gpt", "value": q["options"][entitygrid.LETTERS.index(q["answer"])]}]} for q in questions]
-
-
-def entitygrid_captions(questions):
-    """Stage-1 captions for EntityGrid-QA images (plain template): each entity's name and its cell."""
-    return [{"id": q["id"], "image": q["image"], "conversations": [
-        {"from": "human", "value": "<image>"},
-        {"from": "gpt", "value": ", ".join(f"{e} in cell {c}" for e, c in zip(q["entities"], q["positions"]))}]}
-        for q in questions]
-
-
 def prepare_tiny(args):
     """Generate EntityGrid-QA train/test under args.data_dir when missing, stage-1 captions, a sentencepiece model
     trained on the training text, a random tiny CLIP tower and tiny LLaMA under args.out/base. Master only."""
@@ -350,7 +336,7 @@ def prepare_tiny(args):
                                 families=args.families.split(","))
     train_dir = os.path.join(args.data_dir, "train")
     captions, text_qa = (os.path.join(train_dir, f) for f in ("captions.json", "text_qa.json"))
-    for path, make in ((captions, entitygrid_captions), (text_qa, entitygrid_text_qa)):
+    for path, make in ((captions, entitygrid.caption_items), (text_qa, entitygrid.text_qa_items)):
         if not os.path.isfile(path):
             hires.atomic_write(path, json.dumps(make(entitygrid.load_questions(train_dir))))
     base = os.path.join(args.out, "base")
@@ -367,22 +353,48 @@ def prepare_tiny(args):
         except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the data has characters
             raise TrainError(f"--vocab-size {args.vocab_size}: sentencepiece cannot train on {train_dir} "
                              f"({str(e).splitlines()[-1]})") from None
-        hires.atomic_write(os.path.join(base, "hires_config.json"), json.dumps(dataclasses.asdict(cfg)))
+        hires.atomic_write(os.path.join(base, "hires_config.json"), json.dumps(hires.config_dict(cfg, base, args.out)))
+
+
+def run_stage0(args, ctx):
+    """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (llava_data.TinyPretrain) and written
+    to OUT/stage0 in their real formats (open_clip state dict, HF LLaMA directory, tokenizer), with the encoder
+    diagnostics of both in OUT/stage0/encoder.json; hires_config.json, written last, points stages 1-2 at them."""
+    out = os.path.join(args.out, "stage0")
+    base = hires.read_config(os.path.join(args.out, "base"), "hires_config.json")
+    families = args.families.split(",")
+    cfg = llava_data.PretrainConfig(base["clip_weights"], base["llm_path"], base["tokenizer_path"],
+                               entitygrid.entity_classes(families))
+    torch.manual_seed(args.seed)
+    model = llava_data.TinyPretrain(cfg).to(ctx["device"])
+    random_probe = llava_data.encoder_probe(model.vision, families)
+    data = llava_data.Stage0Data(args.data_dir, conversation.Tokenizer(cfg.tokenizer_path), cfg.classes, args.seed,
+                                 families, model.vision.cfg.image_size, model.vision.cfg.patch_size)
+    train_stage(args, 0, model, data, out, ctx)
+    if ctx["master"]:
+        probe = dict(random=random_probe, pretrained=llava_data.encoder_probe(model.vision, families))
+        hires.atomic_write(os.path.join(out, "encoder.json"), json.dumps(probe, indent=1))
+        print("stage 0: encoder (random -> pretrained): " + ", ".join(f"{k} {v:.3f} -> {probe['pretrained'][k]:.3f}"
+                                                                        for k, v in probe["random"].items()))
+        model.save_backbones(out)
+    barrier(ctx)
+
+
+def backbone_dir(args):
+    """Tiny preset: where stages 1-2 find their frozen backbones: random (OUT/base, --random-backbones), or stage 0's
+    (--stage0 DIR, else OUT/stage0)."""
+    return os.path.join(args.out, "base") if args.random_backbones else args.stage0 or os.path.join(args.out, "stage0")
 
 
 def model_config(args):
     """HiResConfig: the tiny backbones written by prepare_tiny, or --clip/--llm for the paper preset."""
     if args.preset == "tiny":
-        with open(os.path.join(args.out, "base", "hires_config.json")) as f:
-            paths = {k: v for k, v in json.load(f).items() if k in ("clip_weights", "llm_path", "tokenizer_path")}
-        paths["clip_preset"] = "tiny"
+        stored = hires.read_config(backbone_dir(args), "hires_config.json")
+        paths = dict(clip_preset="tiny", **{k: stored[k] for k in hires.BACKBONE_PATHS})
     else:
         paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
     try:
-        return hires.HiResConfig(**paths, max_slices=args.max_slices, upscale=args.upscale, sampler=args.sampler,
-                                 sra=args.sra, sra_layers=args.sra_layers, slices=args.slices,
-                                 overview=args.overview, max_length=args.max_len, lora_rank=args.lora_rank,
-                                 lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, train_llm=args.train_llm)
+        return hires.HiResConfig(**paths, **{k: getattr(args, k) for k in MODEL_FLAGS})
     except ValueError as e:  # e.g. --sra-layers at or after the feature block
         raise TrainError(str(e)) from None
 
@@ -404,17 +416,16 @@ def init_model(args, where):
     cannot change (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA, as stage 1 leaves
     both at their init."""
     try:
-        with open(os.path.join(args.init, "config.json")) as f:
-            stored = json.load(f)
+        stored = hires.read_config(args.init)
         sd = load_file(os.path.join(args.init, "model.safetensors"))
     except (OSError, ValueError) as e:
         raise TrainError(f"--init {args.init}: not a stage-1 checkpoint ({e})") from None
-    over = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items() if flag in args.given}
+    over = {k: getattr(args, k) for k in args.given}
     over.update(backbone_paths(args))
     if over.get("sampler", stored["sampler"]) != stored["sampler"]:
         raise TrainError(f"--sampler {over['sampler']}: {args.init} trained the {stored['sampler']} sampler in stage "
                          f"1, so stage 2 keeps it (run stage 1 with --sampler {over['sampler']})")
-    for key in ("clip_weights", "llm_path", "tokenizer_path"):
+    for key in hires.BACKBONE_PATHS:
         path = over.get(key, stored[key])
         if not os.path.exists(path):
             raise TrainError(f"{path}: the {key} of {args.init} is not there; pass --clip/--llm/--tokenizer")
@@ -479,112 +490,144 @@ def block_list(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bounded(kind, low, high=None, strict=False):
+    """argparse type: a number of `kind` >= low (> low if strict) and < high, else a one-line error."""
+    def parse(text):
+        value = kind(text)
+        if value < low or strict and value == low or high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"{value}: must be {'>' if strict else '>='} {low}"
+                                             + (f" and < {high}" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names it
+    return parse
+
+
+def parse_args(argv=None):
+    """The run settings. Defaults come from one place, the preset (PRESETS, picked by --preset, else 'paper' when
+    --clip/--llm are given, else 'tiny'); every numeric flag is range-checked here, before anything runs."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                usage=argparse.SUPPRESS)  # an error is one line, no usage block above it
     a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), help="hyper-parameter defaults: 'tiny' (random tiny ViT + LLaMA, "
-      "EntityGrid-QA, CPU minutes; the default without --clip/--llm) or 'paper' (ViT-L-14-336 + Vicuna-7B)")
-    a("--stage", choices=("1", "2", "all"), default="all", help="1: sampler+projector on captions; 2: SRA+sampler+"
-      "projector+LoRA on instructions (needs --init unless 'all'); all: 1 then 2 (then EntityGrid eval for tiny)")
-    a("--out", default=None, help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
+    count, natural, rate = bounded(int, 1), bounded(int, 0), bounded(float, 0)  # a learning rate of 0 keeps weights
+    a("--preset", choices=sorted(PRESETS), help="defaults: tiny (tiny backbones, EntityGrid-QA, CPU; shown here) or "
+      "paper (ViT-L-14-336 + Vicuna-7B); default: paper with --clip/--llm, else tiny")
+    a("--stage", choices=("0", "1", "2", "all"), default="all", help="0 (tiny only): pretrain the tiny ViT and LLaMA; "
+      "1: sampler+projector on captions; 2: SRA+sampler+projector+LoRA on instructions (needs --init unless 'all'); "
+      "all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
+    a("--stage0", help="tiny: a finished stage-0 directory (OUT/stage0 of a run with the same data and seed) whose "
+      "backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and Vicuna are pretrained")
+    a("--random-backbones", action="store_true", help="tiny: no stage 0, random frozen ViT and LLaMA (ablation)")
+    a("--out", help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
     a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
     a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")
+    a("--overwrite", action="store_true", help="delete the OUT/stage<k> to be trained and start over (else refused)")
     a("--clip", help="open_clip ViT-L-14-336 weights file (paper preset)")
     a("--llm", help="Vicuna-7B-v1.5 HF directory (paper preset)")
     a("--tokenizer", help="sentencepiece model (default LLM/tokenizer.model)")
     a("--data1", help="stage-1 LLaVA JSON (captions; tiny: generated EntityGrid captions)")
     a("--data2", help="stage-2 LLaVA JSON (instructions; tiny: generated EntityGrid-QA llava.json)")
     a("--image-folder", help="folder the JSON's image paths are relative to (tiny: the data dir)")
-    a("--data-dir", default="data/entitygrid", help="tiny: where EntityGrid-QA train/ and test/ are (generated "
-      "when missing)")
-    a("--train-size", type=int, help="tiny: number of EntityGrid-QA training questions to generate")
-    a("--test-size", type=int, help="tiny: number of EntityGrid-QA test questions to generate and evaluate")
-    a("--families", help="tiny: comma-separated EntityGrid-QA entity families of the generated splits (of "
-      f"{','.join(entitygrid.FAMILIES)}; default object,shape: a random tiny ViT cannot read words and numbers, "
-      "see README)")
-    a("--vocab-size", type=int, help="tiny: sentencepiece vocabulary size trained from the data")
-    a("--max-slices", type=int, help="maximum slices per image N (paper 16)")
+    a("--data-dir", default="data/entitygrid", help="tiny: EntityGrid-QA train/ and test/ (generated if missing)")
+    a("--train-size", type=count, help="tiny: number of EntityGrid-QA training questions to generate")
+    a("--test-size", type=count, help="tiny: number of EntityGrid-QA test questions to generate and evaluate")
+    a("--families", help=f"tiny: EntityGrid-QA families of the generated splits, of {','.join(entitygrid.FAMILIES)}")
+    a("--vocab-size", type=count, help="tiny: sentencepiece vocabulary size trained from the data")
+    a("--max-slices", type=count, help="maximum slices per image N (paper 16)")
     a("--upscale", action=argparse.BooleanOptionalAction, help="double the grid of small images when 4mn <= N")
-    a("--sampler", choices=("sms", "qformer", "avgpool"), help="token sampler (default and paper: sms)")
-    a("--sra", action=argparse.BooleanOptionalAction, help="SliceRestore Adapter in the ViT (default; --no-sra: "
-      "the ablation without it)")
-    a("--slices", action=argparse.BooleanOptionalAction, help="the slices of the image (default; --no-slices: "
-      "overview only, the no-slicing baseline)")
-    a("--overview", action=argparse.BooleanOptionalAction, help="the low-res overview (default; --no-overview: "
-      "slices only)")
-    a("--lora-rank", type=int, help="LoRA rank r (paper 128)")
-    a("--lora-alpha", type=float, help="LoRA alpha; scaling alpha/r (paper 256)")
-    a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
-    a("--max-len", type=int, help="tokens of one sequence, image tokens included (HiResConfig.max_length); 0: the "
-      "LLM's own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
-    a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
-    a("--lr2", type=float, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
-    a("--sra-lr", type=float, help="stage-2 learning rate of the SliceRestore Adapter (default: a tenth of "
-      "--lora-lr; paper 2e-5, as every tensor outside the LLM)")
-    a("--sra-layers", type=block_list, help="0-based ViT blocks holding a SliceRestore Adapter, comma-separated "
-      "(default: the paper's layers 19-22 of 24, i.e. 18,19,20,21; tiny ViT 7,8,9 of 12)")
-    a("--lora-lr", type=float, help="stage-2 learning rate of the LLM side: LoRA, and with --train-llm the whole LLM "
-      "(paper 2e-4)")
-    a("--batch1", type=int, help="stage-1 global batch size over all processes (paper 256)")
-    a("--batch2", type=int, help="stage-2 global batch size over all processes (paper 128)")
-    a("--micro-batch", type=int, help="samples per process per forward; gradients are accumulated up to the batch")
-    a("--epochs1", type=int, help="stage-1 epochs (paper 1)")
-    a("--epochs2", type=int, help="stage-2 epochs (paper 1)")
-    a("--steps1", type=int, default=0, help="stage-1 optimizer steps (0: from --epochs1)")
-    a("--steps2", type=int, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
-    a("--warmup-ratio", type=float, default=0.03, help="fraction of the steps with linear warm-up before cosine")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this value")
-    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype on CUDA (auto: bf16 if "
-      "supported else fp16); CPU always fp32")
-    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing in the LLM and in the "
-      "ViT blocks that carry SRA (paper preset: on)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    a("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
-    a("--num-workers", type=int, help="DataLoader worker processes per rank")
-    a("--seed", type=int, default=0, help="seed for init, data order and generation")
-    a("--log-every", type=int, default=10, help="print a log line every N steps")
-    a("--save-every", type=int, default=100, help="write a checkpoint every N steps (and at the end)")
-    a("--keep", type=int, default=2, help="number of checkpoints kept")
-    a("--eval-batch", type=int, default=64, help="EntityGrid-QA evaluation batch size")
-    a("--max-new-tokens", type=int, default=4, help="tokens generated per EntityGrid-QA answer (--mc letter)")
-    a("--mc", choices=("rank", "letter"), help="tiny: EntityGrid-QA answers as option text, trained so and scored "
-      "by ranking the options by likelihood (rank), or as the option letter, generated and parsed (letter)")
-    a("--train-llm", action=argparse.BooleanOptionalAction, help="train the whole LLM in both stages (tiny: its "
-      "random stand-in must learn language; paper: Vicuna stays frozen and LoRA trains)")
-    a("--cache-vit", action=argparse.BooleanOptionalAction, help="compute the frozen ViT blocks before the first "
-      "SRA layer once per training image and reuse them every epoch (memory: ~(1+L)*D floats per image)")
+    a("--sampler", choices=("sms", "qformer", "avgpool"), default="sms", help="token sampler (paper: sms)")
+    a("--sra", action=argparse.BooleanOptionalAction, default=True, help="SliceRestore Adapter in the ViT")
+    a("--slices", action=argparse.BooleanOptionalAction, default=True, help="the slices (--no-slices: overview only)")
+    a("--overview", action=argparse.BooleanOptionalAction, default=True, help="the low-res overview")
+    a("--lora-rank", type=natural, help="LoRA rank r (paper 128; 0: no LoRA)")
+    a("--lora-alpha", type=bounded(float, 0, strict=True), help="LoRA alpha; scaling alpha/r (paper 256)")
+    a("--lora-dropout", type=bounded(float, 0, 1), help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
+    a("--max-len", dest="max_length", type=natural, help="tokens of one sequence, image tokens included; 0: the LLM's "
+      "own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
+    a("--lr0", type=rate, default=1e-3, help="tiny: stage-0 learning rate")
+    a("--batch0", type=count, default=32, help="tiny: stage-0 batch (scenes and texts)")
+    a("--steps0", type=natural, default=300, help="tiny: stage-0 optimizer steps")
+    a("--lr1", type=rate, help="stage-1 learning rate (paper 1e-3)")
+    a("--lr2", type=rate, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
+    a("--sra-lr", type=rate, help="stage-2 learning rate of the SRA (default: --lora-lr / 10; paper 2e-5)")
+    a("--sra-layers", type=block_list, help="0-based ViT blocks with an SRA, comma-separated (paper: 18,19,20,21)")
+    a("--lora-lr", type=rate, help="stage-2 learning rate of LoRA (with --train-llm the whole LLM; paper 2e-4)")
+    a("--batch1", type=count, help="stage-1 global batch size over all processes (paper 256)")
+    a("--batch2", type=count, help="stage-2 global batch size over all processes (paper 128)")
+    a("--micro-batch", type=count, help="samples per process per forward; gradients are accumulated up to the batch")
+    a("--epochs1", type=count, help="stage-1 epochs (paper 1)")
+    a("--epochs2", type=count, help="stage-2 epochs (paper 1)")
+    a("--steps1", type=natural, default=0, help="stage-1 optimizer steps (0: from --epochs1)")
+    a("--steps2", type=natural, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
+    a("--warmup-ratio", type=bounded(float, 0, 1), default=0.03, help="fraction of the steps warmed up linearly")
+    a("--grad-clip", type=bounded(float, 0, strict=True), default=1.0, help="clip the global gradient norm to this")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="CUDA autocast (auto: bf16, else fp16); CPU: fp32")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing (LLM, SRA blocks)")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when there is a GPU, else cpu")
+    a("--threads", type=natural, default=0, help="CPU threads per process (0: cores / processes)")
+    a("--num-workers", type=natural, help="DataLoader worker processes per rank")
+    a("--seed", type=natural, default=0, help="seed for init, data order and generation")
+    a("--log-every", type=count, default=10, help="print a log line every N steps")
+    a("--save-every", type=count, default=100, help="write a checkpoint every N steps (and at the end)")
+    a("--keep", type=count, default=2, help="number of checkpoints kept")
+    a("--eval-batch", type=count, default=64, help="EntityGrid-QA evaluation batch size")
+    a("--max-new-tokens", type=count, default=4, help="tokens generated per EntityGrid-QA answer (--mc letter)")
+    a("--mc", choices=("rank", "letter"), help="answers as option text, ranked by likelihood (rank), or as the "
+      "letter (letter); recorded in the checkpoint, which eval.py follows")
+    a("--train-llm", action=argparse.BooleanOptionalAction, help="train the whole LLM (else frozen, with LoRA)")
+    a("--cache-vit", action=argparse.BooleanOptionalAction, help="run the ViT blocks before the SRA once per image")
+    p.set_defaults(**PRESETS["tiny"])  # what --help shows
+    # pass 1: the preset, and which model flags the command line gives (they win over an --init config)
+    first = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(MODEL_FLAGS)))
+    preset = first.preset or ("paper" if first.clip or first.llm else "tiny")
+    p.set_defaults(preset=preset, out=os.path.join("runs", preset), **PRESETS[preset])
     args = p.parse_args(argv)
-    args.preset = args.preset or ("paper" if args.clip or args.llm else "tiny")
-    args.given = {k for k in CONFIG_FLAGS if getattr(args, k) is not None}  # these win over an --init config
-    args.sampler = args.sampler or "sms"
-    for switch in ("sra", "slices", "overview"):
-        setattr(args, switch, True if getattr(args, switch) is None else getattr(args, switch))
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.out = args.out or os.path.join("runs", args.preset)
-    args.sra_lr = args.lora_lr / 10 if args.sra_lr is None else args.sra_lr  # the paper's 2e-5 beside LoRA's 2e-4
+    args.given = {k for k in MODEL_FLAGS if getattr(first, k) is not None}
+    if args.sra_lr is None:  # derived from another flag: the paper's 2e-5 beside LoRA's 2e-4
+        args.sra_lr = args.lora_lr / 10
+    check_args(p, args)
+    return args
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written; after each flag's help its default (the tiny preset's), where it has one."""
+    def _get_help_string(self, action):
+        return action.help + (" (default: %(default)s)" if action.default not in (None, False, argparse.SUPPRESS)
+                              else "")
+
+
+def check_args(p, args):
+    """Combinations, devices and paths of the parsed flags (the ranges are their types'): one line each."""
     families = args.families.split(",")
     if set(families) - set(entitygrid.FAMILIES) or not {"object", "shape"} & set(families):
         p.error(f"--families {args.families}: choose from {','.join(entitygrid.FAMILIES)}, with object or shape "
                 "(the counting questions draw those)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use --device cpu")
+    for flag, path in (("--clip", args.clip), ("--llm", args.llm), ("--tokenizer", args.tokenizer),
+                       ("--init", args.init)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path}: no such file or directory")
     if args.preset == "paper" and not (args.clip and args.llm):
         p.error("the paper preset needs --clip (open_clip ViT-L-14-336 weights file) and --llm (Vicuna-7B-v1.5 "
                 "directory); without both, run the tiny preset (no weight flags)")
-    for flag, path in (("--clip", args.clip), ("--llm", args.llm)):
-        if path and not os.path.exists(path):
-            p.error(f"{flag} {path}: no such file or directory")
     if args.preset == "paper" and (args.stage != "1" and not args.data2 or args.stage != "2" and not args.data1):
         p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
+    if args.preset == "paper" and (args.stage == "0" or args.stage0 or args.random_backbones):
+        p.error("stage 0 belongs to the tiny preset: the paper preset's CLIP and Vicuna arrive pretrained")
+    if args.stage == "0" and (args.stage0 or args.random_backbones):
+        p.error("--stage 0 writes OUT/stage0: drop --stage0/--random-backbones")
     if args.stage == "2" and not args.init:
         p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
-    return args
+    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+        p.error(f"--init {args.init}: not a checkpoint folder (no config.json; stage 1 writes OUT/stage1)")
+    if args.resume and args.overwrite:
+        p.error("--resume continues OUT, --overwrite deletes it: give one")
 
 
 def setup(args):
     """Process group (torchrun sets RANK/WORLD_SIZE), device, threads, dtype -> ctx dict."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         if device.type == "cuda":  # before the process group: NCCL then binds each rank to its own GPU, not GPU 0
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -610,12 +653,38 @@ def barrier(ctx):
         dist.barrier()
 
 
+def claim_out(args, stages, ctx):
+    """Refuse to train into an OUT/stage<k> an earlier run wrote (its checkpoints would mix with this run's), unless
+    --resume continues it or --overwrite deletes it (and the tiny run's results) first."""
+    used = [d for d in (os.path.join(args.out, f"stage{k}") for k in stages) if os.path.exists(d)]
+    barrier(ctx)  # every rank has looked before the master deletes anything
+    if used and not args.resume and not args.overwrite:
+        raise TrainError(f"{used[0]} holds an earlier run: continue it with --resume, start over with --overwrite "
+                         "(deletes it), or pass another --out")
+    if used and args.overwrite and ctx["master"]:
+        for d in used:
+            shutil.rmtree(d)
+        for name in ("metrics.json", "predictions.json"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    barrier(ctx)
+
+
 def run(args, ctx):
     tiny, master = args.preset == "tiny", ctx["master"]
+    stages = [1, 2] if args.stage == "all" else [int(args.stage)]
+    claim_out(args, stages, ctx)
     if tiny:
         if master:
             prepare_tiny(args)
         barrier(ctx)
+        done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))  # written last
+        if args.stage == "0" or args.stage == "all" and not done and not (args.stage0 or args.random_backbones):
+            run_stage0(args, ctx)
+        elif not done and args.stage != "2":  # stage 2 takes its backbones from --init's config
+            raise TrainError(f"{backbone_dir(args)}: no finished stage 0 there; run --stage 0 (or --stage all)")
+        if args.stage == "0":
+            return None
         args.data1 = args.data1 or os.path.join(args.data_dir, "train", "captions.json")
         args.data2 = args.data2 or os.path.join(args.data_dir, "train", "text_qa.json" if args.mc == "rank" else
                                                 "llava.json")
@@ -632,10 +701,9 @@ def run(args, ctx):
         model = hires.HiResLLaVA(model_config(args), **where)
     model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_ckpt
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
-    stages = [1, 2] if args.stage == "all" else [int(args.stage)]
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
                                         model.tokenizer, "plain" if stage == 1 else "vicuna_v1", model.preprocess,
-                                        model.context, model.cfg.image_tokens) for stage in stages}
+                                        model.context, model.image_tokens) for stage in stages}
     if args.cache_vit:
         prefixes = llava_data.cache_prefixes(model, list(data.values()), master)
         for d in data.values():
@@ -646,13 +714,13 @@ def run(args, ctx):
         metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, ctx)
         if master:
             hires.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
-            hires.atomic_write(os.path.join(args.out, "predictions.json"), json.dumps(preds, indent=1))
-            pt = metrics["per_task"]
-            print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} "
-                  f"(recognition {pt['recognition']:.3f}, position {pt['position']:.3f}, counting "
-                  f"{pt['counting']:.3f}); edge {metrics['edge_accuracy']:.3f} vs other "
-                  f"{metrics['other_accuracy']:.3f}, Discrepancy {metrics['discrepancy']:.3f} "
-                  f"-> {os.path.join(args.out, 'metrics.json')}")
+            # eval.py's submission format for EntityGrid-QA: `eval.py --predictions` rescores it
+            hires.atomic_write(os.path.join(args.out, "predictions.json"),
+                               json.dumps([{"id": k, "answer": v} for k, v in preds.items()], indent=1))
+            tasks = ", ".join(f"{t} {a:.3f}" for t, a in metrics["per_task"].items())
+            print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} ({tasks}); "
+                  f"edge {metrics['edge_accuracy']:.3f} vs other {metrics['other_accuracy']:.3f}, Discrepancy "
+                  f"{metrics['discrepancy']:.3f} -> {os.path.join(args.out, 'metrics.json')}")
         return metrics
 
 

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import conversation  # noqa: E402
 import eval as ev  # noqa: E402
 from test_metrics import HB_EXPECTED, HB_ITEMS, HB_PREDS  # noqa: E402
 
@@ -283,11 +285,13 @@ def test_predictions_missing_questions_is_an_error(tmp_path):
 
 def test_partial_jsonl_torn_line_is_cut(tmp_path):
     path = str(tmp_path / "p.jsonl")
+    head = '{"key": {"bench": "pope"}}\n{"qid": "1", "text": "a"}\n{"qid": "2", "text": "b"}\n'
     with open(path, "w") as f:
-        f.write('{"qid": "1", "text": "a"}\n{"qid": "2", "text": "b"}\n{"qid": "3", "te')
-    assert list(ev.read_partial(path)) == ["1", "2"]
+        f.write(head + '{"qid": "3", "te')
+    key, done = ev.read_partial(path)
+    assert key == {"bench": "pope"} and list(done) == ["1", "2"]
     with open(path) as f:
-        assert f.read() == '{"qid": "1", "text": "a"}\n{"qid": "2", "text": "b"}\n'
+        assert f.read() == head
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,6 +306,14 @@ def tiny_ckpt(tmp_path_factory):
     cfg = hires.make_tiny_backbones(str(root / "base"), texts, seed=0, vocab_size=300, max_slices=4)
     hires.save_checkpoint(hires.HiResLLaVA(cfg), str(root / "ckpt"))
     return str(root / "ckpt")
+
+
+def copy_ckpt(ckpt, to):
+    """A copy of ckpt elsewhere, its config pointing at the same backbones (stored relative, they stay behind)."""
+    import hires
+    shutil.copytree(ckpt, to)
+    dump(str(to / "config.json"), hires.read_config(ckpt))
+    return to
 
 
 class Recorder:
@@ -340,7 +352,7 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     # the model saw every question once, greedy, with its LLaVA prompt and its image (None only for text-only ones)
     asked = [(img, p) for images, prompts, kw in recorded for img, p in zip(images, prompts)]
     assert [p for _, p in asked] == [s.text() for s in samples]
-    assert all(kw == {"max_new_tokens": 3, "temperature": 0.0, "too_long": "return"} for _, _, kw in recorded)
+    assert all(kw == {"max_new_tokens": 3, "temperature": 0.0} for _, _, kw in recorded)
     assert all(len(images) <= 2 for images, _, _ in recorded)
     assert [img is None for img, _ in asked] == [s.image is None for s in samples]
     assert all(img[0].shape[0] == 3 for img, _ in asked if img is not None)  # preprocessed: (overview, slices, grid)
@@ -350,12 +362,12 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     assert [b.qid(e) for e in sub] == [b.qid(s.record) for s in samples]
     assert sorted(b.qid(e) for e in sub) == sorted(b.qid(e) for e in known)
     assert all(isinstance(e[b.answer_key], str) for e in sub)
-    with open(f"{out}/predictions.partial.jsonl") as f:
-        assert len(f.readlines()) == len(sub)
+    assert not os.path.exists(f"{out}/predictions.partial.jsonl")  # finished: every answer is in predictions.json
     # scoring the written file reproduces the run's metrics
     again = ev.main(["--bench", bench, "--data", data, "--predictions", f"{out}/predictions.json",
                      "--out", str(tmp_path / "rescored")])
     run_info = metrics.pop("provenance")  # what only a model run knows
+    assert (metrics.pop("mc"), metrics.pop("mc_from")) == ("letter", "checkpoint")
     assert run_info["batch_size"] == 2 and run_info["dtype"] == "fp32"
     assert again == metrics and metrics["bad_images"] == 0 and metrics["n"] == len(known)
     assert sum(run_info["slicing"]["grids"].values()) == sum(img is not None for img, _ in asked)
@@ -364,22 +376,43 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
             assert [json.loads(line) for line in f] == sub
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_ckpt, recorded):
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_ckpt, recorded, monkeypatch):
+    import hires
+    from safetensors.torch import load_file, save_file
     data = str(tmp_path / "data")
     make_pope(data)  # 4 questions
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_tiny("pope", data, full, tiny_ckpt, "--batch-size", "1")
-    run_tiny("pope", data, cut, tiny_ckpt, "--batch-size", "1", "--limit", "2")  # stopped after 2 answers ...
+    real, calls = hires.HiResLLaVA.generate, []
+
+    def killed_at_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill: two answers are on disk
+        return real(self, *a, **k)
+    monkeypatch.setattr(hires.HiResLLaVA, "generate", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny("pope", data, cut, tiny_ckpt, "--batch-size", "1")
+    monkeypatch.setattr(hires.HiResLLaVA, "generate", real)
     with open(f"{cut}/predictions.partial.jsonl", "a") as f:
         f.write('{"qid": "popular/1", "te')                                       # ... killed mid-write
     with pytest.raises(SystemExit, match="pass --resume"):
         run_tiny("pope", data, cut, tiny_ckpt)
+    # answers of this checkpoint are never mixed with another's (by content), another mode's or length's
+    other = tmp_path / "other" / "ckpt"
+    shutil.copytree(tiny_ckpt, other)
+    sd = load_file(str(other / "model.safetensors"))
+    save_file({k: v + (k == sorted(sd)[0]) for k, v in sd.items()}, str(other / "model.safetensors"))
+    for ckpt, extra, differs in ((str(other), [], "checkpoint"), (tiny_ckpt, ["--mc", "rank"], "mc letter there, "
+                                 "rank here"), (tiny_ckpt, ["--max-new-tokens", "5"], "max_new_tokens 3 there, 5")):
+        with pytest.raises(SystemExit, match=f"predictions.partial.jsonl: answers of another run \\(.*{differs}"):
+            run_tiny("pope", data, cut, ckpt, "--resume", *extra)
     recorded.clear()
     run_tiny("pope", data, cut, tiny_ckpt, "--batch-size", "1", "--resume")
     assert [p for _, prompts, _ in recorded for p in prompts] == ["Is there a dog in the image?" + ev.SHORT] * 2
-    for name in ("predictions.json", "predictions.partial.jsonl"):
-        with open(f"{full}/{name}") as a, open(f"{cut}/{name}") as b:
-            assert a.read() == b.read(), name
+    with open(f"{full}/predictions.json") as a, open(f"{cut}/predictions.json") as b:
+        assert a.read() == b.read()
+    assert not os.path.exists(f"{cut}/predictions.partial.jsonl")
     with open(f"{full}/metrics.json") as a, open(f"{cut}/metrics.json") as b:
         m_full, m_cut = json.load(a), json.load(b)
     m_full["provenance"].pop("date"), m_cut["provenance"].pop("date")  # the runs' own clock times
@@ -394,26 +427,66 @@ def test_bad_image_gives_empty_prediction_and_warning(tmp_path, tiny_ckpt, capsy
     assert metrics["bad_images"] == 1
     with open(f"{out}/predictions.json") as f:
         assert json.load(f)[1] == {"questionId": 9, "answer": ""}
-    with open(f"{out}/predictions.partial.jsonl") as f:  # recorded too: --resume does not try it again
-        assert [json.loads(line)["qid"] for line in f] == ["7", "9"]
+    assert metrics["n_scored"] == 1  # counted, never scored as an answer
     printed = capsys.readouterr()
     assert "warning" in printed.out + printed.err and "b.png" in printed.out + printed.err
 
 
-def test_default_generation_length_is_the_benchmarks(tmp_path, monkeypatch):
+def test_default_generation_length_is_the_benchmarks(tmp_path, tiny_ckpt, monkeypatch):
     calls = []
 
     class Fixed:  # stands in for the model: only the generation settings matter here
         def preprocess(self, img):
             return None, None, (1, 1)
 
+        def check_length(self, image, prompt, options=None):
+            pass
+
         def generate(self, images, prompts, **kw):
             calls.append(kw["max_new_tokens"])
             return ["0.5"] * len(prompts)
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: Fixed())
     make_chartqa(str(tmp_path / "d"))
-    ev.main(["--bench", "chartqa", "--data", str(tmp_path / "d"), "--ckpt", "unused", "--out", str(tmp_path / "o")])
+    ev.main(["--bench", "chartqa", "--data", str(tmp_path / "d"), "--ckpt", tiny_ckpt, "--out", str(tmp_path / "o")])
     assert calls == [16] * 3  # batch size 1 (default); lmms-eval's ChartQA length, no --max-new-tokens given
+
+
+class SaysYes:  # stands in for the model: answers "Yes" to everything
+    def preprocess(self, img):
+        return None, None, (1, 1)
+
+    def check_length(self, image, prompt, options=None):
+        pass  # every prompt fits
+
+    def generate(self, images, prompts, **kw):
+        return ["Yes"] * len(prompts)
+
+
+def test_missing_image_is_counted_never_scored(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """POPE with the images of its "no" questions missing: they are counted as bad images and left out of the
+    score, not scored as an empty answer (which POPE's rule reads as "yes")."""
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: SaysYes())
+    data = str(tmp_path / "data")
+    make_pope(data)
+    os.remove(f"{data}/val2014/COCO_val2014_000000000001.jpg")
+    metrics = ev.main(["--bench", "pope", "--data", data, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "o")])
+    assert (metrics["bad_images"], metrics["n"], metrics["n_scored"]) == (2, 4, 2)
+    assert metrics["random"]["accuracy"] == metrics["popular"]["accuracy"] == 1.0  # the two answered: "yes" = yes
+    os.remove(f"{data}/val2014/COCO_val2014_000000000000.jpg")
+    metrics = ev.main(["--bench", "pope", "--data", data, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "o2")])
+    assert metrics["n_scored"] == 0 and metrics["score"] is None and "no question was answered" in metrics["note"]
+
+
+def test_stage1_checkpoint_gets_a_warning(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: SaysYes())
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "stage1")
+    dump(str(ckpt / "config.json"), {**json.loads((ckpt / "config.json").read_text()), "template": "plain"})
+    data = str(tmp_path / "data")
+    make_pope(data)
+    ev.main(["--bench", "pope", "--data", data, "--ckpt", str(ckpt), "--out", str(tmp_path / "o")])
+    assert "is a stage-1 checkpoint (trained on captions with the plain template" in capsys.readouterr().err
+    ev.main(["--bench", "pope", "--data", data, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "o2")])
+    assert "stage-1" not in capsys.readouterr().err
 
 
 def test_prompt_longer_than_context_gives_empty_prediction(tmp_path, tiny_ckpt, capsys):
@@ -434,18 +507,16 @@ def test_prompt_longer_than_context_gives_empty_prediction(tmp_path, tiny_ckpt, 
 def test_unfit_checkpoint_is_a_one_line_error(tmp_path, tiny_ckpt):
     data = str(tmp_path / "data")
     make_docvqa(data)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for name in os.listdir(tiny_ckpt):
-        with open(os.path.join(tiny_ckpt, name), "rb") as src, open(bad / name, "wb") as dst:
-            dst.write(src.read())
+    bad = copy_ckpt(tiny_ckpt, tmp_path / "bad")
     from safetensors.torch import save_file
     import torch
     save_file({"not.a.parameter": torch.zeros(3)}, str(bad / "model.safetensors"))
     with pytest.raises(SystemExit, match="checkpoint does not fit the model"):
         run_tiny("docvqa", data, str(tmp_path / "o1"), str(bad))
-    with pytest.raises(SystemExit, match="checkpoint folder not found"):
-        run_tiny("docvqa", data, str(tmp_path / "o2"), str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit):
+        run_tiny("docvqa", data, str(tmp_path / "o2"), str(tmp_path / "nowhere"))  # --ckpt: no such directory
+    with pytest.raises(SystemExit, match=r"eval.py: error: .*data: not a checkpoint folder \(no config.json"):
+        run_tiny("docvqa", data, str(tmp_path / "o2"), data)
 
 
 def test_mc_rank_answers_the_most_likely_options_letter(tmp_path, tiny_ckpt, monkeypatch):
@@ -465,7 +536,7 @@ def test_mc_rank_answers_the_most_likely_options_letter(tmp_path, tiny_ckpt, mon
     samples = ev.BENCHES["scienceqa"].load(data, "test")
     prompts = [p for ps, _, _ in calls for p in ps]
     assert prompts == [s.text("rank") for s in samples] and all("\nA. " not in p for p in prompts)
-    assert prompts[1] == "Text only?\nx\ny" + ev.TEXT
+    assert prompts[1] == "Text only?\nx\ny\n" + conversation.TEXT_PROMPT
     best = ["ABCD"[max(range(len(sc)), key=sc.__getitem__)] for _, _, scores in calls for sc in scores]
     with open(f"{out}/predictions.json") as f:
         assert [e["text"] for e in json.load(f)] == best
@@ -476,11 +547,7 @@ def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatc
     """A checkpoint saved with upscale=True and N=16 would slice the 2S x 2S canvas 4 x 4; eval.py fixes 2 x 2."""
     import hires
     import slicing
-    ckpt = tmp_path / "upscaled"
-    ckpt.mkdir()
-    for name in os.listdir(tiny_ckpt):
-        with open(os.path.join(tiny_ckpt, name), "rb") as src, open(ckpt / name, "wb") as dst:
-            dst.write(src.read())
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "upscaled")
     cfg = json.loads((ckpt / "config.json").read_text())
     dump(str(ckpt / "config.json"), {**cfg, "upscale": True, "max_slices": 16})
     data = str(tmp_path / "data")
@@ -541,8 +608,8 @@ def test_metrics_record_provenance(tmp_path, tiny_ckpt):
     run_tiny("docvqa", data, out, tiny_ckpt, "--seed", "7")
     with open(f"{out}/metrics.json") as f:
         p = json.load(f)["provenance"]
-    with open(os.path.join(tiny_ckpt, "config.json")) as f:
-        cfg = json.load(f)
+    import hires
+    cfg = hires.read_config(tiny_ckpt)  # the backbone paths resolved: config.json stores them relative
     assert p["checkpoint"] == os.path.abspath(tiny_ckpt) and os.path.isabs(p["clip_weights"])
     assert (p["clip_weights"], p["llm_path"], p["tokenizer_path"]) == (cfg["clip_weights"], cfg["llm_path"],
                                                                        cfg["tokenizer_path"])
@@ -555,8 +622,8 @@ def test_metrics_record_provenance(tmp_path, tiny_ckpt):
 
 
 def test_checkpoint_pointed_at_moved_backbones(tmp_path, tiny_ckpt):
-    import shutil
-    cfg = json.loads(open(os.path.join(tiny_ckpt, "config.json")).read())
+    import hires
+    cfg = hires.read_config(tiny_ckpt)
     moved = tmp_path / "moved"
     shutil.copytree(os.path.dirname(cfg["llm_path"]), moved)
     ckpt = tmp_path / "ckpt"
@@ -587,7 +654,7 @@ def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
     out = ev.main(ask + ["--ask", "What does the sign say?"])
     model = hires.load_checkpoint(tiny_ckpt)
     pre = model.preprocess(slicing.load_image(tmp_path / "photo.png"))
-    assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.cfg.image_tokens(pre[2])
+    assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.image_tokens(pre[2])
     assert out["answers"] == model.generate([pre], ["What does the sign say?"], max_new_tokens=6)  # greedy
     printed = capsys.readouterr().out
     assert "overview + 2x2 slices" in printed and f"{out['image_tokens']} image tokens" in printed
@@ -600,5 +667,5 @@ def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
     lines = iter(["What colour?", "And the shape?", ""])  # interactive: one question per line, empty line ends
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
     assert len(ev.main(ask)["answers"]) == 2
-    with pytest.raises(SystemExit, match="image file not found"):
+    with pytest.raises(SystemExit):  # --image: no such file
         ev.main(["--ckpt", tiny_ckpt, "--image", str(tmp_path / "nope.png"), "--ask", "Hi?"])

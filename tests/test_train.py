@@ -2,6 +2,7 @@
 1 vs 2 processes. CPU, small generated EntityGrid-QA."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,11 +32,13 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def tiny_args(out, data_dir, *extra):
-    """Small, fast settings: 48 samples, batch 8 in micro-batches of 4, a small vocabulary."""
+def tiny_args(out, data_dir, *extra, stage0=False):
+    """Small, fast settings: 48 samples, batch 8 in micro-batches of 4, a small vocabulary. Without stage0: random
+    backbones, the LLM trained in full (what a random LLM needs, README), so the tests of the stages' machinery do
+    not pay for stage 0."""
     return ["--out", str(out), "--data-dir", data_dir, "--train-size", "48", "--test-size", "27",
             "--vocab-size", "400", "--batch1", "8", "--batch2", "8", "--micro-batch", "4", "--threads", "2",
-            "--log-every", "1", *extra]
+            "--log-every", "1", *([] if stage0 else ["--random-backbones", "--train-llm", "--lora-rank", "0"]), *extra]
 
 
 def history(out, stage, key="loss"):
@@ -146,6 +149,27 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path, data_dir):
     assert history(killed, 1) == pytest.approx(history(tmp_path / "full", 1), rel=1e-5)  # float: same ops, same order
 
 
+def test_a_used_out_is_refused_unless_resumed_or_overwritten(tmp_path, data_dir):
+    common = ["--stage", "1", "--steps1", "2", "--save-every", "1"]
+    train.main(tiny_args(tmp_path, data_dir, *common))
+    stage1, ckpt = tmp_path / "stage1", tmp_path / "stage1" / "checkpoints"
+    before = {p: p.read_bytes() for p in stage1.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=r"^train.py: error: .*stage1 holds an earlier run: continue it with --resume, "
+                       r"start over with --overwrite \(deletes it\), or pass another --out$"):
+        train.main(tiny_args(tmp_path, data_dir, *common))
+    assert {p: p.read_bytes() for p in stage1.rglob("*") if p.is_file()} == before  # nothing lost
+    (ckpt / "step-0000035").mkdir(), (ckpt / "step-0000040").mkdir()  # leftovers of a longer run
+    train.main(tiny_args(tmp_path, data_dir, *common, "--overwrite"))
+    assert sorted(os.listdir(ckpt)) == ["latest", "step-0000001", "step-0000002"]
+    # pruning keeps the checkpoint `latest` names, even when leftovers carry higher step numbers
+    (ckpt / "latest").unlink()
+    (ckpt / "step-0000035").mkdir(), (ckpt / "step-0000040").mkdir()
+    train.main(tiny_args(tmp_path, data_dir, *common, "--resume"))  # no `latest`: from step 0
+    assert (ckpt / "latest").read_text() == "step-0000002" and (ckpt / "step-0000002" / "model.safetensors").exists()
+    assert sorted(os.listdir(ckpt)) == ["latest", "step-0000002", "step-0000040"]
+    train.main(tiny_args(tmp_path, data_dir, *common, "--resume"))  # and it resumes
+
+
 def test_save_cut_short_keeps_last_checkpoint_and_resume_restores_rng(tmp_path, data_dir, monkeypatch):
     forward = hires.HiResLLaVA.forward
     monkeypatch.setattr(hires.HiResLLaVA, "forward",  # random like dropout: the losses depend on the RNG state
@@ -211,14 +235,14 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
     data = llava_data.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, 256,
-                           model.cfg.image_tokens)
+                           model.image_tokens)
     batch = llava_data.collate([data[i] for i in range(len(data))])
     expected = {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
                 "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 1,
                 "too long (no answer left)": 1}
     assert dict(batch["skipped"]) == expected
     # the spliced length (image tokens in place of the placeholder) fits, and so nothing is cut in the model
-    lengths = [len(i) + model.cfg.image_tokens(im[2]) - 1 for i, im in zip(batch["input_ids"], batch["images"])]
+    lengths = [len(i) + model.image_tokens(im[2]) - 1 for i, im in zip(batch["input_ids"], batch["images"])]
     assert max(lengths) == 256
     assert len(batch["input_ids"]) == len(items)  # every bad one was replaced, so batches keep their size
     loss = model(batch["input_ids"], batch["labels"], batch["images"])
@@ -265,7 +289,7 @@ def fit_fixed_batch(args, n=16, steps=100):
     model.set_stage(2)
     train_dir = os.path.join(args.data_dir, "train")
     data = llava_data.LlavaData(os.path.join(train_dir, "text_qa.json"), train_dir, model.tokenizer, "vicuna_v1",
-                           model.preprocess, model.context, model.cfg.image_tokens)
+                           model.preprocess, model.context, model.image_tokens)
     batch = llava_data.collate([data[i] for i in range(n)])
     batch["images"] = model.prefix(batch["images"])  # the frozen ViT blocks once, as --cache-vit does
     opt = train.make_optimizer(model, args.lr2, args.lora_lr, args.sra_lr)
@@ -298,12 +322,24 @@ def test_stage2_checkpoint_reloads_to_the_same_answers(tmp_path, data_dir):
     out = tmp_path / "run"
     metrics = train.main(tiny_args(out, data_dir, "--steps1", "2", "--steps2", "4", "--eval-batch", "8"))
     again = ev.main(["--bench", "entitygrid", "--data", os.path.join(data_dir, "test"), "--ckpt", str(out / "stage2"),
-                     "--out", str(tmp_path / "eval"), "--mc", "rank", "--batch-size", "5"])
-    with open(out / "predictions.json") as f:
-        in_process = json.load(f)
+                     "--out", str(tmp_path / "eval"), "--batch-size", "5"])  # --mc rank: the checkpoint's
+    with open(out / "predictions.json") as f:  # one predictions format: train.py's is eval.py's
+        in_process = {e["id"]: e["answer"] for e in json.load(f)}
     with open(tmp_path / "eval" / "predictions.json") as f:
         reloaded = {e["id"]: e["answer"] for e in json.load(f)}
-    assert reloaded == in_process and again["accuracy"] == metrics["accuracy"] and again["mc"] == "rank"
+    assert reloaded == in_process and again["accuracy"] == metrics["accuracy"]
+    assert (again["mc"], again["mc_from"]) == ("rank", "checkpoint")
+    rescored = ev.main(["--bench", "entitygrid", "--data", os.path.join(data_dir, "test"), "--predictions",
+                        str(out / "predictions.json"), "--out", str(tmp_path / "rescored")])
+    assert rescored["accuracy"] == metrics["accuracy"]
+    # a moved run evaluates the same with no flags: its checkpoints name the backbones relative to themselves
+    os.rename(out, tmp_path / "moved")
+    assert json.loads((tmp_path / "moved" / "stage2" / "config.json").read_text())["llm_path"] == "../base/llm"
+    moved = ev.main(["--bench", "entitygrid", "--data", os.path.join(data_dir, "test"), "--ckpt",
+                     str(tmp_path / "moved" / "stage2"), "--out", str(tmp_path / "eval_moved")])
+    assert moved["provenance"]["llm_path"] == str(tmp_path / "moved" / "base" / "llm")
+    with open(tmp_path / "eval_moved" / "predictions.json") as f:
+        assert {e["id"]: e["answer"] for e in json.load(f)} == in_process
 
 
 def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_dir):
@@ -347,7 +383,7 @@ def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir, capsys):
     stored = json.loads((s1 / "config.json").read_text())
     assert (stored["max_slices"], stored["upscale"], stored["max_length"], stored["lora_rank"]) == (4, False, 512, 64)
     flags = ["--max-slices", "2", "--upscale", "--max-len", "400", "--lora-rank", "4", "--lora-alpha", "8",
-             "--lora-dropout", "0.1"]
+             "--lora-dropout", "0.1", "--no-train-llm"]  # over tiny_args' --train-llm: stage 1 kept the LLM frozen
     train.main(tiny_args(tmp_path / "s2", data_dir, "--stage", "2", "--init", str(s1), "--steps2", "2", *flags))
     cfg = json.loads((s2 / "config.json").read_text())
     model = hires.load_checkpoint(str(s2))
@@ -406,6 +442,7 @@ def test_cuda_device_is_set_before_the_process_group(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
     monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
     monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is refused on a machine without
     args = train.parse_args(tiny_args(tmp_path, "unused", "--device", "cuda", "--dtype", "fp32"))
     ctx = train.setup(args)
     assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx["device"] == torch.device("cuda", 1)
@@ -454,3 +491,60 @@ def test_bad_training_data_file_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "run", run)
     with pytest.raises(SystemExit, match="train.py: error: .*empty.json: expected a non-empty JSON list"):
         train.main(["--out", str(tmp_path / "run")])
+
+
+def test_stage0_learns_and_gives_the_encoder_the_papers_property(tmp_path, data_dir):
+    """Stage 0 trains both tiny backbones (its loss falls) and moves the ViT towards CLIP's property: a cut entity's
+    remaining tokens change more than with the random encoder, and attention is less uniform. Stages 1-2 then start
+    from these backbones, also those of another run (--stage0)."""
+    out = tmp_path / "run"
+    train.main(tiny_args(out, data_dir, "--stage", "0", "--steps0", "40", "--batch0", "16", "--lr0", "2e-3",
+                         stage0=True))
+    losses = history(out, 0)
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses[::5]
+    with open(out / "stage0" / "encoder.json") as f:
+        probe = json.load(f)
+    rand, pre = probe["random"], probe["pretrained"]
+    # 40 steps of 16 scenes move it by about a quarter; an encoder that stage 0 leaves as it was stays at 1.0
+    assert pre["cut_sensitivity"] > 1.15 * rand["cut_sensitivity"], probe
+    assert pre["attention_entropy"] < rand["attention_entropy"] - 0.02, probe
+    assert os.path.isfile(out / "stage0" / "loss.png") and os.path.isfile(out / "stage0" / "llm" / "config.json")
+    cfg = train.model_config(train.parse_args(tiny_args(out, data_dir, stage0=True)))
+    assert cfg.clip_weights == str(out / "stage0" / "clip_tiny.safetensors")
+    # another run of the same data and seed reuses it; a directory without a finished stage 0 is a one-line error
+    with pytest.raises(SystemExit, match="no finished stage 0"):
+        train.main(tiny_args(tmp_path / "other", data_dir, "--stage", "1", "--stage0", str(tmp_path / "none"),
+                             stage0=True))
+    train.main(tiny_args(tmp_path / "other", data_dir, "--stage", "1", "--steps1", "1", "--stage0",
+                         str(out / "stage0"), stage0=True))
+    assert not os.path.exists(tmp_path / "other" / "stage0")
+
+
+def paper_scale_lengths(n=1024, seed=0):
+    """A LLaVA-665K-like mix at the paper preset's token counts, computed without the model: captions of few-slice
+    images, conversations about 4x4-slice images, text-only conversations (negative: LLaVA's modality_lengths)."""
+    cfg, rng = hires.HiResConfig(), random.Random(seed)  # ViT-L/14-336, SMS k=2, N = 16: 2x2 -> 725, 4x4 -> 2465
+    kinds = [lambda: cfg.image_tokens((2, 2)) + rng.randint(15, 60), lambda: cfg.image_tokens((4, 4)) +
+             rng.randint(100, 1500), lambda: -rng.randint(200, 2000)]
+    return [rng.choices(kinds, weights=(4, 4, 2))[0]() for _ in range(n)]
+
+
+def test_modality_length_groups_pad_less_and_keep_modalities_apart():
+    lengths = paper_scale_lengths()
+    groups = llava_data.modality_length_groups(lengths, 8, 128, torch.Generator().manual_seed(0))
+    assert all(len(b) == 8 for b in groups) and len(groups) == len(lengths) // 8
+    flat = [i for b in groups for i in b]
+    assert len(set(flat)) == len(flat)  # no sample twice in an epoch
+    mixed = [b for b in groups if len({lengths[i] > 0 for i in b}) == 2]
+    assert len(mixed) <= 1  # only the modalities' leftover ends may share a micro-batch
+    perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = [perm[j:j + 8] for j in range(0, len(perm), 8)]
+    before, after = (llava_data.padding_fraction(b, lengths, 4096) for b in (shuffled, groups))
+    assert after < before / 4  # docs/method.md: about 0.48 -> 0.06 of the LLM positions
+    # the sampler with lengths: one epoch is the groups, sharded by rank as without them
+    sampler = lambda rank, world: iter(llava_data.MicroBatchSampler(len(lengths), 128, 8, rank, world, seed=0,
+                                                                    lengths=lengths))
+    one, r0, r1 = sampler(0, 1), sampler(0, 2), sampler(1, 2)
+    first = [next(one) for _ in range(16)]
+    assert first == groups[:16]  # epoch 0's generator: seed + 0
+    assert [b for pair in zip((next(r0) for _ in range(8)), (next(r1) for _ in range(8))) for b in pair] == first

@@ -1,0 +1,186 @@
+"""Every bad input to a command line gets one clear line: for each case of the table, the exit status is not 0,
+stderr holds exactly one line (no usage block, no traceback), the line says what is wrong, and every file that was
+on disk before is still there, unchanged. In-process (main(argv), SystemExit caught) except for a few subprocess
+runs that check what a shell sees."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import entitygrid  # noqa: E402
+import eval as ev  # noqa: E402
+import hires  # noqa: E402
+import slicing  # noqa: E402
+import train  # noqa: E402
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace with one of each kind of file the cases point at, and a run directory someone finished."""
+    d = tmp_path_factory.mktemp("ws")
+    entitygrid.generate(str(d / "grid"), 3, seed=0, base=96, split="test", families=("object", "shape"))
+    (d / "cut").mkdir()
+    (d / "cut" / "questions.jsonl").write_text((d / "grid" / "questions.jsonl").read_text()[:150])  # truncated
+    (d / "empty").mkdir()                                    # a folder that is not a checkpoint
+    Image.new("RGB", (300, 200), "white").save(d / "photo.png")
+    (d / "notes.txt").write_text("not an image")
+    for name in ("stage1/model.safetensors", "stage1/checkpoints/latest", "stage2/config.json", "metrics.json"):
+        (d / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / "run" / name).write_text(f"an earlier run's {name}")
+    return d
+
+
+def snapshot(d):
+    return {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+# (module, argv with {ws} for the workspace, the line's expected content, needs no CUDA)
+CASES = [
+    # train.py: ranges, combinations, devices, files, a used run directory
+    (train, ["--micro-batch", "0"], r"^\S+: error: argument --micro-batch: 0: must be >= 1$"),
+    (train, ["--lr1", "-1"], r"argument --lr1: -1.0: must be >= 0"),
+    (train, ["--lora-lr", "-0.5"], r"argument --lora-lr: -0.5: must be >= 0"),
+    (train, ["--batch1", "0"], r"argument --batch1: 0: must be >= 1"),
+    (train, ["--epochs2", "-3"], r"argument --epochs2: -3: must be >= 1"),
+    (train, ["--keep", "0"], r"argument --keep: 0: must be >= 1"),
+    (train, ["--max-len", "-1"], r"argument --max-len: -1: must be >= 0"),
+    (train, ["--lora-dropout", "1.5"], r"argument --lora-dropout: 1.5: must be >= 0 and < 1"),
+    (train, ["--warmup-ratio", "-0.1"], r"argument --warmup-ratio: -0.1: must be >= 0 and < 1"),
+    (train, ["--test-size", "0"], r"argument --test-size: 0: must be >= 1"),
+    (train, ["--max-new-tokens", "0"], r"argument --max-new-tokens: 0: must be >= 1"),
+    (train, ["--grad-clip", "0"], r"argument --grad-clip: 0.0: must be > 0"),
+    (train, ["--lora-alpha", "-2"], r"argument --lora-alpha: -2.0: must be > 0"),
+    (train, ["--steps0", "-1"], r"argument --steps0: -1: must be >= 0"),
+    (train, ["--micro-batch", "two"], r"argument --micro-batch: invalid int value: 'two'"),
+    (train, ["--families", "word"], r"--families word: choose from"),
+    (train, ["--sra-layers", "7,x"], r"argument --sra-layers: '7,x': expected comma-separated block numbers"),
+    (train, ["--stage", "2"], r"--stage 2 needs --init"),
+    (train, ["--stage", "2", "--init", "{ws}/nowhere"], r"--init .*nowhere: no such file or directory"),
+    (train, ["--stage", "2", "--init", "{ws}/empty"], r"--init .*empty: not a checkpoint folder \(no config.json"),
+    (train, ["--clip", "{ws}/nowhere.pt", "--llm", "{ws}/empty"], r"--clip .*nowhere.pt: no such file"),
+    (train, ["--llm", "{ws}/empty"], r"the paper preset needs --clip .* and --llm"),
+    (train, ["--resume", "--overwrite"], r"--resume continues OUT, --overwrite deletes it: give one"),
+    (train, ["--device", "cuda"], r"--device cuda: this machine has no CUDA device", NO_CUDA),
+    (train, ["--out", "{ws}/run"], r"^train.py: error: .*run/stage1 holds an earlier run: continue it with --resume, "
+                                   r"start over with --overwrite \(deletes it\), or pass another --out$"),
+    (train, ["--out", "{ws}/run", "--stage", "2", "--init", "{ws}/grid"], r"--init .*grid: not a checkpoint folder"),
+    # eval.py
+    (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty", "--temperature", "-1"],
+     r"^\S+: error: --temperature -1.0: must be >= 0$"),
+    (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty", "--top-p", "0"], r"--top-p 0.0: must be in \(0, 1\]"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--max-new-tokens", "0"],
+     r"--max-new-tokens 0: must be >= 1"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--batch-size", "0"],
+     r"--batch-size 0: must be >= 1"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--limit", "-2"],
+     r"--limit -2: must be >= 1"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--device", "cuda"],
+     r"--device cuda: this machine has no CUDA device", NO_CUDA),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/nowhere"],
+     r"--ckpt .*nowhere: no such file or directory"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--out", "{ws}/o1"],
+     r"^eval.py: error: .*empty: not a checkpoint folder \(no config.json"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/cut", "--ckpt", "{ws}/empty", "--out", "{ws}/o2"],
+     r"^eval.py: error: .*cut/questions.jsonl line 1: not valid JSON .*truncated\?"),
+    (ev, ["--bench", "pope", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--out", "{ws}/o3"],
+     r"coco_pope_adversarial.json not found: pope expects .* \(get it from"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--predictions", "{ws}/nowhere.json", "--out", "{ws}/o4"],
+     r"nowhere.json: predictions file not found"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--predictions", "{ws}/grid/questions.jsonl",
+          "--out", "{ws}/o5"], r"questions.jsonl: not a entitygrid predictions file"),
+    (ev, ["--image", "{ws}/notes.txt", "--ckpt", "{ws}/empty"], r"notes.txt"),
+    (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty"], r"empty: not a checkpoint folder"),
+    (ev, ["--bench", "entitygrid"], r"--ckpt is required unless --predictions is given"),
+    # hires.py --merge
+    (hires, ["--merge", "{ws}/nowhere", "--out", "{ws}/m"], r"^hires.py: error: .*nowhere: no such checkpoint folder$"),
+    (hires, ["--merge", "{ws}/empty", "--out", "{ws}/m"], r"empty: not a checkpoint folder \(no config.json"),
+    (hires, ["--merge", "{ws}/empty", "--out", "{ws}/empty"], r"--out .*empty: the checkpoint itself"),
+    (hires, ["--merge", "{ws}/empty"], r"the following arguments are required: --out"),
+    # slicing.py --show
+    (slicing, ["--show", "{ws}/photo.png", "--max-slices", "0"], r"^\S+: error: --max-slices 0: must be >= 1$"),
+    (slicing, ["--show", "{ws}/photo.png", "--base", "0"], r"--base 0: must be >= 1"),
+    (slicing, ["--show", "{ws}/photo.png", "--kernel", "0"], r"--kernel 0: must be >= 1"),
+    (slicing, ["--show", "{ws}/photo.png", "--base", "100"], r"--base 100: must be a multiple of --patch 14"),
+    (slicing, ["--show", "{ws}/nowhere.png"], r"^slicing.py: error: .*nowhere.png"),
+    (slicing, ["--show", "{ws}/notes.txt"], r"^slicing.py: error: .*notes.txt"),
+    (slicing, ["--show", "{ws}/photo.png", "--png", "{ws}/nowhere/x.png"], r"--png .*x.png: cannot write"),
+    # entitygrid.py
+    (entitygrid, ["--out", "{ws}/g", "--num", "0"], r"^\S+: error: --num must be a positive integer"),
+    (entitygrid, ["--out", "{ws}/g", "--base", "5"], r"--base must be in"),
+    (entitygrid, ["--show", "{ws}/empty"], r"--show .*empty: no questions.jsonl there"),
+    (entitygrid, [], r"give exactly one of --out DIR"),
+]
+
+
+def run_main(module, argv, capsys):
+    """-> (exit status a shell would see, the lines on stderr): sys.exit(str) prints the string, status 1."""
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    code = e.value.code
+    lines = capsys.readouterr().err.splitlines() + ([code] if isinstance(code, str) else [])
+    return (1 if isinstance(code, str) else code), lines
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].__name__}:{' '.join(c[1])[:60]}")
+def test_bad_input_is_one_line(case, ws, capsys, monkeypatch):
+    module, argv, expected, *runs_here = case
+    if runs_here and not runs_here[0]:
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(ws)  # defaults such as runs/tiny land in the workspace
+    before = snapshot(ws)
+    status, lines = run_main(module, [a.replace("{ws}", str(ws)) for a in argv], capsys)
+    assert status != 0
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0] and re.search(expected, lines[0]), lines[0]
+    after = snapshot(ws)
+    assert {p: after.get(p) for p in before} == before  # nothing on disk lost or changed
+
+
+@pytest.mark.parametrize("script, argv, status, expected", [  # two that import no torch: a second each
+    ("eval.py", ["--bench", "entitygrid", "--data", "{ws}/cut", "--ckpt", "{ws}/empty", "--out", "{ws}/o6"], 1,
+     "eval.py: error: {ws}/cut/questions.jsonl line 1: not valid JSON"),
+    ("entitygrid.py", ["--out", "{ws}/g", "--num", "0"], 2, "entitygrid.py: error: --num must be a positive"),
+])
+def test_what_a_shell_sees(script, argv, status, expected, ws):
+    """The real process: its exit status and its stderr (what sys.exit and argparse print outside pytest)."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, script), *[a.replace("{ws}", str(ws)) for a in argv]],
+                         cwd=ws, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    expected = expected.replace("{ws}", str(ws))
+    assert run.returncode == status and run.stderr.count("\n") == 1 and run.stderr.startswith(expected), run.stderr
+
+
+@pytest.mark.parametrize("module", [train, ev, hires, slicing, entitygrid], ids=lambda m: m.__name__)
+def test_every_flag_has_help(module, monkeypatch, capsys):
+    """Each CLI's parser, caught as main() parses: every flag carries a help string, and --help exits 0."""
+    import argparse
+    parsers = []
+
+    def caught(self, *a, **k):
+        parsers.append(self)
+        raise SystemExit(0)
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", caught)
+        with pytest.raises(SystemExit):
+            module.main([])
+    undocumented = [a.option_strings for a in parsers[0]._actions if not a.help]
+    assert not undocumented
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0 and "--help" in capsys.readouterr().out
+
+
+def test_no_question_says_crosss(tmp_path):
+    """The plural of a shape that ends in s ("red cross") is "red crosses" in every generated question."""
+    assert entitygrid.plural(entitygrid.Entity("shape", "red cross", "red", 0)) == "red crosses"
+    questions = entitygrid.generate(str(tmp_path), 60, seed=3, base=96, families=("shape",))
+    text = json.dumps(questions)
+    assert "crosses" in text and "crosss" not in text
