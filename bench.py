@@ -301,8 +301,9 @@ def hires_first_token(path, llm, vit):
     model = HiResLLaVA(HiResConfig(clip_preset="tiny", llm_path=os.path.join(path, "llm"),
                                    tokenizer_path=os.path.join(path, "tok.model"), lora_rank=0))
     model.vision = VisionTower(vit)
+    model.cfg.sra_layers = default_adapter_layers(vit.layers)  # the frozen ViT prefix ends before the first
     model.sra = torch.nn.ModuleDict({str(i): SliceRestoreAdapter(vit.width, vit.heads, vit.grid)
-                                     for i in default_adapter_layers(vit.layers)})
+                                     for i in model.cfg.sra_layers})
     model.sampler = make_sampler("sms", vit.width, vit.heads, vit.grid, 2, False)
     model.projector = torch.nn.Sequential(torch.nn.Linear(vit.width, llm.dim), torch.nn.GELU(),
                                           torch.nn.Linear(llm.dim, llm.dim))
@@ -432,14 +433,14 @@ def bench_tinystep(args):
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d, contextlib.redirect_stderr(io.StringIO()):
         targs = train.parse_args(["--out", f"{d}/run", "--data-dir", f"{d}/data", "--train-size", "64",
-                                  "--test-size", "27"])
+                                  "--test-size", "27", "--random-backbones"])  # a step costs the same without stage 0
         train.prepare_tiny(targs)
         torch.manual_seed(0)
         model = hires.HiResLLaVA(train.model_config(targs))
         model.set_stage(2)
         folder = f"{d}/data/train"
         data, cached = (llava_data.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1",
-                                             model.preprocess, model.context, model.cfg.image_tokens)
+                                             model.preprocess, model.context, model.image_tokens)
                         for _ in range(2))
         cached.prefixes = llava_data.cache_prefixes(model, [cached], master=False)
         losses = {}
@@ -518,7 +519,7 @@ def bench_gpu(args):
              {"from": "gpt", "value": "The red sign says apple. " * 20}]
     ids, labels = conversation.encode_conversation(turns, model.tokenizer, "vicuna_v1")
     batch = ([ids] * micro, [labels] * micro, [pre] * micro)
-    T = len(ids) - 1 + model.cfg.image_tokens(pre[2])  # LLM tokens of one sample
+    T = len(ids) - 1 + model.image_tokens(pre[2])  # LLM tokens of one sample
     opt = train.make_optimizer(model, preset["lr2"], preset["lora_lr"])
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -560,8 +561,8 @@ def bench_gpu(args):
     t0 = time.perf_counter()
     with torch.inference_mode(), amp:  # as HiResLLaVA.generate, but ids out: random weights pick ids the small
         seqs = model._embed_batch([prompt] * n_gen, [None] * n_gen, [pre] * n_gen)  # tokenizer cannot decode
-        E, _, M = hires.pad_batch(seqs, len(seqs[0][0]), left=True)
-        out = model.llm.generate(input_embeds=E, attention_mask=M, max_new_tokens=args.new_tokens, eos_id=-1)
+        embeds, _, mask = hires.pad_batch(seqs, len(seqs[0][0]), left=True)
+        out = model.llm.generate(input_embeds=embeds, attention_mask=mask, max_new_tokens=args.new_tokens, eos_id=-1)
     sync()
     gen_s = time.perf_counter() - t0
     n_new = sum(map(len, out))

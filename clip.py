@@ -144,37 +144,39 @@ class VisionTower(nn.Module):
         self.vit.eval()  # frozen: always eval (no dropout anywhere, but keep it explicit)
         return self
 
-    def forward(self, pixels, groups=None, adapters=None, start=0):
-        """pixels (N, 3, S, S) normalised; groups: list of (m, n) or None, consecutive runs of images (m*n images for
-        a grid, 1 for None) -- the adapters see a grid's slices together, None passes through unadapted;
-        adapters: dict block index -> module(p (m*n, L, D), (m, n)) -> (m*n, L, D). With start > 0, pixels is
-        instead prefix(pixels, start): the hidden states (N, 1+L, D) after the first `start` blocks, which must hold
-        no adapter. Returns (N, L, D)."""
+    def forward(self, pixels, groups=None, adapters=None):
+        """pixels (N, 3, S, S) normalised -> LLaVA features (N, L, D): prefix, then features (groups, adapters there)."""
+        return self.features(self.prefix(pixels, 0), 0, groups, adapters)
+
+    @torch.no_grad()
+    def prefix(self, pixels, depth):
+        """pixels (N, 3, S, S) normalised -> hidden states (N, 1+L, D) after the patch embedding and the first `depth`
+        blocks (no adapters): frozen in every stage, so they can be computed once per image and reused."""
+        x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))
+        for blk in self.vit.transformer.resblocks[:depth]:
+            x = block(blk, x)
+        return x
+
+    def features(self, x, start, groups=None, adapters=None):
+        """x (N, 1+L, D): hidden states after the first `start` blocks (prefix) -> LLaVA features (N, L, D), CLS
+        dropped, after the blocks up to the feature layer. groups: list of (m, n) or None, consecutive runs of
+        images (m*n images for a grid, 1 for None) -- the adapters see a grid's slices together, None passes through
+        unadapted; adapters: dict block index (>= start) -> module(p (m*n, L, D), (m, n)) -> (m*n, L, D)."""
         adapters = adapters or {}
         if groups is None:
-            groups = [None] * pixels.shape[0]
+            groups = [None] * x.shape[0]
         sizes = [1 if g is None else g[0] * g[1] for g in groups]
-        if sum(sizes) != pixels.shape[0]:
-            raise ValueError(f"groups cover {sum(sizes)} images, pixels hold {pixels.shape[0]}")
+        if sum(sizes) != x.shape[0]:
+            raise ValueError(f"groups cover {sum(sizes)} images, x holds {x.shape[0]}")
         if adapters and start > min(adapters):
             raise ValueError(f"a prefix of {start} blocks skips the adapter in block {min(adapters)}")
         trains_adapter = torch.is_grad_enabled() and any(
             p.requires_grad for a in adapters.values() for p in a.parameters())
         first_grad = min(adapters) if trains_adapter else self.feature_layer + 1
         with torch.no_grad():  # everything before the first trainable adapter needs no graph
-            x = self.prefix(pixels, 0) if start == 0 else pixels.to(self.vit.conv1.weight.dtype)  # (N, 1+L, D)
-            x = self._blocks(x, start, first_grad, groups, sizes, adapters)
+            x = self._blocks(x.to(self.vit.conv1.weight.dtype), start, first_grad, groups, sizes, adapters)
         x = self._blocks(x, max(start, first_grad), self.feature_layer + 1, groups, sizes, adapters)
         return x[:, 1:]  # (N, L, D), CLS dropped
-
-    @torch.no_grad()
-    def prefix(self, pixels, depth):
-        """pixels (N, 3, S, S) -> hidden states (N, 1+L, D) after the patch embedding and the first `depth` blocks
-        (no adapters): frozen in every stage, so they can be computed once per image and reused."""
-        x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))
-        for blk in self.vit.transformer.resblocks[:depth]:
-            x = block(blk, x)
-        return x
 
     def _blocks(self, x, start, stop, groups, sizes, adapters):
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()

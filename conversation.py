@@ -226,6 +226,20 @@ def encode_conversation(conversations, tokenizer, template="vicuna_v1"):
     return ids, labels
 
 
+# LLaVA-1.5's multiple-choice endings (its MMBench / ScienceQA evaluation); the text one asks for the option itself,
+# which likelihood ranking scores (HiResLLaVA.option_logprobs)
+LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
+TEXT_PROMPT = "Answer with the option's text from the given choices directly."
+
+
+def multiple_choice(question, options, letters=True):
+    """LLaVA's multiple-choice user text: the question, the options one per line ("A. ...", "B. ...", or bare with
+    letters=False, for likelihood ranking), then the instruction to answer with the letter (or the text)."""
+    if not letters:
+        return question + "".join(f"\n{o}" for o in options) + "\n" + TEXT_PROMPT
+    return question + "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(options)) + "\n" + LETTER_PROMPT
+
+
 def encode_prompt(question, tokenizer):
     """vicuna_v1 inference prompt "<system> USER: <question> ASSISTANT:" (no trailing space) -> ids."""
     return tokenize_image(vicuna_segments([question])[0], tokenizer)

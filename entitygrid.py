@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from conversation import multiple_choice
 from metrics import mean
 
 TASKS = ("recognition", "position", "counting")
@@ -38,8 +39,6 @@ EDGE_CELLS = (2, 4, 5, 6, 8)   # crossed by a 2 x 2 slice border (5 by both)
 OTHER_CELLS = tuple(c for c in CELLS if c not in EDGE_CELLS)  # 1, 3, 7, 9: inside one slice
 LAYOUTS = ("edge", "corner", "mixed")  # where a question's entities sit: all in edge cells, none, some
 LETTERS = "ABCD"
-MC_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's multiple-choice prompt
-TEXT_PROMPT = "Answer with the option's text from the given choices directly."  # option-text answers (ranked)
 MIN_BASE, MAX_BASE = 48, 2048  # a cell of 2*base/3 >= 32 px keeps a 6-letter word ~8 px high
 MARGIN = 2                     # px of blank between an entity and its cell's border
 
@@ -356,7 +355,6 @@ def generate(out_dir, num, seed, base=336, split="train", families=FAMILIES):
     return questions
 
 
-
 # ----------------------------------------------------------------------------- whole entities (tiny ViT stage 0)
 
 def entity_classes(families):
@@ -407,6 +405,7 @@ def patch_targets(entities, names, size, patch):
         out[inside, 2:] = np.stack([x0 - cx, y0 - cy, x0 + w - cx, y0 + h - cy], 1)[inside] / size
     return out
 
+
 def cut_entities(rng, n, size, patch, families=("object", "shape")):
     """n single whole entities at a slice's scale and, beside each, the same image with the entity's right half
     blanked from the patch boundary nearest its centre, as a slice border would cut it. -> whole, cut (n, 3, size,
@@ -431,7 +430,6 @@ def cut_entities(rng, n, size, patch, families=("object", "shape")):
     return np.stack(whole), np.stack(cut), np.stack(keep)
 
 
-
 def load_questions(out_dir):
     with open(os.path.join(out_dir, "questions.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -454,11 +452,9 @@ def caption_items(questions):
 
 
 def format_question(q, letters=True):
-    """LLaVA's multiple-choice prompt: question, lettered options, answer instruction; letters=False lists the
-    options without letters and asks for the option's text (the answers likelihood ranking scores)."""
-    if not letters:
-        return q["question"] + "".join(f"\n{o}" for o in q["options"]) + "\n" + TEXT_PROMPT
-    return q["question"] + "".join(f"\n{l}. {o}" for l, o in zip(LETTERS, q["options"])) + "\n" + MC_PROMPT
+    """LLaVA's multiple-choice prompt of a question (conversation.multiple_choice): lettered options and the letter
+    instruction; letters=False lists the options bare and asks for the option's text (likelihood ranking)."""
+    return multiple_choice(q["question"], q["options"], letters)
 
 
 # ----------------------------------------------------------------------------- metric

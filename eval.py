@@ -20,11 +20,16 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from tqdm import tqdm
+
+import entitygrid
+from conversation import encode_prompt, multiple_choice
 from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_letter_ai2d, parse_letter_mmbench,
                      parse_letter_scienceqa, parse_yes_no, parse_yes_pope, pope_metrics, relaxed_accuracy,
                      vqa_accuracy)
 
-
+# hires, slicing and torch are imported inside the functions that run the model: they take seconds to import
+# (torch, open_clip), and `--help` needs none of them.
 class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
 
@@ -32,8 +37,6 @@ class EvalError(Exception):
 # Benchmarks: official files in, LLaVA-1.5's prompts, submission files out (docs/benchmarks.md#benchmarks).
 
 SHORT = "\nAnswer the question using a single word or phrase."
-LETTER = "\nAnswer with the option's letter from the given choices directly."
-TEXT = "\nAnswer with the option's text from the given choices directly."  # --mc rank (entitygrid.TEXT_PROMPT)
 BENCHES = {}
 
 @dataclass
@@ -50,9 +53,11 @@ class Sample:
         LLaVA's prompt) or listed without letters for likelihood ranking (mc="rank")."""
         if self.options is None:
             return self.prompt
-        if mc == "rank":
-            return self.prompt + "".join(f"\n{o}" for o in self.options) + TEXT
-        return self.prompt + "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(self.options)) + LETTER
+        return multiple_choice(self.prompt, self.options, letters=mc != "rank")
+
+    def ranked(self, mc):
+        """True when --mc rank scores this question's options by likelihood instead of generating an answer."""
+        return self.options is not None and mc == "rank"
 
 @dataclass
 class Bench:
@@ -293,7 +298,6 @@ def load_llava_w(data, split):
                    {}) for q in load_json(os.path.join(data, "questions.jsonl"), "llava-w", lines=True)]
 
 def score_entitygrid(samples, answers):
-    import entitygrid
     return entitygrid.score([s.gt for s in samples], {s.gt["id"]: a for s, a in zip(samples, answers)})
 
 # the 2S x 2S canvas is built for exactly 2 x 2 slices (entitygrid.py): with upscale (the paper preset) it would be
@@ -309,8 +313,8 @@ def load_entitygrid(data, split):
             for q in questions]
 
 # ----------------------------------------------------------------------------------------------------------------
-# Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
 
+# Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
     import hires
@@ -399,7 +403,6 @@ def generate_all(bench, samples, args, partial, key):
     import hires
     import slicing
     import torch
-    from tqdm import tqdm
 
     def failed(s, error, kind):  # documented choice: an empty prediction, a warning, a count under `kind`
         tqdm.write(f"warning: {error}: empty prediction for question {s.qid}")
@@ -426,18 +429,22 @@ def generate_all(bench, samples, args, partial, key):
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
-                batch, ask = todo[i:i + args.batch_size], []
+                batch, fit = todo[i:i + args.batch_size], []
                 for s in batch:
                     try:
                         img = open_image(s, tmp)
-                        ask.append((s, img if img is None else preprocess(model, bench, s, img)))
+                        pre = img if img is None else preprocess(model, bench, s, img)
+                        ranked = s.ranked(key["mc"])
+                        model.check_length(pre, s.text(key["mc"]), s.options if ranked else None)
+                        fit.append((s, pre))
                     except slicing.ImageError as e:
                         done[s.qid] = failed(s, e, "bad_images")
-                with torch.inference_mode(), amp:  # a prompt beyond the context gets its PromptTooLong as answer
-                    texts = answer(model, ask, args, bench, key["mc"]) if ask else []
-                for (s, pre), t in zip(ask, texts):  # hires.generate returns the answers stripped
-                    done[s.qid] = failed(s, t, "too_long") if isinstance(t, hires.PromptTooLong) else \
-                        {"qid": s.qid, "text": t, **({"grid": list(pre[2])} if pre is not None else {})}
+                    except hires.PromptTooLong as e:
+                        done[s.qid] = failed(s, e, "too_long")
+                with torch.inference_mode(), amp:
+                    texts = answer_batch(model, fit, args, bench, key["mc"]) if fit else []
+                for (s, pre), text in zip(fit, texts):  # hires.generate returns the answers stripped
+                    done[s.qid] = {"qid": s.qid, "text": text, **({"grid": list(pre[2])} if pre is not None else {})}
                 f.writelines(json.dumps(done[s.qid], ensure_ascii=False) + "\n" for s in batch)
                 f.flush()
                 os.fsync(f.fileno())  # an answer on disk is never generated again
@@ -478,26 +485,19 @@ def provenance(args, bench, samples, grids, key):
                                            "grids": grids}, "git_commit": hires.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-def answer(model, batch, args, bench, mc):
-    """Greedy answers to [(sample, image)]; with --mc rank, multiple-choice samples get the letter of the option
-    the model finds most likely (the option texts after the letter-free prompt; the scorer parses that letter)."""
-    import hires
-    rank = [s.options is not None and mc == "rank" for s, _ in batch]
-    texts = iter(model.generate([img for (_, img), r in zip(batch, rank) if not r],
-                                [s.text() for (s, _), r in zip(batch, rank) if not r], temperature=0.0,
-                                max_new_tokens=args.max_new_tokens or bench.max_new_tokens, too_long="return")
-                 if not all(rank) else [])
+def answer_batch(model, batch, args, bench, mc):
+    """Greedy answers to [(sample, image)] whose prompts fit the context; with --mc rank, multiple-choice samples
+    get the letter of the option the model finds most likely (the option texts after the letter-free prompt; the
+    scorer parses that letter)."""
+    rank = [s.ranked(mc) for s, _ in batch]
+    free = [(s, img) for (s, img), r in zip(batch, rank) if not r]
+    texts = iter(model.generate([img for _, img in free], [s.text() for s, _ in free], temperature=0.0,
+                                max_new_tokens=args.max_new_tokens or bench.max_new_tokens) if free else [])
     ranked = [(s, img) for (s, img), r in zip(batch, rank) if r]
     scores = iter(model.option_logprobs([img for _, img in ranked], [s.text("rank") for s, _ in ranked],
-                                        [s.options for s, _ in ranked], too_long="return") if ranked else [])
-    out = []
-    for r in rank:
-        if not r:
-            out.append(next(texts))
-            continue
-        lp = next(scores)
-        out.append(lp if isinstance(lp, hires.PromptTooLong) else chr(65 + max(range(len(lp)), key=lp.__getitem__)))
-    return out
+                                        [s.options for s, _ in ranked]) if ranked else [])
+    best = lambda lp: chr(65 + max(range(len(lp)), key=lp.__getitem__))  # the letter of the likeliest option
+    return [best(next(scores)) if r else next(texts) for r in rank]
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -515,8 +515,8 @@ def read_predictions(path, bench, samples):
     return [preds[s.qid] for s in samples]
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
 
+# CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(usage=argparse.SUPPRESS,  # an error is one line, not a usage block above it
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
@@ -585,7 +585,6 @@ def ask(args):
     """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
     import hires
     import slicing
-    import conversation
     import torch
     try:
         img = slicing.load_image(args.image)  # before the model: a bad image costs no model load
@@ -594,7 +593,7 @@ def ask(args):
     dtype = resolve_dtype(args.dtype, args.device)
     model = load_model(args.ckpt, args.device, dtype, **backbones(args))
     pre = model.preprocess(img)
-    image_tokens, (m, n) = model.cfg.image_tokens(pre[2]), pre[2]
+    image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
     questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
     amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -602,15 +601,15 @@ def ask(args):
     answers = []
     for q in questions:
         prompt = q if "<image>" in q else "<image>\n" + q
-        n_tokens = len(conversation.encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
+        n_tokens = len(encode_prompt(prompt, model.tokenizer)) - 1 + image_tokens
         try:
             with torch.inference_mode(), amp:
-                answer = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,
-                                        temperature=args.temperature, top_p=args.top_p)[0]
+                text = model.generate([pre], [q], max_new_tokens=args.max_new_tokens or 512,
+                                      temperature=args.temperature, top_p=args.top_p)[0]
         except hires.PromptTooLong as e:
             raise EvalError(str(e)) from None
-        print(f"[{n_tokens} prompt tokens] {answer}")
-        answers.append(answer)
+        print(f"[{n_tokens} prompt tokens] {text}")
+        answers.append(text)
     return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
 
 def input_line():

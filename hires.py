@@ -23,13 +23,13 @@ from clip import CLIPConfig, VisionTower, build_vision_tower, default_adapter_la
 from conversation import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, encode_conversation, encode_prompt, image_first,
                           train_tokenizer)
 from llama import Llama, LlamaConfig, apply_lora, check_state_dict, merge_lora
-from slicing import image_token_count, normalize, preprocess_image
+from slicing import normalize, preprocess_image, slice_grid, token_count, token_layout
 
-# separators as plain text tokens, so no new embedding rows (design choice, as LLaVA-UHD;
-# docs/method.md#projector-and-separators)
-SEP_OVERVIEW = "\n"   # (a) between the overview and the slices
-SEP_SLICE = ","       # (b) between two slices of a row
-SEP_ROW = "\n"        # (c) at the end of each row of slices
+# the separators of slicing.token_layout as plain text tokens, so no new embedding rows (design choice, as
+# LLaVA-UHD; docs/method.md#projector-and-separators)
+SEPARATORS = {"sep_overview": "\n",  # (a) between the overview and the slices
+              "sep_slice": ",",       # (b) between two slices of a row
+              "sep_row": "\n"}        # (c) at the end of each row of slices
 SRA_KERNEL = 3        # depthwise conv of the local fusion (design choice)
 SAMPLERS = ("sms", "qformer", "avgpool")
 
@@ -84,23 +84,21 @@ class HiResConfig:
         if not self.tokenizer_path and self.llm_path:
             self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
 
-    def image_tokens(self, grid):
-        """LLM tokens of one image whose slice grid is (m, n), as encode_images lays them out."""
-        h = CLIPConfig.from_preset(self.clip_preset).grid
-        per_image = (h // self.kernel) ** 2
+    def layout(self, grid):
+        """slicing.token_layout of one image whose slice grid is (m, n), with this config's overview and slices."""
         m, n = grid if self.slices else (0, 0)
-        count = image_token_count(m, n, per_image)
-        if not self.sample_overview:
-            count += h * h - per_image                     # the overview keeps all h*w tokens
-        if not self.overview:
-            count -= (h * h if not self.sample_overview else per_image) + 1  # no overview, no separator (a)
-        return count
+        return token_layout(m, n, self.overview)
 
+    def image_tokens(self, grid, seps=None):
+        """LLM tokens of one image whose slice grid is (m, n): the count of its layout (seps: tokens per separator,
+        default one each as with LLaMA's tokenizer; HiResLLaVA.image_tokens passes its tokenizer's)."""
+        h = CLIPConfig.from_preset(self.clip_preset).grid
+        per_slice = (h // self.kernel) ** 2
+        return token_count(self.layout(grid), per_slice if self.sample_overview else h * h, per_slice, seps)
 
 
 class PromptTooLong(ValueError):
     """A prompt (text + image tokens) that leaves no room in the LLM context for an answer."""
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,19 +123,19 @@ class CrossAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, Q, D))                   # (B, Q, D)
 
 
-def merge(p, m, n, h, w):
+def merge(slices, m, n, h, w):
     """Slices (G*m*n, h*w, D) of G images, each image's slices row-major, -> G feature maps (G, D, m*h, n*w) with the
     slices on their grid."""
-    D = p.shape[-1]
-    f = p.view(-1, m, n, h, w, D).permute(0, 5, 1, 3, 2, 4)                 # (G, D, m, h, n, w)
-    return f.reshape(-1, D, m * h, n * w)
+    D = slices.shape[-1]
+    fmap = slices.view(-1, m, n, h, w, D).permute(0, 5, 1, 3, 2, 4)         # (G, D, m, h, n, w)
+    return fmap.reshape(-1, D, m * h, n * w)
 
 
-def split(f, m, n, h, w):
+def split(fmap, m, n, h, w):
     """Inverse of merge: (G, D, m*h, n*w) -> (G*m*n, h*w, D)."""
-    D = f.shape[1]
-    p = f.view(-1, D, m, h, n, w).permute(0, 2, 4, 3, 5, 1)                 # (G, m, n, h, w, D)
-    return p.reshape(-1, h * w, D)
+    D = fmap.shape[1]
+    slices = fmap.view(-1, D, m, h, n, w).permute(0, 2, 4, 3, 5, 1)         # (G, m, n, h, w, D)
+    return slices.reshape(-1, h * w, D)
 
 
 class SliceRestoreAdapter(nn.Module):
@@ -154,16 +152,16 @@ class SliceRestoreAdapter(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, p, mn):
-        """p (G*m*n, L, D): the slices of G images that share the grid (m, n), image by image -> (G*m*n, L, D), the
-        SRA term added beside the block's attention. Each image is merged, fused and split on its own."""
-        (m, n), h = mn, self.grid
-        f = merge(p, m, n, h, h)                                            # (G, D, m*h, n*w)
-        g = F.adaptive_avg_pool2d(f, (h, h))                                # (G, D, h1, w1) = (h, w) (design choice)
-        g = self.attn(g.flatten(2).transpose(1, 2))                         # (G, h*w, D)
-        g = g.transpose(1, 2).reshape(-1, p.shape[-1], h, h)                # (G, D, h, w)
-        g = F.interpolate(g, size=f.shape[-2:], mode="bilinear", align_corners=False)  # (G, D, m*h, n*w)
-        return self.proj(split(self.local(f) + g, m, n, h, h))             # (G*m*n, L, D)
+    def forward(self, slices, grid):
+        """slices (G*m*n, L, D) of G images that share the grid (m, n), image by image -> (G*m*n, L, D), the SRA
+        term added beside the block's attention. Each image is merged, fused and split on its own."""
+        (m, n), h = grid, self.grid
+        fmap = merge(slices, m, n, h, h)                                    # (G, D, m*h, n*w)
+        pooled = F.adaptive_avg_pool2d(fmap, (h, h))                        # (G, D, h1, w1) = (h, w) (design choice)
+        fused = self.attn(pooled.flatten(2).transpose(1, 2))                # (G, h*w, D)
+        fused = fused.transpose(1, 2).reshape(-1, slices.shape[-1], h, h)   # (G, D, h, w)
+        fused = F.interpolate(fused, size=fmap.shape[-2:], mode="bilinear", align_corners=False)  # (G, D, m*h, n*w)
+        return self.proj(split(self.local(fmap) + fused, m, n, h, h))      # (G*m*n, L, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,15 +179,20 @@ class SelfMiningSampler(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.register_buffer("mask", window_mask(grid, kernel) if window else None, persistent=False)
 
-    def queries(self, p):
-        N, L, D = p.shape
-        f = p.transpose(1, 2).reshape(N, D, self.grid, self.grid)            # (N, D, h, w)
-        return F.avg_pool2d(f, self.kernel).flatten(2).transpose(1, 2)        # (N, L/k^2, D)
+    def queries(self, tokens):
+        return average_pool(tokens, self.grid, self.kernel)                  # (N, L/k^2, D)
 
-    def forward(self, p):
-        q = self.queries(p)                                                  # (N, L/k^2, D)
-        x = q + self.attn(self.norm_q(q), self.norm_kv(p), mask=self.mask)
+    def forward(self, tokens):
+        q = self.queries(tokens)                                             # (N, L/k^2, D)
+        x = q + self.attn(self.norm_q(q), self.norm_kv(tokens), mask=self.mask)
         return x + self.ffn(self.norm_ffn(x))
+
+
+def average_pool(tokens, grid, kernel):
+    """k x k average pooling, stride k, of each image's h x w token map: (N, L, D) -> (N, L/k^2, D)."""
+    N, L, D = tokens.shape
+    fmap = tokens.transpose(1, 2).reshape(N, D, grid, grid)                  # (N, D, h, w)
+    return F.avg_pool2d(fmap, kernel).flatten(2).transpose(1, 2)             # (N, L/k^2, D)
 
 
 def window_mask(grid, kernel):
@@ -207,8 +210,8 @@ class QFormerSampler(SelfMiningSampler):
         super().__init__(dim, heads, grid, kernel)
         self.query = nn.Parameter(0.02 * torch.randn((grid // kernel) ** 2, dim))
 
-    def queries(self, p):
-        return self.query.expand(p.shape[0], -1, -1)                         # (N, L/k^2, D)
+    def queries(self, tokens):
+        return self.query.expand(tokens.shape[0], -1, -1)                    # (N, L/k^2, D)
 
 
 class AvgPoolSampler(nn.Module):
@@ -218,10 +221,8 @@ class AvgPoolSampler(nn.Module):
         super().__init__()
         self.grid, self.kernel = grid, kernel
 
-    queries = SelfMiningSampler.queries
-
-    def forward(self, p):
-        return self.queries(p)                                               # (N, L/k^2, D)
+    def forward(self, tokens):
+        return average_pool(tokens, self.grid, self.kernel)                  # (N, L/k^2, D)
 
 
 def make_sampler(kind, dim, heads, grid, kernel, window):
@@ -279,7 +280,7 @@ class HiResLLaVA(nn.Module):
         self.projector = nn.Sequential(nn.Linear(D, C), nn.GELU(), nn.Linear(C, C))  # LLaVA mlp2x_gelu
         if cfg.lora_rank > 0:
             apply_lora(self.llm, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        self.seps = [separator_ids(self.tokenizer, t) for t in (SEP_OVERVIEW, SEP_SLICE, SEP_ROW)]
+        self.seps = {name: separator_ids(self.tokenizer, text) for name, text in SEPARATORS.items()}
         self.to(device)
         for name, p in self.named_parameters():  # rebinding .data keeps parameter identity (LoRA, optimizer)
             p.data = p.data.to((adapter_dtype or dtype) if self._is_adapter(name) else dtype)
@@ -296,7 +297,6 @@ class HiResLLaVA(nn.Module):
         except with train_llm, where the LLM trains in both stages."""
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        self.stage = stage
         for name, p in self.named_parameters():
             trains = name.startswith(("sampler.", "projector.")) or (name.startswith("llm.") and self.cfg.train_llm)
             trains |= stage == 2 and self._is_adapter(name)
@@ -319,47 +319,52 @@ class HiResLLaVA(nn.Module):
         c = self.cfg
         return preprocess_image(img, self.vision.cfg.image_size, c.max_slices, c.upscale, c.slices)
 
+    def image_tokens(self, grid):
+        """LLM tokens of one image whose slice grid is (m, n), with this tokenizer's separators."""
+        return self.cfg.image_tokens(grid, {name: len(ids) for name, ids in self.seps.items()})
+
+    def grid(self, size):
+        """The slice grid (m, n) preprocess() cuts an image of size (width, height) into (slicing.slice_grid)."""
+        c = self.cfg
+        return slice_grid(*size, self.vision.cfg.image_size, c.max_slices, c.upscale) if c.slices else (0, 0)
+
     @torch.no_grad()
     def prefix(self, images):
         """preprocess() tuples -> Prefix tuples: each image's hidden states after the ViT blocks before the first SRA
-        layer, which are frozen in both stages (so train.py can compute them once per image)."""
-        device = self.llm.model.embed_tokens.weight.device
-        pixels = torch.cat([torch.cat([o[None], s]) for o, s, _ in images]).to(device)
-        x = self.vision.prefix(normalize(pixels), min(self.cfg.sra_layers))     # (N, 1+L, D)
-        parts = torch.split(x, [1 + len(s) for _, s, _ in images])
-        return [Prefix(p[0], p[1:], tuple(g)) for p, (_, _, g) in zip(parts, images)]
+        layer, which no stage trains. The one place the ViT-prefix cache enters: Prefix tuples computed earlier
+        (train.py --cache-vit) pass through unchanged."""
+        todo = [im for im in images if not isinstance(im, Prefix)]
+        if todo:
+            device = self.llm.model.embed_tokens.weight.device
+            pixels = torch.cat([torch.cat([overview[None], slices]) for overview, slices, _ in todo]).to(device)
+            x = self.vision.prefix(normalize(pixels), min(self.cfg.sra_layers))  # (N, 1+L, D)
+            parts = torch.split(x, [1 + len(slices) for _, slices, _ in todo])
+            computed = iter([Prefix(p[0], p[1:], tuple(grid)) for p, (_, _, grid) in zip(parts, todo)])
+        return [im if isinstance(im, Prefix) else next(computed) for im in images]
 
     def encode_images(self, images):
-        """List of preprocess() tuples (or all Prefix tuples) -> list of (T_i, C) embeddings: overview, (a), slices
-        row-major with (b) between slices and (c) at each row end (paper Fig. 2a). The batch's overviews go through
-        one ViT call, its slices through another with the SRA."""
-        cfg, device = self.cfg, self.llm.model.embed_tokens.weight.device
-        cached = isinstance(images[0], Prefix)
-        if any(isinstance(im, Prefix) != cached for im in images):
-            raise ValueError("a batch mixes Prefix tuples and pixels")
-
-        def vit(x, groups=None, adapters=None):                                  # uint8 pixels or Prefix states
-            x = x.to(device)
-            return self.vision(x if cached else normalize(x), groups, adapters,
-                               start=min(cfg.sra_layers) if cached else 0)       # (N, L, D)
-
+        """preprocess() tuples (or Prefix tuples) -> list of (T_i, C) LLM embeddings in the order of
+        slicing.token_layout (paper Fig. 2a): the ViT's frozen first blocks (prefix); the rest of the ViT, the
+        batch's overviews in one call without SRA and its slices in another with the SRA inside its blocks; the
+        sampler and the projector; the separators' token embeddings between."""
+        cfg, depth = self.cfg, min(self.cfg.sra_layers)
+        device = self.llm.model.embed_tokens.weight.device
+        states = self.prefix(images)
         if cfg.overview:
             with torch.no_grad():  # the overview passes the plain, frozen ViT (paper 2.4): nothing there to train
-                f = vit(torch.stack([overview for overview, _, _ in images]))     # (B, L, D)
+                f = self.vision.features(torch.stack([s.overview for s in states]).to(device), depth)  # (B, L, D)
             overviews = self.projector(self.sampler(f) if cfg.sample_overview else f)  # (B, L/k^2 or L, C)
         if cfg.slices:
             adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
-            f = vit(torch.cat([s for _, s, _ in images]), [tuple(g) for _, _, g in images], adapters)  # (S, L, D)
-            slices = iter(self.projector(self.sampler(f)))                       # S x (L/k^2, C)
-        sep_a, sep_b, sep_c = (self.llm.embed(torch.tensor([s], device=device))[0] for s in self.seps)  # (k_i, C)
+            f = self.vision.features(torch.cat([s.slices for s in states]).to(device), depth,
+                                     [s.grid for s in states], adapters)         # (sum m*n, L, D)
+            slices = torch.split(self.projector(self.sampler(f)), [len(s.slices) for s in states])  # (m*n, L/k^2, C)
+        seps = {name: self.llm.embed(torch.tensor([ids], device=device))[0] for name, ids in self.seps.items()}
         out = []
-        for b, (_, _, (m, n)) in enumerate(images):
-            parts = [overviews[b]] + ([sep_a] if cfg.slices else []) if cfg.overview else []
-            for r in range(m if cfg.slices else 0):
-                for c in range(n):
-                    parts += [next(slices), sep_b if c < n - 1 else sep_c]
-            out.append(torch.cat(parts))                                         # (T_i, C)
-        return out
+        for b, s in enumerate(states):
+            tokens = {"overview": overviews[b] if cfg.overview else None, **seps}  # (t, C) each
+            out.append(torch.cat([tokens[p] if isinstance(p, str) else slices[b][p] for p in cfg.layout(s.grid)]))
+        return out                                                               # B x (T_i, C)
 
     def splice(self, ids, labels, image):
         """Text ids (with IMAGE_TOKEN_INDEX once if image is not None) -> (embeds (T, C), labels (T,))."""
@@ -387,37 +392,50 @@ class HiResLLaVA(nn.Module):
         """Batch of token lists, label lists and preprocess() tuples (or None) -> mean next-token loss."""
         seqs = self._embed_batch(input_ids, labels, images)
         T = min(max(len(e) for e, _ in seqs), self.context)
-        E, Lb, M = pad_batch(seqs, T)
-        loss = self.llm(input_embeds=E, attention_mask=M, labels=Lb)
-        return loss
+        embeds, labels, mask = pad_batch(seqs, T)
+        return self.llm(input_embeds=embeds, attention_mask=mask, labels=labels)
+
+    def check_length(self, image, prompt, options=None):
+        """Raises PromptTooLong when the vicuna_v1 prompt of a user text with its image (a preprocess() or Prefix
+        tuple, or None) leaves no room for an answer in the context (generate), or, given options, when the prompt
+        with its longest option does not fit (option_logprobs). Counted from the token layout, without the model."""
+        human = prompt if image is None else image_first(prompt)
+        extra = self.image_tokens(image[2]) - 1 if image is not None else 0  # the image replaces its placeholder
+        if options is None:
+            n = len(encode_prompt(human, self.tokenizer)) + extra
+            if n >= self.context:
+                raise PromptTooLong(f"prompt is {n} tokens with its image; the LLM context holds {self.context}, "
+                                    f"so no answer fits")
+            return
+        n = extra + max(len(encode_conversation([{"from": "human", "value": human}, {"from": "gpt", "value": o}],
+                                                self.tokenizer)[0]) for o in options)
+        if n > self.llm.cfg.max_seq_len:
+            raise PromptTooLong(f"prompt and option are {n} tokens with the image; the LLM context holds "
+                                f"{self.llm.cfg.max_seq_len}")
 
     @torch.no_grad()
-    def generate(self, images, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, too_long="raise"):
-        """PIL images (or None) and user texts -> answers; vicuna_v1 prompt, left-padded batched generation.
-        A prompt that fills the LLM context raises PromptTooLong, or with too_long="return" gets it as its answer."""
+    def generate(self, images, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0):
+        """PIL images (or preprocess() tuples, or None) and user texts -> answers; vicuna_v1 prompt, left-padded
+        batched generation. Raises PromptTooLong (check_length) before any work if a prompt fills the context."""
         pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
+        for im, p in zip(pre, prompts):
+            self.check_length(im, p)
         ids = [encode_prompt(p if im is None else image_first(p), self.tokenizer) for p, im in zip(prompts, pre)]
-        seqs, ctx = self._embed_batch(ids, [None] * len(ids), pre), self.context
-        answers = [PromptTooLong(f"prompt is {len(e)} tokens with its image; the LLM context holds {ctx}, so no "
-                                 f"answer fits") if len(e) >= ctx else None for e, _ in seqs]
-        errors = [a for a in answers if a is not None]
-        if errors and too_long == "raise":
-            raise errors[0]
-        seqs = [s for s, a in zip(seqs, answers) if a is None]
-        if seqs:
-            E, _, M = pad_batch(seqs, max(len(e) for e, _ in seqs), left=True)
-            out = iter(self.llm.generate(input_embeds=E, attention_mask=M, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id))
-            answers = [self.tokenizer.decode(next(out)).strip() if a is None else a for a in answers]
-        return answers
+        seqs = self._embed_batch(ids, [None] * len(ids), pre)
+        embeds, _, mask = pad_batch(seqs, max(len(e) for e, _ in seqs), left=True)
+        out = self.llm.generate(input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id)
+        return [self.tokenizer.decode(o).strip() for o in out]
 
     @torch.no_grad()
-    def option_logprobs(self, images, prompts, options, too_long="raise"):
-        """Multiple choice by likelihood: PIL images (or None), user texts and each one's list of option texts ->
-        per prompt, the log-probability of each option as the vicuna_v1 answer (sum over its tokens and </s>).
-        The image is encoded once per prompt; all options are scored as one batch. A prompt whose longest option
-        does not fit the LLM context raises PromptTooLong, or with too_long="return" gets it instead of scores."""
+    def option_logprobs(self, images, prompts, options):
+        """Multiple choice by likelihood: PIL images (or preprocess() tuples, or None), user texts and each one's list
+        of option texts -> per prompt, the log-probability of each option as the vicuna_v1 answer (sum over its
+        tokens and </s>). The image is encoded once per prompt; all options are scored as one batch. Raises
+        PromptTooLong (check_length) before any work if a prompt with its longest option does not fit."""
         pre = [im if im is None or isinstance(im, tuple) else self.preprocess(im) for im in images]
+        for im, p, opts in zip(pre, prompts, options):
+            self.check_length(im, p, opts)
         ids, labels, owner = [], [], []
         for k, (p, im, opts) in enumerate(zip(prompts, pre, options)):
             human = p if im is None else image_first(p)
@@ -429,19 +447,11 @@ class HiResLLaVA(nn.Module):
             im is not None for im in pre) else [])
         per_prompt = [next(encoded) if im is not None else None for im in pre]
         seqs = [self.splice(i, lab, per_prompt[k]) for i, lab, k in zip(ids, labels, owner)]
-        ctx, scores = self.llm.cfg.max_seq_len, [[] for _ in prompts]
-        for (e, _), k in zip(seqs, owner):
-            if len(e) > ctx and not isinstance(scores[k], PromptTooLong):
-                scores[k] = PromptTooLong(f"prompt and option are {len(e)} tokens with the image; the LLM context "
-                                          f"holds {ctx}")
-                if too_long == "raise":
-                    raise scores[k]
-        fit = [(seq, k) for seq, k in zip(seqs, owner) if not isinstance(scores[k], PromptTooLong)]
-        if fit:
-            E, Lb, M = pad_batch([seq for seq, _ in fit], max(len(e) for (e, _), _ in fit))
-            logp = self.llm.label_logprobs(input_embeds=E, attention_mask=M, labels=Lb).sum(1)  # (options,)
-            for (_, k), lp in zip(fit, logp.tolist()):
-                scores[k].append(lp)
+        embeds, labels, mask = pad_batch(seqs, max(len(e) for e, _ in seqs))
+        logp = self.llm.label_logprobs(input_embeds=embeds, attention_mask=mask, labels=labels).sum(1)  # (options,)
+        scores = [[] for _ in prompts]
+        for k, lp in zip(owner, logp.tolist()):
+            scores[k].append(lp)
         return scores
 
 
@@ -449,14 +459,14 @@ def pad_batch(seqs, T, left=False):
     """[(embeds (t, C), labels (t,))] -> embeds (B, T, C), labels (B, T), mask (B, T); each cut to its first T
     tokens and right-padded (training), or left-padded (generation)."""
     e0 = seqs[0][0]
-    E = e0.new_zeros(len(seqs), T, e0.shape[1])
-    Lb = torch.full((len(seqs), T), IGNORE_INDEX, device=e0.device)
-    M = torch.zeros(len(seqs), T, dtype=torch.long, device=e0.device)
+    embeds = e0.new_zeros(len(seqs), T, e0.shape[1])
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, device=e0.device)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=e0.device)
     for b, (e, lab) in enumerate(seqs):
         t = min(len(e), T)
         at = slice(T - t, T) if left else slice(0, t)
-        E[b, at], Lb[b, at], M[b, at] = e[:t], lab[:t], 1
-    return E, Lb, M
+        embeds[b, at], labels[b, at], mask[b, at] = e[:t], lab[:t], 1
+    return embeds, labels, mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,8 +595,6 @@ def merge_checkpoint(ckpt, out):
                   train_llm=False)
     save_checkpoint(model, out, cfg)
     return cfg
-
-
 
 
 def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):

@@ -1,7 +1,8 @@
 """LLaVA's training data (docs/method.md#training-stages): the JSON list [{id, image?, conversations}] as token ids,
 labels (conversation.encode_conversation) and preprocessed images; bad samples counted and replaced, never fatal one
-by one; the frozen ViT prefix cached once per image; micro-batches of similar length. And the tiny preset's stage 0,
-which pretrains its backbones on the toy world before the paper's two stages: its data, its model and the encoder
+by one; the frozen ViT prefix cached once per image; micro-batches of similar length (LLaVA's
+group_by_modality_length) in finetuning on data that mixes image and text-only samples. And the tiny preset's stage
+0, which pretrains its backbones on the toy world before the paper's two stages: its data, its model and the encoder
 diagnostics (docs/method.md#the-tiny-preset).
 """
 import json
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import clip
@@ -33,14 +35,13 @@ class DataError(Exception):
     """A one-line, user-facing problem with the training data (unreadable file, no usable sample)."""
 
 
-
 class LlavaData(torch.utils.data.Dataset):
     """LLaVA's training list [{id, image?, conversations}] with images under `folder`. A sample that cannot be used
     is counted under its SKIP_REASONS entry and replaced by the next usable one, so batches keep their size."""
 
     def __init__(self, path, folder, tokenizer, template, preprocess, context, image_tokens):
         """context: tokens of one spliced sequence (HiResLLaVA.context); image_tokens: slice grid -> LLM tokens of
-        the image (HiResConfig.image_tokens), so the length check counts what the model will see."""
+        the image (HiResLLaVA.image_tokens), so the length check counts what the model will see."""
         try:
             with open(path) as f:
                 self.items = json.load(f)
@@ -54,6 +55,27 @@ class LlavaData(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.items)
+
+    def modality_lengths(self, grid):
+        """LLaVA's modality_lengths: per sample its LLM tokens, text plus image tokens, negated for text-only samples;
+        from the text and the image file's header alone (grid: (width, height) -> slice grid, HiResLLaVA.grid). An
+        image that cannot be opened adds no image tokens (the sample is counted as bad when drawn)."""
+        lengths = []
+        for item in self.items:
+            turns = item.get("conversations") if isinstance(item, dict) else None
+            text = " ".join(t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)) \
+                if isinstance(turns, list) else ""
+            n = max(1, len(self.tokenizer.encode(text.replace("<image>", ""), bos=False)))
+            if not (isinstance(item, dict) and "image" in item):
+                lengths.append(-n)
+                continue
+            try:
+                with Image.open(os.path.join(self.folder, str(item["image"]))) as img:  # reads the header only
+                    n += self.image_tokens(grid(img.size))
+            except (OSError, ValueError):
+                pass
+            lengths.append(n)
+        return lengths
 
     def __getitem__(self, i):
         skipped = []
@@ -116,6 +138,7 @@ def collate(batch):
     return dict(input_ids=[s[0] for s in samples], labels=[s[1] for s in samples], images=[s[2] for s in samples],
                 skipped=Counter(r for _, reasons in batch for r in reasons))
 
+
 class Stage0Data(torch.utils.data.Dataset):
     """Stage 0 of the tiny preset: sample i is one text of the toy world (captions and question-answer conversations
     without their image, all tokens labelled: plain LM) and one scene of whole entities drawn from seed and i
@@ -144,7 +167,6 @@ class Stage0Data(torch.utils.data.Dataset):
         return (self.texts[i], self.texts[i], (pixels, targets)), []
 
 
-
 def cache_prefixes(model, datasets, master, batch=8):
     """The frozen ViT blocks before the first SRA layer, once per training image: {path: hires.Prefix}, shared by
     the datasets (and stages). Images that fail to load are left out; the datasets count them when drawn. Small
@@ -165,27 +187,63 @@ def cache_prefixes(model, datasets, master, batch=8):
     return cache
 
 
+def modality_length_groups(lengths, micro_batch, megabatch, generator):
+    """LLaVA's group_by_modality_length (llava_trainer.py), at micro-batch granularity: image samples (length > 0)
+    and text-only samples (length < 0) apart, each modality's random permutation cut into megabatches of `megabatch`
+    samples, each megabatch sorted by length and cut into micro-batches, so samples of similar length share a
+    micro-batch and pad little; the micro-batches in random order. The incomplete ends of the two modalities share
+    the last micro-batches; a remainder shorter than a micro-batch is dropped. -> list of micro-batches (index lists)."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    batches, rest = [], []
+    for image in (True, False):
+        ids = [i for i in perm if (lengths[i] > 0) == image]
+        for k in range(0, len(ids), megabatch):
+            mega = sorted(ids[k:k + megabatch], key=lambda i: -abs(lengths[i]))
+            cut = len(mega) - len(mega) % micro_batch
+            batches += [mega[j:j + micro_batch] for j in range(0, cut, micro_batch)]
+            rest += mega[cut:]
+    rest.sort(key=lambda i: -abs(lengths[i]))
+    batches += [rest[j:j + micro_batch] for j in range(0, len(rest) - micro_batch + 1, micro_batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def padding_fraction(batches, lengths, context):
+    """Share of the LLM positions of micro-batches (each padded to its longest sample, cut at context) that are
+    padding."""
+    real = sum(min(abs(lengths[i]), context) for b in batches for i in b)
+    padded = sum(len(b) * max(min(abs(lengths[i]), context) for i in b) for b in batches)
+    return 1 - real / padded
+
+
 class MicroBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches, step by step, from a seeded per-epoch permutation shared by all ranks.
+    """Yields this rank's micro-batches, step by step, from a seeded per-epoch order shared by all ranks.
 
     Like DistributedSampler it shards one permutation by rank, but at micro-batch granularity: step s takes the
     next `global_batch` indices, cut into micro-batches; micro-batch j goes to rank j % world. A global batch is thus
-    the same micro-batches whatever the number of processes, so 1 and 2 processes give the same gradients.
+    the same micro-batches whatever the number of processes, so 1 and 2 processes give the same gradients. With
+    lengths (LlavaData.modality_lengths), the micro-batches are modality_length_groups, one global batch a megabatch.
     """
 
-    def __init__(self, n, global_batch, micro_batch, rank, world, seed, start_step=0):
-        self.n, self.gb, self.mb, self.rank, self.world = n, global_batch, micro_batch, rank, world
-        self.seed, self.start_step = seed, start_step
+    def __init__(self, n, global_batch, micro_batch, rank, world, seed, start_step=0, lengths=None):
+        self.n, self.global_batch, self.micro_batch, self.rank, self.world = n, global_batch, micro_batch, rank, world
+        self.seed, self.start_step, self.lengths = seed, start_step, lengths
         self.steps_per_epoch = n // global_batch
 
+    def epoch(self, epoch):
+        """The epoch's micro-batches in order (at least steps_per_epoch global batches of them)."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.lengths is not None:
+            return modality_length_groups(self.lengths, self.micro_batch, self.global_batch, generator)
+        perm = torch.randperm(self.n, generator=generator).tolist()
+        return [perm[j:j + self.micro_batch] for j in range(0, self.n - self.micro_batch + 1, self.micro_batch)]
+
     def __iter__(self):
-        step = self.start_step
+        step, per_step = self.start_step, self.global_batch // self.micro_batch
         while True:
             epoch, k = divmod(step, self.steps_per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            batch = perm[k * self.gb:(k + 1) * self.gb]
-            for j in range(self.rank, self.gb // self.mb, self.world):
-                yield batch[j * self.mb:(j + 1) * self.mb]
+            batches = self.epoch(epoch)
+            for j in range(self.rank, per_step, self.world):
+                yield batches[k * per_step + j]
             step += 1
 
 

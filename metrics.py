@@ -22,6 +22,7 @@ def levenshtein(a, b):
         prev = cur
     return prev[-1]
 
+
 def anls(prediction, answers, threshold=0.5):
     """ANLS of one question, exactly as the official RRC script; a score of exactly 0.5 is kept
     (docs/benchmarks.md#anls)."""
@@ -31,6 +32,7 @@ def anls(prediction, answers, threshold=0.5):
         nls.append(levenshtein(" ".join(answer.strip().lower().split()), pred) / length if length else 0.0)
     score = 1.0 - min(nls) if nls else 0.0
     return 0.0 if score < threshold else score  # the script drops only score < 0.5 (the paper: NL < 0.5)
+
 
 # The 120-entry VQA/EvalAI contractions table (docs/benchmarks.md#vqa-accuracy), kept verbatim with its quirks
 # (identity entries, the reversed somebody'd, capitalised keys that never match after lowercasing).
@@ -61,6 +63,7 @@ PUNCTUATION = list(';/[]"{}()=+\\_-><@`,?!')  # the official 21 characters
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the official typo: removes every "." not before a digit
 COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
 
+
 def process_punctuation(text):
     """VQA punctuation step with m4c's digit-comma test; at most 32 periods removed (docs/benchmarks.md#vqa-accuracy,
     step 2)."""
@@ -69,16 +72,19 @@ def process_punctuation(text):
         out = out.replace(p, "" if (p + " " in text or " " + p in text or digit_comma) else " ")
     return PERIOD_STRIP.sub("", out, count=32)  # the original passes re.UNICODE (= 32) as `count`
 
+
 def evalai_normalize(answer):
     """The m4c/MMF EvalAIAnswerProcessor that LLaVA's TextVQA scoring applies (docs/benchmarks.md#vqa-accuracy)."""
     answer = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     words = process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()).lower().split()
     return " ".join(CONTRACTIONS.get(w, w) for w in (NUMBER_MAP.get(w, w) for w in words) if w not in ARTICLES)
 
+
 def vqa_accuracy(prediction, answers):
     """Leave-one-out VQA accuracy, EvalAI normaliser on prediction and answers (docs/benchmarks.md#vqa-accuracy)."""
     gts, pred = [evalai_normalize(a) for a in answers], evalai_normalize(prediction)
     return mean(min(1.0, sum(gt == pred for j, gt in enumerate(gts) if j != g) / 3) for g in range(len(gts))) or 0.0
+
 
 def relaxed_accuracy(prediction, answer, tolerance=0.05):
     """ChartQA relaxed correctness as pix2struct, prediction stripped as VLMEvalKit
@@ -94,6 +100,7 @@ def relaxed_accuracy(prediction, answer, tolerance=0.05):
         return float(abs(pred - target) / abs(target) <= tolerance)
     return float(prediction.lower() == answer.lower())
 
+
 def parse_letter_scienceqa(text, n_choices):
     """Option letter by LLaVA's eval_science_qa.py rule, None if unparsed (docs/benchmarks.md#option-letters)."""
     options, found = ("A", "B", "C", "D", "E"), re.findall(r"The answer is ([A-Z]).", text)  # "." = any char
@@ -105,11 +112,13 @@ def parse_letter_scienceqa(text, n_choices):
         letter = found[0] if len(found) == 1 else None
     return letter if letter in options[:n_choices] else None
 
+
 def parse_letter_ai2d(text):
     """lmms-eval's AI2D answer: X of a leading "X." else the reply, punctuation-free
     (docs/benchmarks.md#option-letters)."""
     m = re.match(r"\s*([A-Z])\.", text)
     return (m.group(1) if m else text).translate(str.maketrans("", "", string.punctuation)).upper()
+
 
 def parse_letter_mmbench(text, choices):
     """VLMEvalKit can_infer, exact matching, no LLM judge: letter, "Z" or None (docs/benchmarks.md#option-letters)."""
@@ -125,15 +134,18 @@ def parse_letter_mmbench(text, choices):
     hits = [c for c, v in choices.items() if v.lower() in text.lower()]
     return hits[0] if len(hits) == 1 and len(text) <= 2 * sum(len(v) for v in choices.values()) else None
 
+
 def parse_yes_pope(text):
     """True for yes under the official POPE / LLaVA eval_pope.py rule (docs/benchmarks.md#pope-yes-or-no)."""
     return not any(w in ("No", "no", "not") for w in text.split(".")[0].replace(",", "").split(" "))
+
 
 def parse_yes_no(text):
     """Offline HallusionBench judge, VLMEvalKit's YOrN_Extraction: yes/no/unknown
     (docs/benchmarks.md#hallusionbench-scores)."""
     words = process_punctuation(text.lower()).split()
     return "unknown" if ("yes" in words) == ("no" in words) else "yes" if "yes" in words else "no"
+
 
 def pope_metrics(pred_yes, label_yes):
     """POPE accuracy, precision, recall, F1 and yes-ratio of the predictions (docs/benchmarks.md#pope-yes-or-no)."""
@@ -145,6 +157,7 @@ def pope_metrics(pred_yes, label_yes):
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
             "yes_ratio": mean(p for p, _ in pairs), "n": len(pairs)}
 
+
 def all_correct(keys, correct):
     """{group key: every member correct} -- MMBench circular groups, HallusionBench figures and question pairs."""
     groups = {}
@@ -152,11 +165,13 @@ def all_correct(keys, correct):
         groups[key] = groups.get(key, True) and bool(ok)
     return groups
 
+
 def circular_accuracy(rows):
     """MMBench CircularEval: {question: every present copy correct} from (index, ok)
     (docs/benchmarks.md#mmbench-circulareval)."""
     rows = list(rows)
     return all_correct([i % 1_000_000 for i, _ in rows], [ok for _, ok in rows])
+
 
 def hallusion_metrics(items, correct):
     """aAcc, fAcc, qAcc of HallusionBench (docs/benchmarks.md#hallusionbench-scores). items: the official dicts;

@@ -48,11 +48,7 @@ PRESETS = {  # every value is a command-line default; see --help
 # HiResConfig fields set by the flag of the same name; a stage-2 start from --init takes those given over its config
 MODEL_FLAGS = ("max_slices", "upscale", "sampler", "max_length", "lora_rank", "lora_alpha", "lora_dropout", "sra",
                "sra_layers", "slices", "overview", "train_llm")
-# numeric flags checked at parse time (check_args)
-POSITIVE = ("max_slices", "lora_alpha", "batch1", "batch2", "micro_batch", "epochs1", "epochs2", "grad_clip",
-            "log_every", "save_every", "keep", "eval_batch", "max_new_tokens")
-NON_NEGATIVE = ("lr1", "lr2", "lora_lr", "sra_lr", "lora_rank", "max_length", "steps1", "steps2", "threads",
-                "num_workers", "seed")  # a learning rate of 0 keeps the weights (a test of what a stage starts from)
+
 
 class TrainError(Exception):
     """A one-line, user-facing problem that stops the run (bad flag, missing file, non-finite loss)."""
@@ -171,8 +167,11 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         groups = ", ".join(f"{g} {n:,}" for g, n in trainable_counts(model).items())
         print(f"stage {stage}: trainable by group: {groups}")
     net = ddp_wrap(model, ctx)
+    lengths = data.modality_lengths(model.grid) if stage == 2 else None
+    if lengths and (min(lengths) > 0 or max(lengths) < 0):
+        lengths = None  # one modality: as LLaVA, length grouping is for finetuning on mixed data (LLaVA-665K)
     sampler = llava_data.MicroBatchSampler(len(data), global_batch, args.micro_batch, ctx["rank"], world, args.seed,
-                                           start)
+                                           start, lengths)
     # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=llava_data.collate,
                                               num_workers=args.num_workers, generator=torch.Generator()))
@@ -491,15 +490,27 @@ def block_list(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
 
 
+def bounded(kind, low, high=None, strict=False):
+    """argparse type: a number of `kind` >= low (> low if strict) and < high, else a one-line error."""
+    def parse(text):
+        value = kind(text)
+        if value < low or strict and value == low or high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"{value}: must be {'>' if strict else '>='} {low}"
+                                             + (f" and < {high}" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names it
+    return parse
+
+
 def parse_args(argv=None):
     """The run settings. Defaults come from one place, the preset (PRESETS, picked by --preset, else 'paper' when
     --clip/--llm are given, else 'tiny'); every numeric flag is range-checked here, before anything runs."""
-    # usage=SUPPRESS: an error is the one line "train.py: error: ...", not a usage block above it
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, usage=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                usage=argparse.SUPPRESS)  # an error is one line, no usage block above it
     a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), help="hyper-parameter defaults: 'tiny' (random tiny ViT + LLaMA, "
-      "EntityGrid-QA, CPU minutes; the default without --clip/--llm) or 'paper' (ViT-L-14-336 + Vicuna-7B); "
-      "the defaults shown are the tiny preset's")
+    count, natural, rate = bounded(int, 1), bounded(int, 0), bounded(float, 0)  # a learning rate of 0 keeps weights
+    a("--preset", choices=sorted(PRESETS), help="defaults: tiny (tiny backbones, EntityGrid-QA, CPU; shown here) or "
+      "paper (ViT-L-14-336 + Vicuna-7B); default: paper with --clip/--llm, else tiny")
     a("--stage", choices=("0", "1", "2", "all"), default="all", help="0 (tiny only): pretrain the tiny ViT and LLaMA; "
       "1: sampler+projector on captions; 2: SRA+sampler+projector+LoRA on instructions (needs --init unless 'all'); "
       "all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
@@ -509,75 +520,61 @@ def parse_args(argv=None):
     a("--out", help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
     a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
     a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")
-    a("--overwrite", action="store_true", help="delete what earlier runs left in OUT/stage<k> of the stages trained "
-      "(and the tiny run's metrics) and start over; without it, a run into a used OUT refuses")
+    a("--overwrite", action="store_true", help="delete the OUT/stage<k> to be trained and start over (else refused)")
     a("--clip", help="open_clip ViT-L-14-336 weights file (paper preset)")
     a("--llm", help="Vicuna-7B-v1.5 HF directory (paper preset)")
     a("--tokenizer", help="sentencepiece model (default LLM/tokenizer.model)")
     a("--data1", help="stage-1 LLaVA JSON (captions; tiny: generated EntityGrid captions)")
     a("--data2", help="stage-2 LLaVA JSON (instructions; tiny: generated EntityGrid-QA llava.json)")
     a("--image-folder", help="folder the JSON's image paths are relative to (tiny: the data dir)")
-    a("--data-dir", default="data/entitygrid", help="tiny: where EntityGrid-QA train/ and test/ are (generated "
-      "when missing)")
-    a("--train-size", type=int, help="tiny: number of EntityGrid-QA training questions to generate")
-    a("--test-size", type=int, help="tiny: number of EntityGrid-QA test questions to generate and evaluate")
-    a("--families", help="tiny: comma-separated EntityGrid-QA entity families of the generated splits (of "
-      f"{','.join(entitygrid.FAMILIES)}; a random tiny ViT cannot read words and numbers, see README)")
-    a("--vocab-size", type=int, help="tiny: sentencepiece vocabulary size trained from the data")
-    a("--max-slices", type=int, help="maximum slices per image N (paper 16)")
+    a("--data-dir", default="data/entitygrid", help="tiny: EntityGrid-QA train/ and test/ (generated if missing)")
+    a("--train-size", type=count, help="tiny: number of EntityGrid-QA training questions to generate")
+    a("--test-size", type=count, help="tiny: number of EntityGrid-QA test questions to generate and evaluate")
+    a("--families", help=f"tiny: EntityGrid-QA families of the generated splits, of {','.join(entitygrid.FAMILIES)}")
+    a("--vocab-size", type=count, help="tiny: sentencepiece vocabulary size trained from the data")
+    a("--max-slices", type=count, help="maximum slices per image N (paper 16)")
     a("--upscale", action=argparse.BooleanOptionalAction, help="double the grid of small images when 4mn <= N")
     a("--sampler", choices=("sms", "qformer", "avgpool"), default="sms", help="token sampler (paper: sms)")
-    a("--sra", action=argparse.BooleanOptionalAction, default=True, help="SliceRestore Adapter in the ViT (--no-sra: "
-      "the ablation without it)")
-    a("--slices", action=argparse.BooleanOptionalAction, default=True, help="the slices of the image (--no-slices: "
-      "overview only, the no-slicing baseline)")
-    a("--overview", action=argparse.BooleanOptionalAction, default=True, help="the low-res overview (--no-overview: "
-      "slices only)")
-    a("--lora-rank", type=int, help="LoRA rank r (paper 128; 0: no LoRA)")
-    a("--lora-alpha", type=float, help="LoRA alpha; scaling alpha/r (paper 256)")
-    a("--lora-dropout", type=float, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
-    a("--max-len", dest="max_length", type=int, help="tokens of one sequence, image tokens included; 0: the LLM's "
+    a("--sra", action=argparse.BooleanOptionalAction, default=True, help="SliceRestore Adapter in the ViT")
+    a("--slices", action=argparse.BooleanOptionalAction, default=True, help="the slices (--no-slices: overview only)")
+    a("--overview", action=argparse.BooleanOptionalAction, default=True, help="the low-res overview")
+    a("--lora-rank", type=natural, help="LoRA rank r (paper 128; 0: no LoRA)")
+    a("--lora-alpha", type=bounded(float, 0, strict=True), help="LoRA alpha; scaling alpha/r (paper 256)")
+    a("--lora-dropout", type=bounded(float, 0, 1), help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
+    a("--max-len", dest="max_length", type=natural, help="tokens of one sequence, image tokens included; 0: the LLM's "
       "own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
-    a("--lr0", type=float, default=1e-3, help="tiny: stage-0 learning rate")
-    a("--batch0", type=int, default=32, help="tiny: stage-0 batch (scenes and texts)")
-    a("--steps0", type=int, default=300, help="tiny: stage-0 optimizer steps")
-    a("--lr1", type=float, help="stage-1 learning rate (paper 1e-3)")
-    a("--lr2", type=float, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
-    a("--sra-lr", type=float, help="stage-2 learning rate of the SliceRestore Adapter (default: a tenth of "
-      "--lora-lr; paper 2e-5, as every tensor outside the LLM)")
-    a("--sra-layers", type=block_list, help="0-based ViT blocks holding a SliceRestore Adapter, comma-separated "
-      "(default: the paper's layers 19-22 of 24, i.e. 18,19,20,21; tiny ViT 7,8,9 of 12)")
-    a("--lora-lr", type=float, help="stage-2 learning rate of the LLM side: LoRA, and with --train-llm the whole LLM "
-      "(paper 2e-4)")
-    a("--batch1", type=int, help="stage-1 global batch size over all processes (paper 256)")
-    a("--batch2", type=int, help="stage-2 global batch size over all processes (paper 128)")
-    a("--micro-batch", type=int, help="samples per process per forward; gradients are accumulated up to the batch")
-    a("--epochs1", type=int, help="stage-1 epochs (paper 1)")
-    a("--epochs2", type=int, help="stage-2 epochs (paper 1)")
-    a("--steps1", type=int, default=0, help="stage-1 optimizer steps (0: from --epochs1)")
-    a("--steps2", type=int, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
-    a("--warmup-ratio", type=float, default=0.03, help="fraction of the steps with linear warm-up before cosine")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this value")
-    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype on CUDA (auto: bf16 if "
-      "supported else fp16); CPU always fp32")
-    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing in the LLM and in the "
-      "ViT blocks that carry SRA (paper preset: on)")
+    a("--lr0", type=rate, default=1e-3, help="tiny: stage-0 learning rate")
+    a("--batch0", type=count, default=32, help="tiny: stage-0 batch (scenes and texts)")
+    a("--steps0", type=natural, default=300, help="tiny: stage-0 optimizer steps")
+    a("--lr1", type=rate, help="stage-1 learning rate (paper 1e-3)")
+    a("--lr2", type=rate, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
+    a("--sra-lr", type=rate, help="stage-2 learning rate of the SRA (default: --lora-lr / 10; paper 2e-5)")
+    a("--sra-layers", type=block_list, help="0-based ViT blocks with an SRA, comma-separated (paper: 18,19,20,21)")
+    a("--lora-lr", type=rate, help="stage-2 learning rate of LoRA (with --train-llm the whole LLM; paper 2e-4)")
+    a("--batch1", type=count, help="stage-1 global batch size over all processes (paper 256)")
+    a("--batch2", type=count, help="stage-2 global batch size over all processes (paper 128)")
+    a("--micro-batch", type=count, help="samples per process per forward; gradients are accumulated up to the batch")
+    a("--epochs1", type=count, help="stage-1 epochs (paper 1)")
+    a("--epochs2", type=count, help="stage-2 epochs (paper 1)")
+    a("--steps1", type=natural, default=0, help="stage-1 optimizer steps (0: from --epochs1)")
+    a("--steps2", type=natural, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
+    a("--warmup-ratio", type=bounded(float, 0, 1), default=0.03, help="fraction of the steps warmed up linearly")
+    a("--grad-clip", type=bounded(float, 0, strict=True), default=1.0, help="clip the global gradient norm to this")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="CUDA autocast (auto: bf16, else fp16); CPU: fp32")
+    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing (LLM, SRA blocks)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when there is a GPU, else cpu")
-    a("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
-    a("--num-workers", type=int, help="DataLoader worker processes per rank")
-    a("--seed", type=int, default=0, help="seed for init, data order and generation")
-    a("--log-every", type=int, default=10, help="print a log line every N steps")
-    a("--save-every", type=int, default=100, help="write a checkpoint every N steps (and at the end)")
-    a("--keep", type=int, default=2, help="number of checkpoints kept")
-    a("--eval-batch", type=int, default=64, help="EntityGrid-QA evaluation batch size")
-    a("--max-new-tokens", type=int, default=4, help="tokens generated per EntityGrid-QA answer (--mc letter)")
-    a("--mc", choices=("rank", "letter"), help="tiny: EntityGrid-QA answers as option text, trained so and scored "
-      "by ranking the options by likelihood (rank), or as the option letter, generated and parsed (letter); "
-      "recorded in the checkpoint, which eval.py follows")
-    a("--train-llm", action=argparse.BooleanOptionalAction, help="train the whole LLM in both stages (tiny: its "
-      "random stand-in must learn language; paper: Vicuna stays frozen and LoRA trains)")
-    a("--cache-vit", action=argparse.BooleanOptionalAction, help="compute the frozen ViT blocks before the first "
-      "SRA layer once per training image and reuse them every epoch (memory: ~(1+L)*D floats per image)")
+    a("--threads", type=natural, default=0, help="CPU threads per process (0: cores / processes)")
+    a("--num-workers", type=natural, help="DataLoader worker processes per rank")
+    a("--seed", type=natural, default=0, help="seed for init, data order and generation")
+    a("--log-every", type=count, default=10, help="print a log line every N steps")
+    a("--save-every", type=count, default=100, help="write a checkpoint every N steps (and at the end)")
+    a("--keep", type=count, default=2, help="number of checkpoints kept")
+    a("--eval-batch", type=count, default=64, help="EntityGrid-QA evaluation batch size")
+    a("--max-new-tokens", type=count, default=4, help="tokens generated per EntityGrid-QA answer (--mc letter)")
+    a("--mc", choices=("rank", "letter"), help="answers as option text, ranked by likelihood (rank), or as the "
+      "letter (letter); recorded in the checkpoint, which eval.py follows")
+    a("--train-llm", action=argparse.BooleanOptionalAction, help="train the whole LLM (else frozen, with LoRA)")
+    a("--cache-vit", action=argparse.BooleanOptionalAction, help="run the ViT blocks before the SRA once per image")
     p.set_defaults(**PRESETS["tiny"])  # what --help shows
     # pass 1: the preset, and which model flags the command line gives (they win over an --init config)
     first = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(MODEL_FLAGS)))
@@ -593,38 +590,26 @@ def parse_args(argv=None):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written; after each flag's help its default (the tiny preset's), where it has one."""
-
     def _get_help_string(self, action):
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in action.help
-        return action.help + (" (default: %(default)s)" if shown else "")
+        return action.help + (" (default: %(default)s)" if action.default not in (None, False, argparse.SUPPRESS)
+                              else "")
 
 
 def check_args(p, args):
-    """Ranges, combinations, devices and paths of the parsed flags: a bad one stops here with one line."""
-    rules = [(POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-             (("lora_dropout", "warmup_ratio"), lambda v: 0 <= v < 1, "in [0, 1)")]
-    if args.preset == "tiny":  # the paper preset does not generate data
-        rules.append((("train_size", "test_size", "vocab_size"), lambda v: v > 0, "> 0"))
-    for names, ok, need in rules:
-        for name in names:
-            if not ok(getattr(args, name)):
-                flag = "--max-len" if name == "max_length" else "--" + name.replace("_", "-")
-                p.error(f"{flag} {getattr(args, name)}: must be {need}")
+    """Combinations, devices and paths of the parsed flags (the ranges are their types'): one line each."""
     families = args.families.split(",")
     if set(families) - set(entitygrid.FAMILIES) or not {"object", "shape"} & set(families):
         p.error(f"--families {args.families}: choose from {','.join(entitygrid.FAMILIES)}, with object or shape "
                 "(the counting questions draw those)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use --device cpu")
-    if args.preset == "paper" and not (args.clip and args.llm):
-        p.error("the paper preset needs --clip (open_clip ViT-L-14-336 weights file) and --llm (Vicuna-7B-v1.5 "
-                "directory); without both, run the tiny preset (no weight flags)")
     for flag, path in (("--clip", args.clip), ("--llm", args.llm), ("--tokenizer", args.tokenizer),
                        ("--init", args.init)):
         if path and not os.path.exists(path):
             p.error(f"{flag} {path}: no such file or directory")
-    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
-        p.error(f"--init {args.init}: not a checkpoint folder (no config.json; stage 1 writes OUT/stage1)")
+    if args.preset == "paper" and not (args.clip and args.llm):
+        p.error("the paper preset needs --clip (open_clip ViT-L-14-336 weights file) and --llm (Vicuna-7B-v1.5 "
+                "directory); without both, run the tiny preset (no weight flags)")
     if args.preset == "paper" and (args.stage != "1" and not args.data2 or args.stage != "2" and not args.data1):
         p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
     if args.preset == "paper" and (args.stage == "0" or args.stage0 or args.random_backbones):
@@ -633,6 +618,8 @@ def check_args(p, args):
         p.error("--stage 0 writes OUT/stage0: drop --stage0/--random-backbones")
     if args.stage == "2" and not args.init:
         p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
+    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+        p.error(f"--init {args.init}: not a checkpoint folder (no config.json; stage 1 writes OUT/stage1)")
     if args.resume and args.overwrite:
         p.error("--resume continues OUT, --overwrite deletes it: give one")
 
@@ -670,12 +657,11 @@ def claim_out(args, stages, ctx):
     """Refuse to train into an OUT/stage<k> an earlier run wrote (its checkpoints would mix with this run's), unless
     --resume continues it or --overwrite deletes it (and the tiny run's results) first."""
     used = [d for d in (os.path.join(args.out, f"stage{k}") for k in stages) if os.path.exists(d)]
-    if not used or args.resume:
-        return
-    if not args.overwrite:
+    barrier(ctx)  # every rank has looked before the master deletes anything
+    if used and not args.resume and not args.overwrite:
         raise TrainError(f"{used[0]} holds an earlier run: continue it with --resume, start over with --overwrite "
                          "(deletes it), or pass another --out")
-    if ctx["master"]:
+    if used and args.overwrite and ctx["master"]:
         for d in used:
             shutil.rmtree(d)
         for name in ("metrics.json", "predictions.json"):
@@ -717,7 +703,7 @@ def run(args, ctx):
     torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
                                         model.tokenizer, "plain" if stage == 1 else "vicuna_v1", model.preprocess,
-                                        model.context, model.cfg.image_tokens) for stage in stages}
+                                        model.context, model.image_tokens) for stage in stages}
     if args.cache_vit:
         prefixes = llava_data.cache_prefixes(model, list(data.values()), master)
         for d in data.values():
@@ -730,13 +716,11 @@ def run(args, ctx):
             hires.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
             # eval.py's submission format for EntityGrid-QA: `eval.py --predictions` rescores it
             hires.atomic_write(os.path.join(args.out, "predictions.json"),
-                         json.dumps([{"id": k, "answer": v} for k, v in preds.items()], indent=1))
-            pt = metrics["per_task"]
-            print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} "
-                  f"(recognition {pt['recognition']:.3f}, position {pt['position']:.3f}, counting "
-                  f"{pt['counting']:.3f}); edge {metrics['edge_accuracy']:.3f} vs other "
-                  f"{metrics['other_accuracy']:.3f}, Discrepancy {metrics['discrepancy']:.3f} "
-                  f"-> {os.path.join(args.out, 'metrics.json')}")
+                               json.dumps([{"id": k, "answer": v} for k, v in preds.items()], indent=1))
+            tasks = ", ".join(f"{t} {a:.3f}" for t, a in metrics["per_task"].items())
+            print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} ({tasks}); "
+                  f"edge {metrics['edge_accuracy']:.3f} vs other {metrics['other_accuracy']:.3f}, Discrepancy "
+                  f"{metrics['discrepancy']:.3f} -> {os.path.join(args.out, 'metrics.json')}")
         return metrics
 
 

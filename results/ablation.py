@@ -3,10 +3,11 @@
     python results/ablation.py            # 7 configurations x seeds 0-4 of the tiny preset, 2 runs at a time
 
 Each run is one `python train.py ...` command (the tiny preset plus the configuration's flags, one CPU thread, its
-own seed for data, backbones, init and order), started as a subprocess and logged under --out. A configuration
-whose stage 1 is another's (they differ only in flags that act in stage 2, STAGE2_FLAGS) starts stage 2 from that
-one's stage-1 checkpoint (`--stage 2 --init`), so such a pair differs only where its flags do. Its record in
-results/ablation.json holds that command (and the one it starts from), the configuration, seed, wall seconds, git
+own seed for data, backbones, init and order), started as a subprocess and logged under --out. Each seed's stage 0
+(the pretrained tiny backbones) runs once and serves every configuration of the seed (`--stage0 DIR`). A
+configuration whose stage 1 is another's (they differ only in flags that act in stage 2, STAGE2_FLAGS) starts stage
+2 from that one's stage-1 checkpoint (`--stage 2 --init`), so such a pair differs only where its flags do. Its record
+in results/ablation.json holds that command (and those it starts from), the configuration, seed, wall seconds, git
 commit, a hash of the model, training and benchmark code, the full `entitygrid.score` output and, per test
 question, its task, cell, layout and whether it was answered right.
 
@@ -17,7 +18,7 @@ interval over seeds (Student's t, n-1 degrees of freedom), the nested bootstrap 
 t test of H0: contrast = bound, its p-value adjusted by Holm's method over all claims.
 
 A finished run (same command, record on disk, same code) is not run again, so an interrupted study continues where
-it stopped; --part i/k runs every k-th group of runs that share a stage 1, so k machines or sessions can split it.
+it stopped; --part i/k runs the runs of every k-th seed, so k sessions (or machines sharing --out) can split it.
 `--smoke` runs the same pipeline on a few samples and steps (the test suite runs it); its numbers mean nothing.
 """
 import argparse
@@ -86,10 +87,20 @@ def source(name):
     return next(c for c in CONFIGS if stage1(c) == stage1(name))
 
 
+def depends(name):
+    """The run that `name` starts from: a configuration's stage-1 source, or the seed's stage 0 ("stage0", which
+    starts from nothing: None)."""
+    return None if name == "stage0" else "stage0" if source(name) == name else source(name)
+
+
 def command(name, seed, out, smoke):
-    """The train.py command of one run, as a list; relative to the repository root."""
+    """The train.py command of one run (a configuration, or "stage0": the seed's stage 0, which every configuration
+    of the seed uses), as a list; relative to the repository root."""
     cmd = ["python", "train.py", "--seed", str(seed), "--threads", "1", "--data-dir", f"{out}/data-seed{seed}",
            "--out", f"{out}/{name}-seed{seed}"]
+    if name == "stage0":
+        return cmd + ["--stage", "0"] + (SMOKE if smoke else [])
+    cmd += ["--stage0", f"{out}/stage0-seed{seed}/stage0"]
     if source(name) != name:
         cmd += ["--stage", "2", "--init", f"{out}/{source(name)}-seed{seed}/stage1"]
     return cmd + CONFIGS[name][0] + (SMOKE if smoke else [])
@@ -131,14 +142,17 @@ def run_one(name, seed, out, smoke, core):
     wall = time.time() - t0
     if proc.returncode:
         raise SystemExit(f"ablation: {shlex.join(cmd)} failed (exit {proc.returncode}); see {run_dir}/train.log")
-    questions = entitygrid.load_questions(os.path.join(ROOT, out, f"data-seed{seed}", "test"))
-    with open(os.path.join(run_dir, "predictions.json")) as f:  # eval.py's format: [{"id", "answer"}]
-        preds = {e["id"]: e["answer"] for e in json.load(f)}
-    after = [] if source(name) == name else [shlex.join(command(source(name), seed, out, smoke))]
-    record = dict(config=name, flags=CONFIGS[name][0], seed=seed, command=shlex.join(cmd), after=after,
+    after, dep = [], depends(name)
+    while dep:  # the commands this run starts from, first first
+        after, dep = [shlex.join(command(dep, seed, out, smoke))] + after, depends(dep)
+    record = dict(config=name, flags=CONFIGS.get(name, ([],))[0], seed=seed, command=shlex.join(cmd), after=after,
                   wall_s=round(wall, 1), git_commit=hires.git_commit() or "unknown", code=code_hash(),
-                  date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  metrics=entitygrid.score(questions, preds), questions=compact(questions, preds))
+                  date=datetime.datetime.now().isoformat(timespec="seconds"))
+    if name != "stage0":
+        questions = entitygrid.load_questions(os.path.join(ROOT, out, f"data-seed{seed}", "test"))
+        with open(os.path.join(run_dir, "predictions.json")) as f:  # eval.py's format: [{"id", "answer"}]
+            preds = {e["id"]: e["answer"] for e in json.load(f)}
+        record.update(metrics=entitygrid.score(questions, preds), questions=compact(questions, preds))
     hires.atomic_write(os.path.join(run_dir, "record.json"), json.dumps(record))
     return record
 
@@ -153,15 +167,15 @@ def compact(questions, preds):
 
 
 def plan(configs, seeds, part):
-    """The runs to do, in start order: groups sharing a stage 1 (with the source a selected configuration needs),
-    every k-th group for --part i/k; within the order, sources that others wait for first, their dependents last
-    (so a waiting run never holds a core for long)."""
-    groups = [(s, src) for s in seeds for src in CONFIGS if any(source(c) == src for c in configs)]
-    i, k = part
-    mine = groups[i - 1::k]
-    runs = [(src, s) for s, src in mine]
-    runs.sort(key=lambda r: not any(source(c) == r[0] != c for c in configs))
-    return runs + [(c, s) for s, src in mine for c in configs if source(c) == src != c]
+    """The runs to do, in start order, for the seeds of --part i/k (every k-th from the i-th: a seed's runs share
+    its stage 0, so they stay in one part): each seed's stage 0, then the stage-1 sources that others wait for, the
+    other sources, the dependents last (so a run waiting for the one it starts from never holds a core for long).
+    A selected configuration brings its source along."""
+    mine = seeds[part[0] - 1::part[1]]
+    sources = [src for src in CONFIGS if any(source(c) == src for c in configs)]
+    sources.sort(key=lambda src: not any(source(c) == src != c for c in configs))
+    return ([("stage0", s) for s in mine] + [(src, s) for src in sources for s in mine] +
+            [(c, s) for c in configs if source(c) != c for s in mine])
 
 
 def run_study(runs, args):
@@ -177,7 +191,7 @@ def run_study(runs, args):
                                  f"{record['git_commit'][:12]}), this checkout has code {code}; rerun such runs "
                                  f"with --redo-stale or keep them with --mix-code")
             record = None
-        if record and (source(c), s) not in todo:  # a source run again has a new stage 1: its dependents too
+        if record and (depends(c), s) not in todo:  # what a run starts from is redone: the run is too
             done[c, s] = record
         else:
             todo.append((c, s))
@@ -188,8 +202,8 @@ def run_study(runs, args):
     futures, walls, t0 = {}, [], time.time()
 
     def job(c, s):
-        if (source(c), s) in futures:
-            futures[source(c), s].result()  # its stage-1 checkpoint; started earlier, so this always ends
+        if (depends(c), s) in futures:
+            futures[depends(c), s].result()  # what it starts from; started earlier, so this always ends
         core = cores.get()
         try:
             record = run_one(c, s, args.out, args.smoke, core)
@@ -197,6 +211,9 @@ def run_study(runs, args):
             cores.put(core)
         walls.append(record["wall_s"])
         left = (len(todo) - len(walls)) * float(np.mean(walls)) / args.jobs  # runs left x mean run / cores
+        if c == "stage0":
+            print(f"stage 0 seed {s}: {record['wall_s']:.0f} s", flush=True)
+            return record
         print(f"{c} seed {s}: accuracy {record['metrics']['accuracy']:.3f}, gap (other - edge) "
               f"{record['metrics']['other_accuracy'] - record['metrics']['edge_accuracy']:+.3f} "
               f"({record['wall_s']:.0f} s; {time.time() - t0:.0f} s so far, about {left / 60:.0f} min to go)",
@@ -351,7 +368,7 @@ def contrast_text(weights):
     return out
 
 
-def write_markdown(path, records, rows, claims, reps, argv):
+def write_markdown(path, records, rows, claims, reps, argv, stage0_s):
     seeds = sorted({r["seed"] for r in records})
     fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
     lines = [f"# EntityGrid-QA ablations, tiny preset ({len(records)} runs: {len(rows)} configurations x seeds "
@@ -359,7 +376,8 @@ def write_markdown(path, records, rows, claims, reps, argv):
              f"Written by `{shlex.join(['python', 'results/ablation.py'] + argv)}`; code "
              f"{', '.join(sorted({r['code'] for r in records}))} (commits "
              f"{', '.join(sorted({r['git_commit'][:12] for r in records}))}); "
-             f"{sum(r['wall_s'] for r in records) / 60:.0f} run-minutes on 1 CPU thread each; "
+             f"{sum(r['wall_s'] for r in records) / 60:.0f} run-minutes (and {stage0_s / 60:.0f} for the seeds' "
+             "stage 0) on 1 CPU thread each; "
              f"{records[0]['metrics']['num']} test questions per seed. Per configuration: the mean over seeds and "
              f"[95% nested bootstrap interval] from {reps} replicates (seeds, then questions within each seed). "
              "gap = other - edge (signed), Discrepancy = |edge - other| (docs/method.md#entitygrid-qa); counting "
@@ -457,7 +475,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {','.join(CONFIGS)}")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds; each has its own data and backbones")
-    p.add_argument("--part", default="1/1", help="i/k: run only every k-th group of runs sharing a stage 1, from the "
+    p.add_argument("--part", default="1/1", help="i/k: run only the runs of every k-th seed of --seeds, from the "
                    "i-th; the report is written once every run of --configs x --seeds is recorded")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each on one core with one thread")
     p.add_argument("--out", default="runs/ablation", help="run directories (relative to the repository root)")
@@ -480,6 +498,8 @@ def main(argv=None):
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: at least 1")
     runs = plan(configs, seeds, part)
+    if not runs:
+        p.error(f"--part {args.part}: no seed of --seeds {args.seeds} falls in it")
     import train
     for seed in sorted({s for _, s in runs}):  # each seed's data first, here, so that parallel runs never race
         train.prepare_tiny(train.parse_args(command(runs[0][0], seed, args.out, args.smoke)[2:]))
@@ -498,7 +518,8 @@ def main(argv=None):
     os.makedirs(args.results, exist_ok=True)
     path = lambda ext: os.path.join(args.results, f"ablation.{ext}")
     hires.atomic_write(path("json"), json.dumps(records, indent=1))
-    hires.atomic_write(path("md"), lambda tmp: write_markdown(tmp, records, rows, claims, args.reps, argv))
+    stage0_s = sum(r["wall_s"] for r in (read_record("stage0", s, args.out, args.smoke) for s in seeds) if r)
+    hires.atomic_write(path("md"), lambda tmp: write_markdown(tmp, records, rows, claims, args.reps, argv, stage0_s))
     hires.atomic_write(path("png"), lambda tmp: draw(tmp, rows, records))
     print(f"ablation: {len(records)} runs in {time.time() - t0:.0f} s -> {args.results}/ablation.{{json,md,png}}")
     return records, rows, claims

@@ -35,11 +35,14 @@ def test_smoke_study_reuses_stage1_resumes_and_reproduces(tmp_path):
         assert r["metrics"]["num"] == 27 and set(r["metrics"]["per_task_layout"]) == set(entitygrid.TASKS)
         assert len(r["questions"]["correct"]) == len(r["questions"]["layout"]) == 27
         assert abs(r["metrics"]["accuracy"] - r["questions"]["correct"].count("1") / 27) < 1e-9
-    # no-sra starts stage 2 from full's stage-1 checkpoint and trains no stage 1 of its own
-    assert "--stage" not in full["command"] and full["after"] == []
+    # one stage 0 per seed, used by both; no-sra starts stage 2 from full's stage-1 checkpoint, training no stage 1
+    stage0 = json.loads((out / "stage0-seed0" / "record.json").read_text())
+    assert stage0["command"].endswith("--stage 0 " + " ".join(ablation.SMOKE)) and stage0["wall_s"] > 0
+    assert f"--stage0 {out}/stage0-seed0/stage0" in full["command"] and "--stage 2" not in full["command"]
     assert f"--stage 2 --init {out}/full-seed0/stage1 --no-sra" in nosra["command"]
-    assert nosra["after"] == [full["command"]]
+    assert full["after"] == [stage0["command"]] and nosra["after"] == [stage0["command"], full["command"]]
     assert (out / "full-seed0" / "stage1").is_dir() and not (out / "no-sra-seed0" / "stage1").exists()
+    assert not any((out / f"{c}-seed0" / "stage0").exists() for c in ("full", "no-sra"))
     assert rows["full"]["accuracy"][0] == full["metrics"]["accuracy"]
     assert any(c["text"] == "SRA does not lower accuracy" for c in claims)
     md = (res / "ablation.md").read_text()
@@ -52,7 +55,7 @@ def test_smoke_study_reuses_stage1_resumes_and_reproduces(tmp_path):
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert abs(again["accuracy"] - full["metrics"]["accuracy"]) <= 0.02
     # resume: finished runs are not run again; a part without every run of --seeds writes no report
-    stamp = lambda: [(out / f"{c}-seed0" / "record.json").stat().st_mtime for c in ("full", "no-sra")]
+    stamp = lambda: [(out / f"{c}-seed0" / "record.json").stat().st_mtime for c in ("stage0", "full", "no-sra")]
     first = stamp()
     assert ablation.main(base + ["--seeds", "0"])[1] is not None and stamp() == first
     assert ablation.main(base + ["--seeds", "0,1", "--part", "1/2"])[1] is None and stamp() == first
@@ -62,26 +65,27 @@ def test_smoke_study_reuses_stage1_resumes_and_reproduces(tmp_path):
     with pytest.raises(SystemExit, match="recorded with code 0123456789ab"):
         ablation.main(base + ["--seeds", "0"])
     ablation.main(base + ["--seeds", "0", "--mix-code"])
-    assert stamp()[1] == path.stat().st_mtime  # kept, not rerun, and reported beside the other code
+    assert stamp()[2] == path.stat().st_mtime  # kept, not rerun, and reported beside the other code
     assert f"code 0123456789ab, {full['code']}" in (res / "ablation.md").read_text() or \
         f"code {full['code']}, 0123456789ab" in (res / "ablation.md").read_text()
 
 
-def test_plan_keeps_stage1_groups_together_and_sources_first():
+def test_plan_orders_stage0_sources_dependents_and_splits_by_seed():
     configs, seeds = list(ablation.CONFIGS), [0, 1, 2]
     assert ablation.source("no-sra") == "full" and ablation.source("slices") == "slices+sra"
     assert all(ablation.source(c) == c for c in ("full", "slices+sra", "overview", "qformer", "avgpool"))
-    parts = [ablation.plan(configs, seeds, (i, 3)) for i in (1, 2, 3)]
-    every = [r for p in parts for r in p]
-    assert sorted(every) == sorted((c, s) for c in configs for s in seeds)  # a partition of the 21 runs
+    assert ablation.depends("full") == "stage0" and ablation.depends("no-sra") == "full"
+    parts = [ablation.plan(configs, seeds, (i, 2)) for i in (1, 2)]
+    assert {s for _, s in parts[0]} == {0, 2} and {s for _, s in parts[1]} == {1}  # a seed stays in one part
+    every = sorted(r for p in parts for r in p)
+    assert every == sorted([(c, s) for c in configs for s in seeds] + [("stage0", s) for s in seeds])
     for p in parts:
         for k, (c, s) in enumerate(p):
-            if ablation.source(c) != c:  # its source runs in the same part, earlier
-                assert (ablation.source(c), s) in p[:k]
+            if ablation.depends(c):  # what it starts from comes earlier in the same part
+                assert (ablation.depends(c), s) in p[:k]
     whole = ablation.plan(configs, seeds, (1, 1))
-    firsts = whole[:6]  # sources that others wait for start first: full and slices+sra of every seed
-    assert {c for c, _ in firsts} == {"full", "slices+sra"}
-    assert ablation.plan(["no-sra"], [0], (1, 1)) == [("full", 0), ("no-sra", 0)]  # its source comes along
+    assert [c for c, _ in whole[:9]] == ["stage0"] * 3 + ["full"] * 3 + ["slices+sra"] * 3  # waited-for first
+    assert ablation.plan(["no-sra"], [0], (1, 1)) == [("stage0", 0), ("full", 0), ("no-sra", 0)]
 
 
 def test_t_distribution_against_tables_and_closed_forms():
@@ -163,3 +167,13 @@ def test_bootstrap_pairs_question_draws():
     boot = ablation.bootstrap({"full": {0: ablation.counts(q)}, "qformer": {0: ablation.counts(q)}}, reps=50)
     assert all(np.array_equal(boot["full"][m], boot["qformer"][m], equal_nan=True) for m in ablation.METRICS)
     assert boot["full"]["accuracy"].std() > 0  # the questions are resampled
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--part", "0/2"], "a part is i/k with 1 <= i <= k"), (["--seeds", "a"], "seeds are integers"),
+    (["--configs", "bogus"], "--configs: unknown ['bogus']"), (["--jobs", "0"], "--jobs 0: at least 1"),
+    (["--seeds", "0", "--part", "2/2"], "--part 2/2: no seed of --seeds 0 falls in it")])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ablation.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
-from slicing import image_token_count  # noqa: E402
+from slicing import token_count, token_layout  # noqa: E402
 from conversation import encode_prompt  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -24,7 +24,7 @@ def test_ttft_models_token_counts_and_first_token(tmp_path):
     hires_fn, hires_tokens = bench.ttft_model(str(tmp_path), "HiRes-LLaVA", (llm, vit, hf_vit))
     next_fn, next_tokens = bench.ttft_model(str(tmp_path), "LLaVA-NeXT", (llm, vit, hf_vit))
     # HiRes-LLaVA: overview + 4x4 slices of 24x24 patches, SMS k=2 -> 144 each, plus separators
-    assert hires_tokens == image_token_count(4, 4, 144) == 2465
+    assert hires_tokens == token_count(token_layout(4, 4), 144, 144) == 2465
     # LLaVA-NeXT: 576 overview tokens + the 96x96 grid of the 4x4 tiles with one newline per row
     assert next_tokens == 576 + 96 * (96 + 1)
     assert isinstance(hires_fn()[0], str)

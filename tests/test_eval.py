@@ -13,6 +13,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import conversation  # noqa: E402
 import eval as ev  # noqa: E402
 from test_metrics import HB_EXPECTED, HB_ITEMS, HB_PREDS  # noqa: E402
 
@@ -351,7 +352,7 @@ def test_tiny_model_end_to_end(bench, tmp_path, tiny_ckpt, recorded):
     # the model saw every question once, greedy, with its LLaVA prompt and its image (None only for text-only ones)
     asked = [(img, p) for images, prompts, kw in recorded for img, p in zip(images, prompts)]
     assert [p for _, p in asked] == [s.text() for s in samples]
-    assert all(kw == {"max_new_tokens": 3, "temperature": 0.0, "too_long": "return"} for _, _, kw in recorded)
+    assert all(kw == {"max_new_tokens": 3, "temperature": 0.0} for _, _, kw in recorded)
     assert all(len(images) <= 2 for images, _, _ in recorded)
     assert [img is None for img, _ in asked] == [s.image is None for s in samples]
     assert all(img[0].shape[0] == 3 for img, _ in asked if img is not None)  # preprocessed: (overview, slices, grid)
@@ -438,6 +439,9 @@ def test_default_generation_length_is_the_benchmarks(tmp_path, tiny_ckpt, monkey
         def preprocess(self, img):
             return None, None, (1, 1)
 
+        def check_length(self, image, prompt, options=None):
+            pass
+
         def generate(self, images, prompts, **kw):
             calls.append(kw["max_new_tokens"])
             return ["0.5"] * len(prompts)
@@ -450,6 +454,9 @@ def test_default_generation_length_is_the_benchmarks(tmp_path, tiny_ckpt, monkey
 class SaysYes:  # stands in for the model: answers "Yes" to everything
     def preprocess(self, img):
         return None, None, (1, 1)
+
+    def check_length(self, image, prompt, options=None):
+        pass  # every prompt fits
 
     def generate(self, images, prompts, **kw):
         return ["Yes"] * len(prompts)
@@ -529,7 +536,7 @@ def test_mc_rank_answers_the_most_likely_options_letter(tmp_path, tiny_ckpt, mon
     samples = ev.BENCHES["scienceqa"].load(data, "test")
     prompts = [p for ps, _, _ in calls for p in ps]
     assert prompts == [s.text("rank") for s in samples] and all("\nA. " not in p for p in prompts)
-    assert prompts[1] == "Text only?\nx\ny" + ev.TEXT
+    assert prompts[1] == "Text only?\nx\ny\n" + conversation.TEXT_PROMPT
     best = ["ABCD"[max(range(len(sc)), key=sc.__getitem__)] for _, _, scores in calls for sc in scores]
     with open(f"{out}/predictions.json") as f:
         assert [e["text"] for e in json.load(f)] == best
@@ -647,7 +654,7 @@ def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
     out = ev.main(ask + ["--ask", "What does the sign say?"])
     model = hires.load_checkpoint(tiny_ckpt)
     pre = model.preprocess(slicing.load_image(tmp_path / "photo.png"))
-    assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.cfg.image_tokens(pre[2])
+    assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.image_tokens(pre[2])
     assert out["answers"] == model.generate([pre], ["What does the sign say?"], max_new_tokens=6)  # greedy
     printed = capsys.readouterr().out
     assert "overview + 2x2 slices" in printed and f"{out['image_tokens']} image tokens" in printed

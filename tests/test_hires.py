@@ -9,7 +9,7 @@ from PIL import Image
 import clip
 import hires
 import slicing
-from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, encode_conversation, encode_prompt
 
 
 def test_slice_grid_properties():
@@ -164,27 +164,37 @@ def test_token_layout_and_separators(model):
     per, (m, n) = L // model.cfg.kernel ** 2, im[2]
     assert m > 1 and n > 1
     out = model.encode_images([im])[0]
-    assert out.shape[0] == slicing.image_token_count(m, n, per)
-    a, b, c = (model.llm.embed(torch.tensor([s]))[0] for s in model.seps)
+    assert out.shape[0] == per + 1 + m * n * (per + 1)  # overview, (a), each slice followed by (b) or (c)
+    a, b, c = (model.llm.embed(torch.tensor([model.seps[k]]))[0] for k in ("sep_overview", "sep_slice", "sep_row"))
     assert len(a) == len(b) == len(c) == 1 and not torch.equal(b, c)
     ends = [per] + [per + 1 + (r * n + j + 1) * (per + 1) - 1 for r in range(m) for j in range(n)]
     seps = [a] + [b if j < n - 1 else c for r in range(m) for j in range(n)]  # (a), then (b) in a row, (c) at its end
     for e, sep in zip(ends, seps):
         assert torch.equal(out[e:e + 1], sep)
-    assert model.cfg.image_tokens((m, n)) == out.shape[0]
+    assert model.image_tokens((m, n)) == model.cfg.image_tokens((m, n)) == out.shape[0]
     model.cfg.sample_overview = False  # the overview keeps all L tokens
     try:
-        assert model.encode_images([im])[0].shape[0] == slicing.image_token_count(m, n, per) - per + L
-        assert model.cfg.image_tokens((m, n)) == slicing.image_token_count(m, n, per) - per + L
+        assert model.encode_images([im])[0].shape[0] == model.image_tokens((m, n)) == L + 1 + m * n * (per + 1)
     finally:
         model.cfg.sample_overview = True
     for flag in ("overview", "slices"):  # the length check of training counts what encode_images lays out
         setattr(model.cfg, flag, False)
         try:
             im = model.preprocess(Image.new("RGB", (100, 40)))
-            assert model.cfg.image_tokens(im[2]) == model.encode_images([im])[0].shape[0]
+            assert model.image_tokens(im[2]) == model.encode_images([im])[0].shape[0]
         finally:
             setattr(model.cfg, flag, True)
+
+
+def test_token_layout_order_and_count():
+    assert slicing.token_layout(2, 2) == ["overview", "sep_overview", 0, "sep_slice", 1, "sep_row", 2, "sep_slice", 3,
+                                          "sep_row"]
+    assert slicing.token_layout(0, 0) == ["overview"] and slicing.token_layout(1, 2, overview=False) == [
+        0, "sep_slice", 1, "sep_row"]
+    # the paper preset: 144 tokens per image after SMS, 16 slices -> 144 + 1 + 16 * 145 (docs/method.md)
+    assert slicing.token_count(slicing.token_layout(4, 4), 144, 144) == 2465
+    two = {"sep_overview": 2, "sep_slice": 2, "sep_row": 2}  # a tokenizer that splits each separator in two
+    assert slicing.token_count(slicing.token_layout(2, 4), 576, 144, two) == 576 + 2 + 8 * (144 + 2)
 
 
 @torch.no_grad()
@@ -266,7 +276,6 @@ def test_show_draws_the_slicing_png(tmp_path, capsys):
 def test_option_logprobs_sum_each_options_tokens(model):
     """option_logprobs = the sum of log-softmax(full logits) over the answer's tokens and </s>, each sequence scored
     alone (so padding the options of a batch together changes nothing)."""
-    from conversation import encode_conversation
     images, prompts = [Image.new("RGB", (100, 40), "red"), None], ["what is this?", "hi"]
     options = [["A B", "C", "apple"], ["D", "0.596"]]
     with torch.no_grad():
@@ -308,8 +317,9 @@ def test_prefix_cache_gives_the_same_loss_and_gradients(tiny):
         assert l1 == pytest.approx(l2, abs=1e-6) and g1.keys() == g2.keys()
         for n in g1:  # fp32; the prefix ran in another batch composition
             torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="mixes"):
-        model(ids[:2], labels[:2], [ims[0], cached[1]])
+    mixed = [c if i % 2 else im for i, (im, c) in enumerate(zip(ims, cached))]  # pixels and Prefix in one batch
+    with torch.no_grad():
+        assert model(ids, labels, mixed).item() == pytest.approx(model(ids, labels, ims).item(), abs=1e-6)
 
 
 def test_train_llm_trains_and_saves_the_whole_llm(tiny, tmp_path):
@@ -438,3 +448,27 @@ def test_vit_checkpointing_through_sra_blocks_same_gradients_less_memory(model):
     assert grads[True].keys() == grads[False].keys() and all(g.any() for g in grads[False].values())
     for n in grads[False]:  # the recomputed forward is the same computation: equal up to float rounding
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7)
+
+
+@torch.no_grad()
+def test_check_length_counts_what_the_model_embeds(model):
+    """PromptTooLong is raised before any work, from the token layout's count, which is exactly the length of the
+    spliced sequence: one token of room left fits, none does not; with options, the longest option counts."""
+    im = model.preprocess(Image.new("RGB", (100, 40)))
+    prompt, image = "What is this?", model.encode_images([im])[0]
+    n = len(model.splice(encode_prompt("<image>\n" + prompt, model.tokenizer), None, image)[0])
+    context = model.context
+    try:
+        model.context = n + 1
+        model.check_length(im, prompt)
+        model.context = n
+        with pytest.raises(hires.PromptTooLong, match=f"prompt is {n} tokens with its image; the LLM context holds {n}"):
+            model.generate([im], [prompt])
+    finally:
+        model.context = context
+    long = "red " * model.llm.cfg.max_seq_len
+    turns = [{"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": long}]
+    n = len(model.splice(*encode_conversation(turns, model.tokenizer), image)[0])
+    with pytest.raises(hires.PromptTooLong, match=f"prompt and option are {n} tokens"):
+        model.option_logprobs([im], [prompt], [["blue", long]])
+    model.check_length(im, prompt, ["blue", "red"])  # short options fit

@@ -2,6 +2,7 @@
 1 vs 2 processes. CPU, small generated EntityGrid-QA."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -234,14 +235,14 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
     data = llava_data.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, 256,
-                           model.cfg.image_tokens)
+                           model.image_tokens)
     batch = llava_data.collate([data[i] for i in range(len(data))])
     expected = {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
                 "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 1,
                 "too long (no answer left)": 1}
     assert dict(batch["skipped"]) == expected
     # the spliced length (image tokens in place of the placeholder) fits, and so nothing is cut in the model
-    lengths = [len(i) + model.cfg.image_tokens(im[2]) - 1 for i, im in zip(batch["input_ids"], batch["images"])]
+    lengths = [len(i) + model.image_tokens(im[2]) - 1 for i, im in zip(batch["input_ids"], batch["images"])]
     assert max(lengths) == 256
     assert len(batch["input_ids"]) == len(items)  # every bad one was replaced, so batches keep their size
     loss = model(batch["input_ids"], batch["labels"], batch["images"])
@@ -288,7 +289,7 @@ def fit_fixed_batch(args, n=16, steps=100):
     model.set_stage(2)
     train_dir = os.path.join(args.data_dir, "train")
     data = llava_data.LlavaData(os.path.join(train_dir, "text_qa.json"), train_dir, model.tokenizer, "vicuna_v1",
-                           model.preprocess, model.context, model.cfg.image_tokens)
+                           model.preprocess, model.context, model.image_tokens)
     batch = llava_data.collate([data[i] for i in range(n)])
     batch["images"] = model.prefix(batch["images"])  # the frozen ViT blocks once, as --cache-vit does
     opt = train.make_optimizer(model, args.lr2, args.lora_lr, args.sra_lr)
@@ -382,7 +383,7 @@ def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir, capsys):
     stored = json.loads((s1 / "config.json").read_text())
     assert (stored["max_slices"], stored["upscale"], stored["max_length"], stored["lora_rank"]) == (4, False, 512, 64)
     flags = ["--max-slices", "2", "--upscale", "--max-len", "400", "--lora-rank", "4", "--lora-alpha", "8",
-             "--lora-dropout", "0.1"]
+             "--lora-dropout", "0.1", "--no-train-llm"]  # over tiny_args' --train-llm: stage 1 kept the LLM frozen
     train.main(tiny_args(tmp_path / "s2", data_dir, "--stage", "2", "--init", str(s1), "--steps2", "2", *flags))
     cfg = json.loads((s2 / "config.json").read_text())
     model = hires.load_checkpoint(str(s2))
@@ -517,3 +518,33 @@ def test_stage0_learns_and_gives_the_encoder_the_papers_property(tmp_path, data_
     train.main(tiny_args(tmp_path / "other", data_dir, "--stage", "1", "--steps1", "1", "--stage0",
                          str(out / "stage0"), stage0=True))
     assert not os.path.exists(tmp_path / "other" / "stage0")
+
+
+def paper_scale_lengths(n=1024, seed=0):
+    """A LLaVA-665K-like mix at the paper preset's token counts, computed without the model: captions of few-slice
+    images, conversations about 4x4-slice images, text-only conversations (negative: LLaVA's modality_lengths)."""
+    cfg, rng = hires.HiResConfig(), random.Random(seed)  # ViT-L/14-336, SMS k=2, N = 16: 2x2 -> 725, 4x4 -> 2465
+    kinds = [lambda: cfg.image_tokens((2, 2)) + rng.randint(15, 60), lambda: cfg.image_tokens((4, 4)) +
+             rng.randint(100, 1500), lambda: -rng.randint(200, 2000)]
+    return [rng.choices(kinds, weights=(4, 4, 2))[0]() for _ in range(n)]
+
+
+def test_modality_length_groups_pad_less_and_keep_modalities_apart():
+    lengths = paper_scale_lengths()
+    groups = llava_data.modality_length_groups(lengths, 8, 128, torch.Generator().manual_seed(0))
+    assert all(len(b) == 8 for b in groups) and len(groups) == len(lengths) // 8
+    flat = [i for b in groups for i in b]
+    assert len(set(flat)) == len(flat)  # no sample twice in an epoch
+    mixed = [b for b in groups if len({lengths[i] > 0 for i in b}) == 2]
+    assert len(mixed) <= 1  # only the modalities' leftover ends may share a micro-batch
+    perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = [perm[j:j + 8] for j in range(0, len(perm), 8)]
+    before, after = (llava_data.padding_fraction(b, lengths, 4096) for b in (shuffled, groups))
+    assert after < before / 4  # docs/method.md: about 0.48 -> 0.06 of the LLM positions
+    # the sampler with lengths: one epoch is the groups, sharded by rank as without them
+    sampler = lambda rank, world: iter(llava_data.MicroBatchSampler(len(lengths), 128, 8, rank, world, seed=0,
+                                                                    lengths=lengths))
+    one, r0, r1 = sampler(0, 1), sampler(0, 2), sampler(1, 2)
+    first = [next(one) for _ in range(16)]
+    assert first == groups[:16]  # epoch 0's generator: seed + 0
+    assert [b for pair in zip((next(r0) for _ in range(8)), (next(r1) for _ in range(8))) for b in pair] == first
