@@ -360,23 +360,13 @@ def run_stage0(args, ctx):
     """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (llava_data.TinyPretrain) and written
     to OUT/stage0 in their real formats (open_clip state dict, HF LLaMA directory, tokenizer), with the encoder
     diagnostics of both in OUT/stage0/encoder.json; hires_config.json, written last, points stages 1-2 at them."""
-    out = os.path.join(args.out, "stage0")
-    base = hires.read_config(os.path.join(args.out, "base"), "hires_config.json")
     families = args.families.split(",")
-    cfg = llava_data.PretrainConfig(base["clip_weights"], base["llm_path"], base["tokenizer_path"],
-                               entitygrid.entity_classes(families))
     torch.manual_seed(args.seed)
-    model = llava_data.TinyPretrain(cfg).to(ctx["device"])
-    random_probe = llava_data.encoder_probe(model.vision, families)
-    data = llava_data.Stage0Data(args.data_dir, conversation.Tokenizer(cfg.tokenizer_path), cfg.classes, args.seed,
-                                 families, model.vision.cfg.image_size, model.vision.cfg.patch_size)
-    train_stage(args, 0, model, data, out, ctx)
+    model = llava_data.TinyPretrain.from_base(os.path.join(args.out, "base"), families).to(ctx["device"])
+    random_probe, out = llava_data.encoder_probe(model.vision, families), os.path.join(args.out, "stage0")
+    train_stage(args, 0, model, llava_data.Stage0Data(args.data_dir, model, args.seed), out, ctx)
     if ctx["master"]:
-        probe = dict(random=random_probe, pretrained=llava_data.encoder_probe(model.vision, families))
-        hires.atomic_write(os.path.join(out, "encoder.json"), json.dumps(probe, indent=1))
-        print("stage 0: encoder (random -> pretrained): " + ", ".join(f"{k} {v:.3f} -> {probe['pretrained'][k]:.3f}"
-                                                                        for k, v in probe["random"].items()))
-        model.save_backbones(out)
+        model.save_backbones(out, random_probe)
     barrier(ctx)
 
 
