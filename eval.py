@@ -592,6 +592,8 @@ def ask(args):
         raise EvalError(str(e)) from None
     dtype = resolve_dtype(args.dtype, args.device)
     model = load_model(args.ckpt, args.device, dtype, **backbones(args))
+    if model.cfg.template == "plain":
+        print(hires.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
     pre = model.preprocess(img)
     image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")

@@ -255,6 +255,43 @@ def test_cached_decode_equals_full_forward_greedy_padded_and_unpadded():
     assert m.generate(ids, attention_mask=mask, max_new_tokens=12, eos_id=-1) == greedy_full_forward(m, ids, mask, 12)
 
 
+def test_packed_products_are_the_layers_weights_through_load_lora_and_dtype():
+    m = tiny(4)
+    att = m.model.layers[0].self_attn
+    assert att.q_proj.weight.data_ptr() == att.packed.data_ptr()  # a view into the buffer, not a copy
+    ids = torch.randint(3, 97, (2, 9))
+
+    def both():  # logits from the packed products, and with every buffer dropped: each layer on its own
+        with torch.no_grad():
+            packed = m(ids)
+            buffers = {mod: mod.packed for mod in m.modules() if getattr(mod, "packed", None) is not None}
+            for mod in buffers:
+                mod.packed = None
+            per_layer = m(ids)
+            for mod, buf in buffers.items():
+                mod.packed = buf
+        return packed, per_layer
+    m(ids).sum().backward()  # autograd wants the weights' gradients: each layer runs on its own
+    assert all(mod.weight.grad is not None for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    packed, per_layer = both()
+    torch.testing.assert_close(packed, per_layer, atol=1e-5, rtol=0)  # fp32, another GEMM blocking
+    other = tiny(5)
+    m.load_state_dict(other.state_dict())  # copies into the Parameters, so into the buffers
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), other(ids), atol=1e-5, rtol=0)
+    m = m.to(torch.float64)  # converted weights are new tensors, packed again
+    assert m.model.layers[0].mlp.packed.dtype == torch.float64
+    packed, per_layer = both()
+    torch.testing.assert_close(packed, per_layer, atol=1e-12, rtol=0)
+    llama.apply_lora(m, rank=2)  # wrapped layers run on their own: the LoRA branch counts
+    for mod in m.modules():
+        if isinstance(mod, llama.LoRALinear):
+            torch.nn.init.normal_(mod.lora_B, std=0.5)
+    packed, per_layer = both()
+    torch.testing.assert_close(packed, per_layer, atol=1e-12, rtol=0)
+    assert (packed - other(ids).double()).abs().max() > 0.1  # the LoRA branch moved the logits
+
+
 def test_sample_temperature_and_nucleus():
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(2000, 4)  # softmax: .03 .09 .24 .64
     g = torch.Generator().manual_seed(0)
