@@ -506,7 +506,7 @@ def parse_args(argv=None):
       "all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
     a("--stage0", help="tiny: a finished stage-0 directory (OUT/stage0 of a run with the same data and seed) whose "
       "backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and Vicuna are pretrained")
-    a("--random-backbones", action="store_true", help="tiny: no stage 0: the random tiny ViT and LLaMA (for comparison)")
+    a("--random-backbones", action="store_true", help="tiny: no stage 0: the random tiny ViT and LLaMA (comparison)")
     a("--out", help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
     a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
     a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")
