@@ -144,7 +144,9 @@ class Stage0Data(torch.utils.data.Dataset):
     without their image, all tokens labelled: plain LM) and one scene of whole entities drawn from seed and i
     (entitygrid.whole_entity_scene) with its per-patch targets."""
 
-    def __init__(self, data_dir, tokenizer, classes, seed, families, size, patch):
+    def __init__(self, data_dir, model, seed):
+        """model: the TinyPretrain to train (its tokenizer, entity classes and ViT image and patch size)."""
+        cfg, vit, tokenizer = model.cfg, model.vision.cfg, conversation.Tokenizer(model.cfg.tokenizer_path)
         train_dir = os.path.join(data_dir, "train")
         with open(os.path.join(train_dir, "text_qa.json")) as f:
             self.texts = [conversation.encode_conversation([{**t, "value": t["value"].replace("<image>\n", "")}
@@ -153,8 +155,8 @@ class Stage0Data(torch.utils.data.Dataset):
         with open(os.path.join(train_dir, "captions.json")) as f:
             self.texts += [tokenizer.encode(item["conversations"][1]["value"]) + [tokenizer.eos_id]
                            for item in json.load(f)]
-        self.classes, self.seed, self.families = classes, seed, families
-        self.size, self.patch = size, patch
+        self.classes, self.seed, self.families = cfg.classes, seed, cfg.families
+        self.size, self.patch = vit.image_size, vit.patch_size
 
     def __len__(self):
         return len(self.texts)
@@ -256,6 +258,7 @@ class PretrainConfig:
     clip_weights: str
     llm_path: str
     tokenizer_path: str
+    families: list
     classes: list
     max_copies: int = 3
     train_llm: bool = True   # stage 0 trains every tensor; save_checkpoint keeps them all
@@ -270,8 +273,15 @@ class TinyPretrain(nn.Module):
     CLIP's loss sees it) predicts, through linear heads, the class of the entity under it, how many copies of it the
     scene holds and the entity's box relative to the patch (entitygrid.patch_targets). None of the three can be read
     from a patch's own pixels, so late tokens come to encode the whole entity, as CLIP's do (diagnostics:
-    docs/method.md#the-tiny-preset). LLaMA: plain next-token loss on the toy world's text (captions, questions, answers).
-    The loss is the sum of the two."""
+    docs/method.md#the-tiny-preset). LLaMA: plain next-token loss on the toy world's text (captions, questions,
+    answers). The loss is the sum of the two."""
+
+    @classmethod
+    def from_base(cls, base, families):
+        """Stage 0 starting from the random backbones train.prepare_tiny wrote into the folder base."""
+        paths = hires.read_config(base, "hires_config.json")
+        return cls(PretrainConfig(*(paths[k] for k in hires.BACKBONE_PATHS), families,
+                                  entitygrid.entity_classes(families)))
 
     def __init__(self, cfg):
         super().__init__()
@@ -305,9 +315,14 @@ class TinyPretrain(nn.Module):
         return (F.cross_entropy(self.cls(x).flatten(0, 1), cls.flatten()) +
                 F.cross_entropy(self.copies(x[on]), copies) + 5 * F.l1_loss(self.box(x[on]), targets[..., 2:][on]))
 
-    def save_backbones(self, out):
-        """The pretrained backbones in their real formats under out (open_clip state dict, HF LLaMA directory, the
+    def save_backbones(self, out, random_probe):
+        """The encoder diagnostics before (random_probe) and after stage 0 into out/encoder.json and printed; the
+        pretrained backbones in their real formats under out (open_clip state dict, HF LLaMA directory, the
         tokenizer), and out/hires_config.json, written last, with their paths relative to out."""
+        probe = dict(random=random_probe, pretrained=encoder_probe(self.vision, self.cfg.families))
+        hires.atomic_write(os.path.join(out, "encoder.json"), json.dumps(probe, indent=1))
+        print("stage 0: encoder (random -> pretrained): " + ", ".join(f"{k} {v:.3f} -> {probe['pretrained'][k]:.3f}"
+                                                                        for k, v in random_probe.items()))
         clip.save_vision_tower(self.vision.vit, os.path.join(out, "clip_tiny.safetensors"))
         self.llm.save_pretrained(os.path.join(out, "llm"))
         shutil.copyfile(self.cfg.tokenizer_path, os.path.join(out, "tokenizer.model"))
@@ -334,7 +349,8 @@ def encoder_probe(tower, families, n=48, seed=0):
     cfg, classes = tower.cfg, entitygrid.entity_classes(families)
     S, P = cfg.image_size, cfg.patch_size
     rng = random.Random(f"probe/{seed}")
-    whole, cut, keep = (torch.from_numpy(a) for a in entitygrid.cut_entities(rng, n, S, P, families))  # (n, 3, S, S), (n, L)
+    whole, cut, keep = (torch.from_numpy(a) for a in entitygrid.cut_entities(rng, n, S, P, families))
+    # whole, cut (n, 3, S, S) uint8; keep (n, L) bool
     blank = torch.full_like(whole, 255)
     fw, fc, fb = (tower(slicing.normalize(x)) for x in (whole, cut, blank))            # (n, L, D) each
     sens = [((fw[i] - fc[i])[keep[i]].norm() / (fw[i] - fb[i])[keep[i]].norm()).item() for i in range(n)]

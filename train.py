@@ -35,10 +35,10 @@ import slicing
 
 ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
-    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=8, lora_alpha=16, max_length=512,
+    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_length=512,
                  lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=1, epochs2=4,
                  train_size=6000, test_size=2700, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
-                 train_llm=False, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
+                 train_llm=True, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_length=0,
                   lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
                   train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
@@ -360,23 +360,13 @@ def run_stage0(args, ctx):
     """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (llava_data.TinyPretrain) and written
     to OUT/stage0 in their real formats (open_clip state dict, HF LLaMA directory, tokenizer), with the encoder
     diagnostics of both in OUT/stage0/encoder.json; hires_config.json, written last, points stages 1-2 at them."""
-    out = os.path.join(args.out, "stage0")
-    base = hires.read_config(os.path.join(args.out, "base"), "hires_config.json")
     families = args.families.split(",")
-    cfg = llava_data.PretrainConfig(base["clip_weights"], base["llm_path"], base["tokenizer_path"],
-                               entitygrid.entity_classes(families))
     torch.manual_seed(args.seed)
-    model = llava_data.TinyPretrain(cfg).to(ctx["device"])
-    random_probe = llava_data.encoder_probe(model.vision, families)
-    data = llava_data.Stage0Data(args.data_dir, conversation.Tokenizer(cfg.tokenizer_path), cfg.classes, args.seed,
-                                 families, model.vision.cfg.image_size, model.vision.cfg.patch_size)
-    train_stage(args, 0, model, data, out, ctx)
+    model = llava_data.TinyPretrain.from_base(os.path.join(args.out, "base"), families).to(ctx["device"])
+    random_probe, out = llava_data.encoder_probe(model.vision, families), os.path.join(args.out, "stage0")
+    train_stage(args, 0, model, llava_data.Stage0Data(args.data_dir, model, args.seed), out, ctx)
     if ctx["master"]:
-        probe = dict(random=random_probe, pretrained=llava_data.encoder_probe(model.vision, families))
-        hires.atomic_write(os.path.join(out, "encoder.json"), json.dumps(probe, indent=1))
-        print("stage 0: encoder (random -> pretrained): " + ", ".join(f"{k} {v:.3f} -> {probe['pretrained'][k]:.3f}"
-                                                                        for k, v in probe["random"].items()))
-        model.save_backbones(out)
+        model.save_backbones(out, random_probe)
     barrier(ctx)
 
 
@@ -516,7 +506,7 @@ def parse_args(argv=None):
       "all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
     a("--stage0", help="tiny: a finished stage-0 directory (OUT/stage0 of a run with the same data and seed) whose "
       "backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and Vicuna are pretrained")
-    a("--random-backbones", action="store_true", help="tiny: no stage 0, random frozen ViT and LLaMA (ablation)")
+    a("--random-backbones", action="store_true", help="tiny: no stage 0: the random tiny ViT and LLaMA (comparison)")
     a("--out", help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
     a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
     a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")

@@ -422,7 +422,7 @@ def test_stage2_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
     train.main(tiny_args(tmp_path / "s1", data_dir, "--stage", "1", "--steps1", "2", "--lora-rank", "8",
                          "--no-train-llm"))
     common = ["--stage", "2", "--init", str(tmp_path / "s1" / "stage1"), "--steps2", "3", "--threads", "1",
-              "--lora-rank", "8", "--no-train-llm"]  # over tiny_args' --train-llm --lora-rank 0: stage 1's recipe
+              "--no-train-llm", "--lora-rank", "8"]  # as stage 1: tiny_args' --train-llm would win over --init's
     train.main(tiny_args(tmp_path / "one", data_dir, *common))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
