@@ -29,6 +29,7 @@ from tqdm import tqdm
 import clip
 import conversation
 import entitygrid
+import eval as evaluation  # the benchmarks' answering, shared with eval.py
 import hires
 import llava_data
 import slicing
@@ -110,23 +111,6 @@ def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)  # .tmp: cut-short saves
 
 
-def load_state(ckpt_dir, model, opt):
-    """Restore the `latest` checkpoint into model and opt -> (trainer dict, rng tensors); None if there is none."""
-    pointer = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(ckpt_dir, f.read().strip())
-    model.load_trainable_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    moments = load_file(os.path.join(path, "optimizer.safetensors"))
-    for n, p in model.named_parameters():
-        if p.requires_grad and f"{n}.step" in moments:
-            opt.state[p] = {k: moments[f"{n}.{k}"].to(p.device) if k != "step" else moments[f"{n}.{k}"]
-                            for k in ("step", "exp_avg", "exp_avg_sq")}
-    with open(os.path.join(path, "trainer.json")) as f:
-        return json.load(f), load_file(os.path.join(path, "rng.safetensors"))
-
-
 def draw_loss_curve(losses, png, title):
     """Loss per step as a PNG drawn with Pillow (matplotlib is not a dependency)."""
     from PIL import Image, ImageDraw
@@ -191,8 +175,12 @@ def train_stage(args, stage, model, data, out_dir, ctx):
         dt = time.time() - t0
         history.append(dict(step=step + 1, loss=loss, lr=opt.param_groups[-1]["lr"], grad_norm=grad_norm,
                             samples_per_s=stats[2].item() / dt, tokens_per_s=stats[1].item() / dt))
-        if master:
-            report_step(bar, history[-1], stage, total, args)
+        if master:  # loss on the bar; a log line every --log-every steps and at the last
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if (step + 1) % args.log_every == 0 or step + 1 == total:
+                h = history[-1]
+                tqdm.write(f"stage {stage} step {step + 1}/{total} loss {loss:.4f} lr {h['lr']:.2e} grad "
+                           f"{grad_norm:.3f} {h['samples_per_s']:.1f} samples/s {h['tokens_per_s']:.0f} text tok/s")
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, ctx)
     bar.close()
@@ -218,12 +206,22 @@ def stage_plan(args, stage, n_samples, world):
 
 
 def resume_stage(args, stage, model, opt, ckpt_dir, ctx):
-    """-> (start step, history, skip counts): with --resume, from the latest checkpoint under ckpt_dir (model,
-    optimizer and this rank's RNG states restored); otherwise from step 0."""
-    resumed = load_state(ckpt_dir, model, opt) if args.resume else None
-    if not resumed:
+    """-> (start step, history, skip counts): with --resume, from the checkpoint `latest` names under ckpt_dir (model,
+    optimizer moments and this rank's RNG states restored); otherwise from step 0."""
+    pointer = os.path.join(ckpt_dir, "latest")
+    if not args.resume or not os.path.isfile(pointer):
         return 0, [], Counter()
-    trainer, rng = resumed
+    with open(pointer) as f:
+        path = os.path.join(ckpt_dir, f.read().strip())
+    model.load_trainable_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    moments = load_file(os.path.join(path, "optimizer.safetensors"))
+    for n, p in model.named_parameters():
+        if p.requires_grad and f"{n}.step" in moments:
+            opt.state[p] = {k: moments[f"{n}.{k}"].to(p.device) if k != "step" else moments[f"{n}.{k}"]
+                            for k in ("step", "exp_avg", "exp_avg_sq")}
+    with open(os.path.join(path, "trainer.json")) as f:
+        trainer = json.load(f)
+    rng = load_file(os.path.join(path, "rng.safetensors"))
     rank, device = ctx["rank"], ctx["device"]
     if f"cpu.rank{rank}" in rng:
         torch.set_rng_state(rng[f"cpu.rank{rank}"])
@@ -275,15 +273,6 @@ def optimizer_step(opt, scaler, params, grad_clip):
     scaler.update()
     opt.zero_grad(set_to_none=True)
     return grad_norm
-
-
-def report_step(bar, h, stage, total, args):
-    """Loss on the progress bar; a log line every --log-every steps and at the last step (master only)."""
-    bar.set_postfix(loss=f"{h['loss']:.4f}")
-    if h["step"] % args.log_every == 0 or h["step"] == total:
-        tqdm.write(f"stage {stage} step {h['step']}/{total} loss {h['loss']:.4f} lr {h['lr']:.2e} "
-                   f"grad {h['grad_norm']:.3f} {h['samples_per_s']:.1f} samples/s "
-                   f"{h['tokens_per_s']:.0f} text tok/s")
 
 
 def save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, ctx):
@@ -391,14 +380,9 @@ def model_config(args):
 
 def backbone_paths(args):
     """--clip/--llm/--tokenizer as absolute HiResConfig paths (a checkpoint must work from any folder)."""
-    paths = {}
-    if args.clip:
-        paths["clip_weights"] = os.path.abspath(args.clip)
-    if args.llm:
-        paths["llm_path"] = os.path.abspath(args.llm)
-    if args.tokenizer or args.llm:
-        paths["tokenizer_path"] = os.path.abspath(args.tokenizer or os.path.join(args.llm, "tokenizer.model"))
-    return paths
+    paths = dict(clip_weights=args.clip, llm_path=args.llm,
+                 tokenizer_path=args.tokenizer or args.llm and os.path.join(args.llm, "tokenizer.model"))
+    return {k: os.path.abspath(v) for k, v in paths.items() if v}
 
 
 def init_model(args, where):
@@ -444,29 +428,22 @@ def init_model(args, where):
 
 @torch.no_grad()
 def evaluate_entitygrid(model, test_dir, args, ctx):
-    """--mc letter: greedy answers, letters parsed by entitygrid.score; --mc rank: the option texts ranked by
-    likelihood after the letter-free prompt, the best one's letter as the prediction."""
-    questions = entitygrid.load_questions(test_dir)
-    mine = questions[ctx["rank"]::ctx["world"]]
+    """EntityGrid-QA answered as eval.py answers it (evaluation.answer_batch: --mc rank ranks the option texts by
+    likelihood, --mc letter generates the letter); every rank answers its share, all gather the predictions."""
+    samples = evaluation.load_entitygrid(test_dir, "all")
+    mine = samples[ctx["rank"]::ctx["world"]]
     model.eval()
     preds = {}
     for i in tqdm(range(0, len(mine), args.eval_batch), desc="eval EntityGrid-QA", disable=not ctx["master"]):
-        chunk = mine[i:i + args.eval_batch]
-        images = [slicing.load_image(os.path.join(test_dir, q["image"])) for q in chunk]
+        batch = [(s, slicing.load_image(s.image)) for s in mine[i:i + args.eval_batch]]
         with autocast(ctx):
-            if args.mc == "rank":
-                scores = model.option_logprobs(images, [entitygrid.format_question(q, letters=False) for q in chunk],
-                                               [q["options"] for q in chunk])
-                out = [entitygrid.LETTERS[max(range(len(s)), key=s.__getitem__)] for s in scores]
-            else:
-                out = model.generate(images, [entitygrid.format_question(q) for q in chunk],
-                                     max_new_tokens=args.max_new_tokens)
-        preds.update({q["id"]: o for q, o in zip(chunk, out)})
+            out = evaluation.answer_batch(model, batch, args, evaluation.BENCHES["entitygrid"], args.mc)
+        preds.update({s.gt["id"]: o for (s, _), o in zip(batch, out)})
     if ctx["world"] > 1:
         parts = [None] * ctx["world"]
         dist.all_gather_object(parts, preds)
         preds = {k: v for p in parts for k, v in p.items()}
-    return entitygrid.score(questions, preds), preds
+    return entitygrid.score([s.gt for s in samples], preds), preds
 
 
 # ----------------------------------------------------------------------------------------------------------------
