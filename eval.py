@@ -339,15 +339,10 @@ def read_partial(path):
                         "delete it to start over")
     return records[0]["key"], {r["qid"]: r for r in records[1:]}
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-def resolve_dtype(name, device):
-    """--dtype auto: bf16 on CUDA, fp32 elsewhere."""
-    return name if name != "auto" else "bf16" if device.startswith("cuda") else "fp32"
-
 def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
-    """hires.load_checkpoint in eval mode, backbones in dtype and the trained adapters in fp32 as training keeps
-    them (overrides: config fields), with one-line errors for a missing or non-fitting checkpoint."""
+    """hires.load_checkpoint in eval mode, backbones in dtype (a hires.DTYPES name) and the trained adapters in fp32
+    as training keeps them (overrides: config fields), with one-line errors for a missing or non-fitting
+    checkpoint."""
     import hires
     import torch
     cfg = {**checkpoint_config(ckpt), **overrides}
@@ -355,7 +350,7 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
         if cfg.get(key) and not os.path.exists(cfg[key]):
             raise EvalError(f"{cfg[key]}: the {key} of {ckpt} is not there; moved? point to it with {flag}")
     try:
-        return hires.load_checkpoint(ckpt, device=device, dtype=getattr(torch, DTYPES[dtype]),
+        return hires.load_checkpoint(ckpt, device=device, dtype=hires.DTYPES[dtype],
                                      adapter_dtype=torch.float32, **overrides).eval()
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
@@ -388,14 +383,6 @@ def preprocess(model, bench, sample, img):
                         f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
     return pre
 
-def backbones(args):
-    """--clip/--llm/--tokenizer as absolute config overrides (backbones moved since training)."""
-    out = {k: os.path.abspath(v) for k, v in (("clip_weights", args.clip), ("llm_path", args.llm),
-                                               ("tokenizer_path", args.tokenizer)) if v}
-    if args.llm and not args.tokenizer and os.path.isfile(os.path.join(args.llm, "tokenizer.model")):
-        out["tokenizer_path"] = os.path.abspath(os.path.join(args.llm, "tokenizer.model"))
-    return out
-
 def generate_all(bench, samples, args, partial, key):
     """Answers parallel to samples, each one's failure kind (None: answered), the counts of bad images and
     over-long prompts, and the slice grids used. --resume continues a partial file only if its first line holds
@@ -422,10 +409,10 @@ def generate_all(bench, samples, args, partial, key):
     torch.manual_seed(args.seed)
     todo = [s for s in samples if s.qid not in done]
     if todo:
-        dtype = resolve_dtype(args.dtype, args.device)
-        model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}), **backbones(args))
-        # under autocast as in training: bf16 matmuls, fp32 adapters, fp32 norms and softmax
-        amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+        dtype = hires.resolve_dtype(args.dtype, args.device)
+        model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}),
+                           **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+        amp = hires.autocast(args.device, hires.DTYPES[dtype])
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
@@ -469,18 +456,18 @@ def run_key(args, bench, split, mc, max_new_tokens):
     cfg = {k: v for k, v in checkpoint_config(args.ckpt).items() if k not in hires.BACKBONE_PATHS}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     return dict(checkpoint=h.hexdigest()[:16], bench=bench.name, split=split, mc=mc, max_new_tokens=max_new_tokens,
-                temperature=0.0, dtype=resolve_dtype(args.dtype, args.device))
+                temperature=0.0, dtype=hires.resolve_dtype(args.dtype, args.device))
 
 def provenance(args, bench, samples, grids, key):
     """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
     import hires
     cfg = checkpoint_config(args.ckpt)
-    cfg.update(bench.slicing or {}, **backbones(args))
+    cfg.update(bench.slicing or {}, **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
     return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
             "llm_path", "tokenizer_path")}, "checkpoint_sha256": key["checkpoint"], "prompt_template": "vicuna_v1",
             "trained_template": cfg.get("template"), "example_prompt": samples[0].prompt,
             "max_new_tokens": key["max_new_tokens"], "temperature": 0.0,
-            "batch_size": args.batch_size, "dtype": resolve_dtype(args.dtype, args.device), "device": args.device,
+            "batch_size": args.batch_size, "dtype": key["dtype"], "device": args.device,
             "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
                                            "grids": grids}, "git_commit": hires.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -539,8 +526,9 @@ def parse_args(argv=None):
     a("--tokenizer", help="sentencepiece model (default: LLM/tokenizer.model with --llm, else the checkpoint's)")
     a("--split", help="split to read (default: the benchmark's, listed below)")
     a("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
-    a("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="backbone weights and autocast (adapters "
-      "stay fp32, as in training); auto: bf16 on cuda, fp32 on cpu")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="backbone weights and autocast "
+      "(adapters stay fp32, as in training; hires.resolve_dtype); auto: bf16 on a GPU that has it, else fp16; fp32 on "
+      "the CPU")
     a("--batch-size", type=int, help="questions generated together (default 1, as LLaVA's model_vqa; entitygrid "
       "64, as train.py's evaluation); greedy answers are the same at any batch size in fp32, not always in bf16: "
       "see the README")
@@ -590,15 +578,15 @@ def ask(args):
         img = slicing.load_image(args.image)  # before the model: a bad image costs no model load
     except slicing.ImageError as e:
         raise EvalError(str(e)) from None
-    dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
+    dtype = hires.resolve_dtype(args.dtype, args.device)
+    model = load_model(args.ckpt, args.device, dtype, **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
     if model.cfg.template == "plain":
         print(hires.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
     pre = model.preprocess(img)
     image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
     questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
-    amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    amp = hires.autocast(args.device, hires.DTYPES[dtype])
     torch.manual_seed(args.seed)
     answers = []
     for q in questions:

@@ -470,7 +470,24 @@ def pad_batch(seqs, T, left=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints and the tiny preset
+# precision, checkpoints and the tiny preset
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype of train.py and eval.py
+
+
+def resolve_dtype(name, device):
+    """--dtype on a device -> the name of the compute dtype (DTYPES): the one given, or for auto bf16 on a GPU
+    that has it, fp16 on one without, fp32 on the CPU."""
+    if name != "auto":
+        return name
+    return "fp32" if torch.device(device).type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device, dtype):
+    """Mixed precision as training and evaluation run it: the frozen backbones' matmuls in dtype, the adapters
+    (kept fp32), norms and softmax in fp32; off for fp32."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
 
 def atomic_write(path, content):
     """Writes content (str: UTF-8 text; or a function that writes a given path) to a temporary file beside path,
@@ -498,6 +515,14 @@ def git_commit():
 
 
 BACKBONE_PATHS = ("clip_weights", "llm_path", "tokenizer_path")
+
+
+def backbone_paths(clip=None, llm=None, tokenizer=None):
+    """The --clip/--llm/--tokenizer flags of train.py and eval.py as absolute HiResConfig paths (a checkpoint works
+    from any folder); with --llm alone the tokenizer is LLM/tokenizer.model when that file is there."""
+    if llm and not tokenizer and os.path.isfile(os.path.join(llm, "tokenizer.model")):
+        tokenizer = os.path.join(llm, "tokenizer.model")
+    return {k: os.path.abspath(v) for k, v in zip(BACKBONE_PATHS, (clip, llm, tokenizer)) if v}
 
 
 def config_dict(cfg, path, run=None):

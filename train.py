@@ -131,10 +131,10 @@ def draw_loss_curve(losses, png, title):
 # ----------------------------------------------------------------------------------------------------------------
 # one training stage
 
-def train_stage(args, stage, model, data, out_dir, ctx):
+def train_stage(args, stage, model, data, out_dir, proc):
     """Train `model` (already at its starting weights) for one stage; checkpoints under out_dir/checkpoints, the
     final trainable weights in out_dir (a hires checkpoint). Returns the per-step history and the skip counts."""
-    world, master = ctx["world"], ctx["master"]
+    world, master = proc["world"], proc["master"]
     lr, global_batch, accum, total = stage_plan(args, stage, len(data), world)
     model.set_stage(stage)
     # what evaluation follows: the template trained, and the multiple-choice answer mode (hires.HiResConfig)
@@ -143,30 +143,30 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    start, history, skipped = resume_stage(args, stage, model, opt, ckpt_dir, ctx)
+    start, history, skipped = resume_stage(args, stage, model, opt, ckpt_dir, proc)
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if master:
         print(f"stage {stage}: {len(data)} samples, {total} steps of {global_batch} (micro {args.micro_batch} x "
               f"{accum} accum x {world} proc), trainable {n_train:,} / {n_total:,} params")
         groups = ", ".join(f"{g} {n:,}" for g, n in trainable_counts(model).items())
         print(f"stage {stage}: trainable by group: {groups}")
-    net = ddp_wrap(model, ctx)
+    net = ddp_wrap(model, proc)
     lengths = data.modality_lengths(model.grid) if stage == 2 else None
     if lengths and (min(lengths) > 0 or max(lengths) < 0):
         lengths = None  # one modality: as LLaVA, length grouping is for finetuning on mixed data (LLaVA-665K)
-    sampler = llava_data.MicroBatchSampler(len(data), global_batch, args.micro_batch, ctx["rank"], world, args.seed,
+    sampler = llava_data.MicroBatchSampler(len(data), global_batch, args.micro_batch, proc["rank"], world, args.seed,
                                            start, lengths)
     # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=llava_data.collate,
                                               num_workers=args.num_workers, generator=torch.Generator()))
-    scaler = torch.amp.GradScaler(enabled=ctx["dtype"] == torch.float16)
+    scaler = torch.amp.GradScaler(proc["device"].type, enabled=proc["dtype"] == torch.float16)
     model.train()
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {stage}", disable=not master)
     for step in bar:
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, args.warmup_ratio)
-        stats = accumulate(net, loader, accum, scaler, skipped, ctx)
+        stats = accumulate(net, loader, accum, scaler, skipped, proc)
         loss = stats[0].item()
         if not math.isfinite(loss):
             raise TrainError(f"stage {stage}: loss is {loss} at step {step + 1}; stopped. The last good checkpoint is "
@@ -182,9 +182,9 @@ def train_stage(args, stage, model, data, out_dir, ctx):
                 tqdm.write(f"stage {stage} step {step + 1}/{total} loss {loss:.4f} lr {h['lr']:.2e} grad "
                            f"{grad_norm:.3f} {h['samples_per_s']:.1f} samples/s {h['tokens_per_s']:.0f} text tok/s")
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, ctx)
+            save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, proc)
     bar.close()
-    skipped_all = reduce_counts(skipped, world, ctx["device"])
+    skipped_all = reduce_counts(skipped, world, proc["device"])
     if master:
         hires.save_checkpoint(model, out_dir, run=args.out)
         hires.atomic_write(os.path.join(out_dir, "history.json"), json.dumps(history))
@@ -205,7 +205,7 @@ def stage_plan(args, stage, n_samples, world):
     return lr, global_batch, accum, steps or epochs * (n_samples // global_batch)
 
 
-def resume_stage(args, stage, model, opt, ckpt_dir, ctx):
+def resume_stage(args, stage, model, opt, ckpt_dir, proc):
     """-> (start step, history, skip counts): with --resume, from the checkpoint `latest` names under ckpt_dir (model,
     optimizer moments and this rank's RNG states restored); otherwise from step 0."""
     pointer = os.path.join(ckpt_dir, "latest")
@@ -222,37 +222,37 @@ def resume_stage(args, stage, model, opt, ckpt_dir, ctx):
     with open(os.path.join(path, "trainer.json")) as f:
         trainer = json.load(f)
     rng = load_file(os.path.join(path, "rng.safetensors"))
-    rank, device = ctx["rank"], ctx["device"]
+    rank, device = proc["rank"], proc["device"]
     if f"cpu.rank{rank}" in rng:
         torch.set_rng_state(rng[f"cpu.rank{rank}"])
     if f"cuda.rank{rank}" in rng and device.type == "cuda":  # LoRA dropout on the GPU
         torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
-    if ctx["master"]:
+    if proc["master"]:
         print(f"stage {stage}: resumed from step {trainer['step']} ({ckpt_dir})")
     # the skip counts are a sum over ranks: restored once
-    return trainer["step"], trainer["history"], Counter(trainer["skipped"] if ctx["master"] else {})
+    return trainer["step"], trainer["history"], Counter(trainer["skipped"] if proc["master"] else {})
 
 
-def ddp_wrap(model, ctx):
+def ddp_wrap(model, proc):
     """The model itself in one process; else DDP in which only the trainable tensors take part: frozen weights are
     neither broadcast nor reduced."""
-    if ctx["world"] == 1:
+    if proc["world"] == 1:
         return model
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    device = ctx["device"]
+    device = proc["device"]
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
-def accumulate(net, loader, accum, scaler, skipped, ctx):
+def accumulate(net, loader, accum, scaler, skipped, proc):
     """Forward and backward of accum micro-batches (DDP syncs gradients on the last only); adds the batches' skip
     counts to `skipped`. -> tensor (loss, text tokens, samples) of the step, summed (loss: averaged) over ranks."""
-    world = ctx["world"]
-    stats = torch.zeros(3, device=ctx["device"])  # no .item() (a GPU sync) per micro-batch
+    world = proc["world"]
+    stats = torch.zeros(3, device=proc["device"])  # no .item() (a GPU sync) per micro-batch
     for micro in range(accum):
         batch = next(loader)
         with net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():
-            with autocast(ctx):
+            with hires.autocast(proc["device"], proc["dtype"]):
                 loss = net(batch["input_ids"], batch["labels"], batch["images"])
             scaler.scale(loss / accum).backward()
         stats[0] += loss.detach() / accum
@@ -275,13 +275,13 @@ def optimizer_step(opt, scaler, params, grad_clip):
     return grad_norm
 
 
-def save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, ctx):
+def save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, proc):
     """Checkpoint after the last step of history: every rank joins the collectives (skip counts, RNG states), the
     master writes the checkpoint and the loss curve."""
-    world, device = ctx["world"], ctx["device"]
+    world, device = proc["world"], proc["device"]
     skipped_all = reduce_counts(skipped, world, device)
     rng = gather_rng(world, device)
-    if ctx["master"]:
+    if proc["master"]:
         trainer = dict(stage=stage, total_steps=total, warmup_ratio=args.warmup_ratio, world=world,
                        history=history, skipped=skipped_all)
         save_state(os.path.join(out_dir, "checkpoints"), model, opt, history[-1]["step"], trainer, rng, args.keep)
@@ -345,18 +345,18 @@ def prepare_tiny(args):
         hires.atomic_write(os.path.join(base, "hires_config.json"), json.dumps(hires.config_dict(cfg, base, args.out)))
 
 
-def run_stage0(args, ctx):
+def run_stage0(args, proc):
     """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (llava_data.TinyPretrain) and written
     to OUT/stage0 in their real formats (open_clip state dict, HF LLaMA directory, tokenizer), with the encoder
     diagnostics of both in OUT/stage0/encoder.json; hires_config.json, written last, points stages 1-2 at them."""
     families = args.families.split(",")
     torch.manual_seed(args.seed)
-    model = llava_data.TinyPretrain.from_base(os.path.join(args.out, "base"), families).to(ctx["device"])
+    model = llava_data.TinyPretrain.from_base(os.path.join(args.out, "base"), families).to(proc["device"])
     random_probe, out = llava_data.encoder_probe(model.vision, families), os.path.join(args.out, "stage0")
-    train_stage(args, 0, model, llava_data.Stage0Data(args.data_dir, model, args.seed), out, ctx)
-    if ctx["master"]:
+    train_stage(args, 0, model, llava_data.Stage0Data(args.data_dir, model, args.seed), out, proc)
+    if proc["master"]:
         model.save_backbones(out, random_probe)
-    barrier(ctx)
+    barrier(proc)
 
 
 def backbone_dir(args):
@@ -371,21 +371,14 @@ def model_config(args):
         stored = hires.read_config(backbone_dir(args), "hires_config.json")
         paths = dict(clip_preset="tiny", **{k: stored[k] for k in hires.BACKBONE_PATHS})
     else:
-        paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
+        paths = dict(clip_preset="vit-l-14-336", **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
     try:
         return hires.HiResConfig(**paths, **{k: getattr(args, k) for k in MODEL_FLAGS})
     except ValueError as e:  # e.g. --sra-layers at or after the feature block
         raise TrainError(str(e)) from None
 
 
-def backbone_paths(args):
-    """--clip/--llm/--tokenizer as absolute HiResConfig paths (a checkpoint must work from any folder)."""
-    paths = dict(clip_weights=args.clip, llm_path=args.llm,
-                 tokenizer_path=args.tokenizer or args.llm and os.path.join(args.llm, "tokenizer.model"))
-    return {k: os.path.abspath(v) for k, v in paths.items() if v}
-
-
-def init_model(args, where):
+def init_model(args, placement):
     """Stage 2 from a stage-1 checkpoint: its config, with every flag the user passed winning over it. The sampler
     cannot change (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA, as stage 1 leaves
     both at their init."""
@@ -394,20 +387,21 @@ def init_model(args, where):
         sd = load_file(os.path.join(args.init, "model.safetensors"))
     except (OSError, ValueError) as e:
         raise TrainError(f"--init {args.init}: not a stage-1 checkpoint ({e})") from None
-    over = {k: getattr(args, k) for k in args.given}
-    over.update(backbone_paths(args))
-    if over.get("sampler", stored["sampler"]) != stored["sampler"]:
-        raise TrainError(f"--sampler {over['sampler']}: {args.init} trained the {stored['sampler']} sampler in stage "
-                         f"1, so stage 2 keeps it (run stage 1 with --sampler {over['sampler']})")
+    overrides = {k: getattr(args, k) for k in args.given}
+    overrides.update(hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+    sampler = overrides.get("sampler", stored["sampler"])
+    if sampler != stored["sampler"]:
+        raise TrainError(f"--sampler {sampler}: {args.init} trained the {stored['sampler']} sampler in stage 1, so "
+                         f"stage 2 keeps it (run stage 1 with --sampler {sampler})")
     for key in hires.BACKBONE_PATHS:
-        path = over.get(key, stored[key])
+        path = overrides.get(key, stored[key])
         if not os.path.exists(path):
             raise TrainError(f"{path}: the {key} of {args.init} is not there; pass --clip/--llm/--tokenizer")
     try:
-        cfg = hires.HiResConfig(**{**stored, **over})
+        cfg = hires.HiResConfig(**{**stored, **overrides})
     except (TypeError, ValueError) as e:  # unknown keys, impossible combinations
         raise TrainError(f"--init {args.init}: {e}") from None
-    model = hires.HiResLLaVA(cfg, **where)
+    model = hires.HiResLLaVA(cfg, **placement)
     if model.cfg.lora_rank != stored["lora_rank"]:
         if any(v.any() for k, v in sd.items() if k.endswith("lora_B")):
             raise TrainError(f"--lora-rank {model.cfg.lora_rank}: the LoRA of {args.init} is trained (rank "
@@ -420,27 +414,27 @@ def init_model(args, where):
         model.load_trainable_state_dict(sd)
     except ValueError as e:
         raise TrainError(f"--init {args.init}: {e}") from None
-    return model, over
+    return model, overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # EntityGrid-QA evaluation (tiny preset): all ranks generate their share, rank 0 scores
 
 @torch.no_grad()
-def evaluate_entitygrid(model, test_dir, args, ctx):
+def evaluate_entitygrid(model, test_dir, args, proc):
     """EntityGrid-QA answered as eval.py answers it (evaluation.answer_batch: --mc rank ranks the option texts by
     likelihood, --mc letter generates the letter); every rank answers its share, all gather the predictions."""
     samples = evaluation.load_entitygrid(test_dir, "all")
-    mine = samples[ctx["rank"]::ctx["world"]]
+    mine = samples[proc["rank"]::proc["world"]]
     model.eval()
     preds = {}
-    for i in tqdm(range(0, len(mine), args.eval_batch), desc="eval EntityGrid-QA", disable=not ctx["master"]):
+    for i in tqdm(range(0, len(mine), args.eval_batch), desc="eval EntityGrid-QA", disable=not proc["master"]):
         batch = [(s, slicing.load_image(s.image)) for s in mine[i:i + args.eval_batch]]
-        with autocast(ctx):
+        with hires.autocast(proc["device"], proc["dtype"]):
             out = evaluation.answer_batch(model, batch, args, evaluation.BENCHES["entitygrid"], args.mc)
         preds.update({s.gt["id"]: o for (s, _), o in zip(batch, out)})
-    if ctx["world"] > 1:
-        parts = [None] * ctx["world"]
+    if proc["world"] > 1:
+        parts = [None] * proc["world"]
         dist.all_gather_object(parts, preds)
         preds = {k: v for p in parts for k, v in p.items()}
     return entitygrid.score([s.gt for s in samples], preds), preds
@@ -527,7 +521,8 @@ def parse_args(argv=None):
     a("--steps2", type=natural, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
     a("--warmup-ratio", type=bounded(float, 0, 1), default=0.03, help="fraction of the steps warmed up linearly")
     a("--grad-clip", type=bounded(float, 0, strict=True), default=1.0, help="clip the global gradient norm to this")
-    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="CUDA autocast (auto: bf16, else fp16); CPU: fp32")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="frozen weights and autocast (auto: bf16 on a GPU "
+      "that has it, else fp16; fp32 on the CPU)")
     a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing (LLM, SRA blocks)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when there is a GPU, else cpu")
     a("--threads", type=natural, default=0, help="CPU threads per process (0: cores / processes)")
@@ -568,8 +563,6 @@ def check_args(p, args):
     if set(families) - set(entitygrid.FAMILIES) or not {"object", "shape"} & set(families):
         p.error(f"--families {args.families}: choose from {','.join(entitygrid.FAMILIES)}, with object or shape "
                 "(the counting questions draw those)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use --device cpu")
     for flag, path in (("--clip", args.clip), ("--llm", args.llm), ("--tokenizer", args.tokenizer),
                        ("--init", args.init)):
         if path and not os.path.exists(path):
@@ -592,7 +585,11 @@ def check_args(p, args):
 
 
 def setup(args):
-    """Process group (torchrun sets RANK/WORLD_SIZE), device, threads, dtype -> ctx dict."""
+    """This process of the run: process group (torchrun sets RANK/WORLD_SIZE), device, threads, compute dtype ->
+    proc dict (rank, world, master: rank 0, which alone prints and saves; device, dtype)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use "
+                         "--device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
@@ -603,51 +600,43 @@ def setup(args):
     rank = dist.get_rank() if world > 1 else 0
     if device.type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    dtype = torch.float32
-    if device.type == "cuda" and args.dtype != "fp32":
-        dtype = torch.bfloat16 if args.dtype == "bf16" or args.dtype == "auto" and torch.cuda.is_bf16_supported() \
-            else torch.float16
+    dtype = hires.DTYPES[hires.resolve_dtype(args.dtype, device)]
     return dict(rank=rank, world=world, device=device, master=rank == 0, dtype=dtype)
 
 
-def autocast(ctx):
-    """bf16/fp16 autocast on CUDA; CPU runs in fp32."""
-    return torch.autocast(ctx["device"].type, dtype=ctx["dtype"]) if ctx["dtype"] != torch.float32 else nullcontext()
-
-
-def barrier(ctx):
-    if ctx["world"] > 1:
+def barrier(proc):
+    if proc["world"] > 1:
         dist.barrier()
 
 
-def claim_out(args, stages, ctx):
+def claim_out(args, stages, proc):
     """Refuse to train into an OUT/stage<k> an earlier run wrote (its checkpoints would mix with this run's), unless
     --resume continues it or --overwrite deletes it (and the tiny run's results) first."""
     used = [d for d in (os.path.join(args.out, f"stage{k}") for k in stages) if os.path.exists(d)]
-    barrier(ctx)  # every rank has looked before the master deletes anything
+    barrier(proc)  # every rank has looked before the master deletes anything
     if used and not args.resume and not args.overwrite:
         raise TrainError(f"{used[0]} holds an earlier run: continue it with --resume, start over with --overwrite "
                          "(deletes it), or pass another --out")
-    if used and args.overwrite and ctx["master"]:
+    if used and args.overwrite and proc["master"]:
         for d in used:
             shutil.rmtree(d)
         for name in ("metrics.json", "predictions.json"):
             if os.path.exists(os.path.join(args.out, name)):
                 os.remove(os.path.join(args.out, name))
-    barrier(ctx)
+    barrier(proc)
 
 
-def run(args, ctx):
-    tiny, master = args.preset == "tiny", ctx["master"]
+def run(args, proc):
+    tiny, master = args.preset == "tiny", proc["master"]
     stages = [1, 2] if args.stage == "all" else [int(args.stage)]
-    claim_out(args, stages, ctx)
+    claim_out(args, stages, proc)
     if tiny:
         if master:
             prepare_tiny(args)
-        barrier(ctx)
+        barrier(proc)
         done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))  # written last
         if args.stage == "0" or args.stage == "all" and not done and not (args.stage0 or args.random_backbones):
-            run_stage0(args, ctx)
+            run_stage0(args, proc)
         elif not done and args.stage != "2":  # stage 2 takes its backbones from --init's config
             raise TrainError(f"{backbone_dir(args)}: no finished stage 0 there; run --stage 0 (or --stage all)")
         if args.stage == "0":
@@ -659,15 +648,15 @@ def run(args, ctx):
     torch.manual_seed(args.seed)  # identical trainable init on every rank
     # frozen weights in the autocast dtype, read straight onto the device (7B: no 27 GB fp32 copy on each GPU);
     # the trained tensors stay fp32 for the optimizer
-    where = dict(device=ctx["device"], dtype=ctx["dtype"], adapter_dtype=torch.float32)
+    placement = dict(device=proc["device"], dtype=proc["dtype"], adapter_dtype=torch.float32)
     if args.stage == "2":
-        model, over = init_model(args, where)
+        model, overrides = init_model(args, placement)
         if master:
-            print(f"stage 2 from {args.init}; flags over its config: {over or 'none'}")
+            print(f"stage 2 from {args.init}; flags over its config: {overrides or 'none'}")
     else:
-        model = hires.HiResLLaVA(model_config(args), **where)
+        model = hires.HiResLLaVA(model_config(args), **placement)
     model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_ckpt
-    torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
+    torch.manual_seed(args.seed + proc["rank"])  # per-rank randomness (LoRA dropout)
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
                                         model.tokenizer, "plain" if stage == 1 else "vicuna_v1", model.preprocess,
                                         model.context, model.image_tokens) for stage in stages}
@@ -676,9 +665,9 @@ def run(args, ctx):
         for d in data.values():
             d.prefixes = prefixes
     for stage in stages:
-        train_stage(args, stage, model, data[stage], os.path.join(args.out, f"stage{stage}"), ctx)
+        train_stage(args, stage, model, data[stage], os.path.join(args.out, f"stage{stage}"), proc)
     if tiny and args.stage != "1":
-        metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, ctx)
+        metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, proc)
         if master:
             hires.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
             # eval.py's submission format for EntityGrid-QA: `eval.py --predictions` rescores it
@@ -693,16 +682,16 @@ def run(args, ctx):
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = setup(args)
     t0 = time.time()
     try:
-        result = run(args, ctx)
+        proc = setup(args)
+        result = run(args, proc)
     except (TrainError, llava_data.DataError, slicing.ImageError, FileNotFoundError) as e:
         sys.exit(f"train.py: error: {e}")
     finally:
-        if ctx["world"] > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
-    if ctx["master"]:
+    if proc["master"]:
         print(f"total wall time {time.time() - t0:.1f} s")
     return result
 

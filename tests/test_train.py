@@ -445,8 +445,8 @@ def test_cuda_device_is_set_before_the_process_group(tmp_path, monkeypatch):
     monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is refused on a machine without
     args = train.parse_args(tiny_args(tmp_path, "unused", "--device", "cuda", "--dtype", "fp32"))
-    ctx = train.setup(args)
-    assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx["device"] == torch.device("cuda", 1)
+    proc = train.setup(args)
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and proc["device"] == torch.device("cuda", 1)
 
 
 def test_readme_memory_arithmetic_uses_the_models_counts():
@@ -487,7 +487,7 @@ def test_bad_training_data_file_is_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(llava_data.DataError, match="cannot read LLaVA training data"):
         llava_data.LlavaData(str(tmp_path / "bad.json"), str(tmp_path), None, "plain", None, 100, None)
 
-    def run(args, ctx):
+    def run(args, proc):
         raise llava_data.DataError(f"{tmp_path / 'empty.json'}: expected a non-empty JSON list")
     monkeypatch.setattr(train, "run", run)
     with pytest.raises(SystemExit, match="train.py: error: .*empty.json: expected a non-empty JSON list"):
