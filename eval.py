@@ -504,6 +504,17 @@ def read_predictions(path, bench, samples):
 # ----------------------------------------------------------------------------------------------------------------
 
 # CLI
+def bounded(kind, low, high=None, strict=False):
+    """argparse type: a number of `kind` >= low (> low if strict) and < high, else a one-line error."""
+    def parse(text):
+        value = kind(text)
+        if value < low or strict and value == low or high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"{value}: must be {'>' if strict else '>='} {low}"
+                                             + (f" and < {high}" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names it
+    return parse
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(usage=argparse.SUPPRESS,  # an error is one line, not a usage block above it
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
@@ -517,7 +528,8 @@ def parse_args(argv=None):
     a("--data", help="folder holding the benchmark's released files (see below)")
     a("--image", help="ask about this image instead of running a benchmark")
     a("--ask", help="with --image: the question (without it, one question per line from stdin)")
-    a("--temperature", type=float, default=0.0, help="with --image: 0 is greedy, else sampled with --top-p (>= 0)")
+    a("--temperature", type=bounded(float, 0), default=0.0, help="with --image: 0 is greedy, else sampled with "
+      "--top-p (>= 0)")
     a("--top-p", type=float, default=1.0, help="with --image: nucleus sampling mass, in (0, 1]")
     a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
     a("--out", help="output folder (default: runs/eval/<bench>)")
@@ -529,30 +541,23 @@ def parse_args(argv=None):
     a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="backbone weights and autocast "
       "(adapters stay fp32, as in training; hires.resolve_dtype); auto: bf16 on a GPU that has it, else fp16; fp32 on "
       "the CPU")
-    a("--batch-size", type=int, help="questions generated together (default 1, as LLaVA's model_vqa; entitygrid "
-      "64, as train.py's evaluation); greedy answers are the same at any batch size in fp32, not always in bf16: "
-      "see the README")
-    a("--limit", type=int, help="evaluate only the first N questions (quick checks)")
+    a("--batch-size", type=bounded(int, 1), help="questions generated together (default 1, as LLaVA's model_vqa; "
+      "entitygrid 64, as train.py's evaluation); greedy answers are the same at any batch size in fp32, not always in "
+      "bf16: see the README")
+    a("--limit", type=bounded(int, 1), help="evaluate only the first N questions (quick checks)")
     a("--seed", type=int, default=0, help="torch seed set before generation (recorded in metrics.json)")
     a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
       "(without it, an existing partial file is an error)")
-    a("--max-new-tokens", type=int, help="generation length cap, >= 1 (default: LLaVA-1.5's for the benchmark, "
-      "below; with --image 512)")
+    a("--max-new-tokens", type=bounded(int, 1), help="generation length cap, >= 1 (default: LLaVA-1.5's for the "
+      "benchmark, below; with --image 512)")
     a("--mc", choices=("letter", "rank"), help="multiple-choice benchmarks (ai2d, scienceqa, mmbench, entitygrid): "
       "generate the option letter after LLaVA's prompt (letter), or rank the option texts by likelihood after a "
       "letter-free prompt and answer the best one's letter (rank; the tiny preset). Default: the mode the "
       "checkpoint was trained for (its config.json 'mc'; metrics.json says which was used)")
     a("--predictions", help="score this existing predictions.json instead of running a model")
     args = p.parse_args(argv)
-    for flag, value, ok, need in (("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1,
-                                   ">= 1"),
-                                  ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
-                                  ("--max-new-tokens", args.max_new_tokens,
-                                   args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
-                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
-                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
-        if not ok:
-            p.error(f"{flag} {value}: must be {need}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p {args.top_p}: must be in (0, 1]")
     if not args.ckpt and not args.predictions:
         p.error("--ckpt is required unless --predictions is given")
     if not args.image and not (args.bench and args.data):
