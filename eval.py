@@ -30,6 +30,7 @@ from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_let
 
 # hires, slicing and torch are imported inside the functions that run the model: they take seconds to import
 # (torch, open_clip), and `--help` needs none of them.
+
 class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
 
@@ -313,8 +314,8 @@ def load_entitygrid(data, split):
             for q in questions]
 
 # ----------------------------------------------------------------------------------------------------------------
-
 # Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
+
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
     import hires
@@ -502,8 +503,8 @@ def read_predictions(path, bench, samples):
     return [preds[s.qid] for s in samples]
 
 # ----------------------------------------------------------------------------------------------------------------
-
 # CLI
+
 def bounded(kind, low, high=None, strict=False):
     """argparse type: a number of `kind` >= low (> low if strict) and < high, else a one-line error."""
     def parse(text):
@@ -519,7 +520,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(usage=argparse.SUPPRESS,  # an error is one line, not a usage block above it
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
                     "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json. "
-                    "With --image: ask the checkpoint about one image (--ask, or questions read from stdin).",
+                    "With --image: ask the checkpoint about one image (--ask, or questions read from stdin). With "
+                    "--merge: write its deployment form.",
         epilog="benchmarks: default --split, default --max-new-tokens, expected files in --data DIR:\n" +
                "\n".join(f"  {n:15s} {b.split:5s} {b.max_new_tokens:5d}  {b.files}" for n, b in BENCHES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -555,13 +557,18 @@ def parse_args(argv=None):
       "letter-free prompt and answer the best one's letter (rank; the tiny preset). Default: the mode the "
       "checkpoint was trained for (its config.json 'mc'; metrics.json says which was used)")
     a("--predictions", help="score this existing predictions.json instead of running a model")
+    a("--merge", metavar="DIR", help="write the --ckpt checkpoint's deployment form into DIR, as LLaVA's "
+      "merge_lora_weights.py: DIR/llm (HF LLaMA directory, LoRA folded in) and DIR/config.json + "
+      "DIR/model.safetensors (the adapters), a checkpoint eval.py loads as it is")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p {args.top_p}: must be in (0, 1]")
     if not args.ckpt and not args.predictions:
         p.error("--ckpt is required unless --predictions is given")
-    if not args.image and not (args.bench and args.data):
-        p.error("--bench and --data are required (or --image FILE to ask about one image)")
+    if args.merge and os.path.abspath(args.merge) == os.path.abspath(args.ckpt or ""):
+        p.error(f"--merge {args.merge}: the checkpoint itself; merge into another folder")
+    if not args.image and not args.merge and not (args.bench and args.data):
+        p.error("--bench and --data are required (or --image FILE to ask about one image, --merge DIR to merge)")
     if args.image and not args.ckpt:
         p.error("--image needs --ckpt")
     for flag, path in (("--ckpt", args.ckpt), ("--image", args.image)):
@@ -606,6 +613,16 @@ def ask(args):
         print(f"[{n_tokens} prompt tokens] {text}")
         answers.append(text)
     return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
+
+def merge(args):
+    """--merge: hires.merge_checkpoint of --ckpt into the --merge folder; one-line errors."""
+    import hires
+    try:
+        cfg = hires.merge_checkpoint(args.ckpt, args.merge)
+    except (OSError, ValueError) as e:  # a missing or unfit checkpoint, a backbone not there, a full disk
+        raise EvalError(str(e).splitlines()[0]) from None
+    print(f"wrote {cfg.llm_path} (HF LLaMA, LoRA merged) and {args.merge}/model.safetensors (adapters)")
+    return cfg
 
 def input_line():
     """A question typed at the prompt; None at the end of input or on an empty line."""
@@ -666,6 +683,8 @@ def main(argv=None):
     try:
         if args.image:
             return ask(args)
+        if args.merge:
+            return merge(args)
         metrics = run(args)
     except EvalError as e:
         raise SystemExit(f"eval.py: error: {e}") from None

@@ -6,7 +6,6 @@ listed with its reason and its tensor shapes in docs/method.md. Notation: m rows
 n cols of slices; S base resolution; h = w tokens per side of one ViT image; L = h*w; D ViT width; C LLM width;
 k sampler kernel.
 """
-import argparse
 import json
 import os
 import shutil
@@ -646,24 +645,3 @@ def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
     defaults = dict(clip_preset="tiny", clip_weights=os.path.join(path, "clip_tiny.safetensors"),
                     llm_path=os.path.join(path, "llm"), lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
     return HiResConfig(**{**defaults, **cfg_overrides})
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Merge a stage-2 checkpoint's LoRA into its LLM for deployment. "
-                                 "(The slicing picture: python slicing.py --show IMAGE.)",
-                                 usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
-    ap.add_argument("--merge", metavar="CKPT", required=True, help="stage-2 checkpoint to merge: writes OUT/llm (HF "
-                    "LLaMA directory) and OUT/config.json + OUT/model.safetensors (the adapters), which eval.py loads")
-    ap.add_argument("--out", required=True, help="output directory")
-    args = ap.parse_args(argv)
-    if os.path.abspath(args.out) == os.path.abspath(args.merge):
-        ap.error(f"--out {args.out}: the checkpoint itself; merge into another folder")
-    try:
-        cfg = merge_checkpoint(args.merge, args.out)
-    except (OSError, ValueError) as e:  # a missing or unfit checkpoint, a backbone not there, a full disk
-        raise SystemExit(f"hires.py: error: {str(e).splitlines()[0]}") from None
-    print(f"wrote {cfg.llm_path} (HF LLaMA, LoRA merged) and {args.out}/model.safetensors (adapters)")
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import entitygrid  # noqa: E402
 import eval as ev  # noqa: E402
-import hires  # noqa: E402
 import slicing  # noqa: E402
 import train  # noqa: E402
 
@@ -100,11 +99,11 @@ CASES = [
     (ev, ["--image", "{ws}/notes.txt", "--ckpt", "{ws}/empty"], r"notes.txt"),
     (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty"], r"empty: not a checkpoint folder"),
     (ev, ["--bench", "entitygrid"], r"--ckpt is required unless --predictions is given"),
-    # hires.py --merge
-    (hires, ["--merge", "{ws}/nowhere", "--out", "{ws}/m"], r"^hires.py: error: .*nowhere: no such checkpoint folder$"),
-    (hires, ["--merge", "{ws}/empty", "--out", "{ws}/m"], r"empty: not a checkpoint folder \(no config.json"),
-    (hires, ["--merge", "{ws}/empty", "--out", "{ws}/empty"], r"--out .*empty: the checkpoint itself"),
-    (hires, ["--merge", "{ws}/empty"], r"the following arguments are required: --out"),
+    # eval.py --merge
+    (ev, ["--ckpt", "{ws}/nowhere", "--merge", "{ws}/m"], r"^\S+: error: --ckpt .*nowhere: no such file or directory$"),
+    (ev, ["--ckpt", "{ws}/empty", "--merge", "{ws}/m"], r"^eval.py: error: .*empty: not a checkpoint folder \(no config"),
+    (ev, ["--ckpt", "{ws}/empty", "--merge", "{ws}/empty"], r"--merge .*empty: the checkpoint itself"),
+    (ev, ["--merge", "{ws}/m"], r"--ckpt is required unless --predictions is given"),
     # slicing.py --show
     (slicing, ["--show", "{ws}/photo.png", "--max-slices", "0"], r"^\S+: error: --max-slices 0: must be >= 1$"),
     (slicing, ["--show", "{ws}/photo.png", "--base", "0"], r"--base 0: must be >= 1"),
@@ -172,7 +171,7 @@ def test_help_and_a_bad_flag_answer_without_torch(script, bad_flag, tmp_path):
         assert not [m for m in imported if m == "torch" or m.startswith("torch.")], f"{script} {argv[0]} imports torch"
 
 
-@pytest.mark.parametrize("module", [train, ev, hires, slicing, entitygrid], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [train, ev, slicing, entitygrid], ids=lambda m: m.__name__)
 def test_every_flag_has_help(module, monkeypatch, capsys):
     """Each CLI's parser, caught as main() parses: every flag carries a help string, and --help exits 0."""
     import argparse
