@@ -179,19 +179,23 @@ def image_first(text):
     return "<image>\n" + text.replace("<image>", "").strip()
 
 
-def turn_texts(conversations):
+def turn_texts(conversations, image=None):
     """LLaVA conversation [{"from": "human"|"gpt", "value"}] -> its turn texts, human first: a leading assistant
-    turn dropped, roles checked to alternate, `<image>` moved to the front of its turn (preprocess_multimodal)."""
+    turn dropped, roles checked to alternate (ValueError), `<image>` moved to the front of its turn
+    (preprocess_multimodal). image=True (a sample with one image): one `<image>`, at the front of the first turn,
+    prepended if missing and dropped from the others; image=False: every `<image>` dropped (the text alone)."""
     turns = list(conversations)
-    if turns and turns[0]["from"] == "gpt":  # LLaVA drops a leading assistant turn
+    if turns and turns[0].get("from") == "gpt":  # LLaVA drops a leading assistant turn
         turns = turns[1:]
     texts = []
     for i, t in enumerate(turns):
-        if t["from"] != ("human", "gpt")[i % 2]:
-            raise ValueError(f"conversation roles must alternate human, gpt; turn {i} is {t['from']!r}")
+        if t.get("from") != ("human", "gpt")[i % 2]:
+            raise ValueError(f"conversation roles must alternate human, gpt; turn {i} is {t.get('from')!r}")
         text = t["value"]
-        if i % 2 == 0 and "<image>" in text:
+        if image and i == 0 or image is None and i % 2 == 0 and "<image>" in text:
             text = image_first(text)
+        elif image is not None and "<image>" in text:
+            text = text.replace("<image>", "").strip()
         texts.append(text)
     return texts
 
@@ -203,10 +207,11 @@ def vicuna_segments(texts):
             for i, t in enumerate(texts)]
 
 
-def encode_conversation(conversations, tokenizer, template="vicuna_v1"):
+def encode_conversation(conversations, tokenizer, template="vicuna_v1", image=None):
     """LLaVA conversation [{"from": "human"|"gpt", "value"}] -> (input_ids, labels); labels keep only the
-    assistant replies and their </s> (vicuna_v1) or the caption + "\\n" (plain), IGNORE_INDEX elsewhere."""
-    turns = turn_texts(conversations)
+    assistant replies and their </s> (vicuna_v1) or the caption + "\\n" (plain), IGNORE_INDEX elsewhere. image:
+    where `<image>` goes (turn_texts)."""
+    turns = turn_texts(conversations, image)
     if template == "plain":  # stage 1: <image> + caption + "\n", BOS and image masked, no EOS
         if len(turns) < 2:
             raise ValueError("plain template needs a human turn and a caption")

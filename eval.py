@@ -30,6 +30,7 @@ from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_let
 
 # hires, slicing and torch are imported inside the functions that run the model: they take seconds to import
 # (torch, open_clip), and `--help` needs none of them.
+
 class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
 
@@ -313,8 +314,8 @@ def load_entitygrid(data, split):
             for q in questions]
 
 # ----------------------------------------------------------------------------------------------------------------
-
 # Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
+
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
     import hires
@@ -339,15 +340,10 @@ def read_partial(path):
                         "delete it to start over")
     return records[0]["key"], {r["qid"]: r for r in records[1:]}
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-def resolve_dtype(name, device):
-    """--dtype auto: bf16 on CUDA, fp32 elsewhere."""
-    return name if name != "auto" else "bf16" if device.startswith("cuda") else "fp32"
-
 def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
-    """hires.load_checkpoint in eval mode, backbones in dtype and the trained adapters in fp32 as training keeps
-    them (overrides: config fields), with one-line errors for a missing or non-fitting checkpoint."""
+    """hires.load_checkpoint in eval mode, backbones in dtype (a hires.DTYPES name) and the trained adapters in fp32
+    as training keeps them (overrides: config fields), with one-line errors for a missing or non-fitting
+    checkpoint."""
     import hires
     import torch
     cfg = {**checkpoint_config(ckpt), **overrides}
@@ -355,7 +351,7 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
         if cfg.get(key) and not os.path.exists(cfg[key]):
             raise EvalError(f"{cfg[key]}: the {key} of {ckpt} is not there; moved? point to it with {flag}")
     try:
-        return hires.load_checkpoint(ckpt, device=device, dtype=getattr(torch, DTYPES[dtype]),
+        return hires.load_checkpoint(ckpt, device=device, dtype=hires.DTYPES[dtype],
                                      adapter_dtype=torch.float32, **overrides).eval()
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
@@ -388,14 +384,6 @@ def preprocess(model, bench, sample, img):
                         f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
     return pre
 
-def backbones(args):
-    """--clip/--llm/--tokenizer as absolute config overrides (backbones moved since training)."""
-    out = {k: os.path.abspath(v) for k, v in (("clip_weights", args.clip), ("llm_path", args.llm),
-                                               ("tokenizer_path", args.tokenizer)) if v}
-    if args.llm and not args.tokenizer and os.path.isfile(os.path.join(args.llm, "tokenizer.model")):
-        out["tokenizer_path"] = os.path.abspath(os.path.join(args.llm, "tokenizer.model"))
-    return out
-
 def generate_all(bench, samples, args, partial, key):
     """Answers parallel to samples, each one's failure kind (None: answered), the counts of bad images and
     over-long prompts, and the slice grids used. --resume continues a partial file only if its first line holds
@@ -422,10 +410,10 @@ def generate_all(bench, samples, args, partial, key):
     torch.manual_seed(args.seed)
     todo = [s for s in samples if s.qid not in done]
     if todo:
-        dtype = resolve_dtype(args.dtype, args.device)
-        model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}), **backbones(args))
-        # under autocast as in training: bf16 matmuls, fp32 adapters, fp32 norms and softmax
-        amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+        dtype = hires.resolve_dtype(args.dtype, args.device)
+        model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}),
+                           **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+        amp = hires.autocast(args.device, hires.DTYPES[dtype])
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
@@ -469,18 +457,18 @@ def run_key(args, bench, split, mc, max_new_tokens):
     cfg = {k: v for k, v in checkpoint_config(args.ckpt).items() if k not in hires.BACKBONE_PATHS}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     return dict(checkpoint=h.hexdigest()[:16], bench=bench.name, split=split, mc=mc, max_new_tokens=max_new_tokens,
-                temperature=0.0, dtype=resolve_dtype(args.dtype, args.device))
+                temperature=0.0, dtype=hires.resolve_dtype(args.dtype, args.device))
 
 def provenance(args, bench, samples, grids, key):
     """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
     import hires
     cfg = checkpoint_config(args.ckpt)
-    cfg.update(bench.slicing or {}, **backbones(args))
+    cfg.update(bench.slicing or {}, **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
     return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
             "llm_path", "tokenizer_path")}, "checkpoint_sha256": key["checkpoint"], "prompt_template": "vicuna_v1",
             "trained_template": cfg.get("template"), "example_prompt": samples[0].prompt,
             "max_new_tokens": key["max_new_tokens"], "temperature": 0.0,
-            "batch_size": args.batch_size, "dtype": resolve_dtype(args.dtype, args.device), "device": args.device,
+            "batch_size": args.batch_size, "dtype": key["dtype"], "device": args.device,
             "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
                                            "grids": grids}, "git_commit": hires.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -515,13 +503,25 @@ def read_predictions(path, bench, samples):
     return [preds[s.qid] for s in samples]
 
 # ----------------------------------------------------------------------------------------------------------------
-
 # CLI
+
+def bounded(kind, low, high=None, strict=False):
+    """argparse type: a number of `kind` >= low (> low if strict) and < high, else a one-line error."""
+    def parse(text):
+        value = kind(text)
+        if value < low or strict and value == low or high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"{value}: must be {'>' if strict else '>='} {low}"
+                                             + (f" and < {high}" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names it
+    return parse
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(usage=argparse.SUPPRESS,  # an error is one line, not a usage block above it
         description="Evaluate a HiRes-LLaVA checkpoint on a benchmark's official files, or score a predictions "
                     "file. Writes OUT/predictions.json (the benchmark's submission format) and OUT/metrics.json. "
-                    "With --image: ask the checkpoint about one image (--ask, or questions read from stdin).",
+                    "With --image: ask the checkpoint about one image (--ask, or questions read from stdin). With "
+                    "--merge: write its deployment form.",
         epilog="benchmarks: default --split, default --max-new-tokens, expected files in --data DIR:\n" +
                "\n".join(f"  {n:15s} {b.split:5s} {b.max_new_tokens:5d}  {b.files}" for n, b in BENCHES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -530,7 +530,8 @@ def parse_args(argv=None):
     a("--data", help="folder holding the benchmark's released files (see below)")
     a("--image", help="ask about this image instead of running a benchmark")
     a("--ask", help="with --image: the question (without it, one question per line from stdin)")
-    a("--temperature", type=float, default=0.0, help="with --image: 0 is greedy, else sampled with --top-p (>= 0)")
+    a("--temperature", type=bounded(float, 0), default=0.0, help="with --image: 0 is greedy, else sampled with "
+      "--top-p (>= 0)")
     a("--top-p", type=float, default=1.0, help="with --image: nucleus sampling mass, in (0, 1]")
     a("--ckpt", help="checkpoint folder written by train.py (config.json + model.safetensors)")
     a("--out", help="output folder (default: runs/eval/<bench>)")
@@ -539,36 +540,35 @@ def parse_args(argv=None):
     a("--tokenizer", help="sentencepiece model (default: LLM/tokenizer.model with --llm, else the checkpoint's)")
     a("--split", help="split to read (default: the benchmark's, listed below)")
     a("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
-    a("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="backbone weights and autocast (adapters "
-      "stay fp32, as in training); auto: bf16 on cuda, fp32 on cpu")
-    a("--batch-size", type=int, help="questions generated together (default 1, as LLaVA's model_vqa; entitygrid "
-      "64, as train.py's evaluation); greedy answers are the same at any batch size in fp32, not always in bf16: "
-      "see the README")
-    a("--limit", type=int, help="evaluate only the first N questions (quick checks)")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="backbone weights and autocast "
+      "(adapters stay fp32, as in training; hires.resolve_dtype); auto: bf16 on a GPU that has it, else fp16; fp32 on "
+      "the CPU")
+    a("--batch-size", type=bounded(int, 1), help="questions generated together (default 1, as LLaVA's model_vqa; "
+      "entitygrid 64, as train.py's evaluation); greedy answers are the same at any batch size in fp32, not always in "
+      "bf16: see the README")
+    a("--limit", type=bounded(int, 1), help="evaluate only the first N questions (quick checks)")
     a("--seed", type=int, default=0, help="torch seed set before generation (recorded in metrics.json)")
     a("--resume", action="store_true", help="continue an interrupted run from OUT/predictions.partial.jsonl "
       "(without it, an existing partial file is an error)")
-    a("--max-new-tokens", type=int, help="generation length cap, >= 1 (default: LLaVA-1.5's for the benchmark, "
-      "below; with --image 512)")
+    a("--max-new-tokens", type=bounded(int, 1), help="generation length cap, >= 1 (default: LLaVA-1.5's for the "
+      "benchmark, below; with --image 512)")
     a("--mc", choices=("letter", "rank"), help="multiple-choice benchmarks (ai2d, scienceqa, mmbench, entitygrid): "
       "generate the option letter after LLaVA's prompt (letter), or rank the option texts by likelihood after a "
       "letter-free prompt and answer the best one's letter (rank; the tiny preset). Default: the mode the "
       "checkpoint was trained for (its config.json 'mc'; metrics.json says which was used)")
     a("--predictions", help="score this existing predictions.json instead of running a model")
+    a("--merge", metavar="DIR", help="write the --ckpt checkpoint's deployment form into DIR, as LLaVA's "
+      "merge_lora_weights.py: DIR/llm (HF LLaMA directory, LoRA folded in) and DIR/config.json + "
+      "DIR/model.safetensors (the adapters), a checkpoint eval.py loads as it is")
     args = p.parse_args(argv)
-    for flag, value, ok, need in (("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1,
-                                   ">= 1"),
-                                  ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
-                                  ("--max-new-tokens", args.max_new_tokens,
-                                   args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
-                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
-                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
-        if not ok:
-            p.error(f"{flag} {value}: must be {need}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p {args.top_p}: must be in (0, 1]")
     if not args.ckpt and not args.predictions:
         p.error("--ckpt is required unless --predictions is given")
-    if not args.image and not (args.bench and args.data):
-        p.error("--bench and --data are required (or --image FILE to ask about one image)")
+    if args.merge and os.path.abspath(args.merge) == os.path.abspath(args.ckpt or ""):
+        p.error(f"--merge {args.merge}: the checkpoint itself; merge into another folder")
+    if not args.image and not args.merge and not (args.bench and args.data):
+        p.error("--bench and --data are required (or --image FILE to ask about one image, --merge DIR to merge)")
     if args.image and not args.ckpt:
         p.error("--image needs --ckpt")
     for flag, path in (("--ckpt", args.ckpt), ("--image", args.image)):
@@ -590,15 +590,15 @@ def ask(args):
         img = slicing.load_image(args.image)  # before the model: a bad image costs no model load
     except slicing.ImageError as e:
         raise EvalError(str(e)) from None
-    dtype = resolve_dtype(args.dtype, args.device)
-    model = load_model(args.ckpt, args.device, dtype, **backbones(args))
+    dtype = hires.resolve_dtype(args.dtype, args.device)
+    model = load_model(args.ckpt, args.device, dtype, **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
     if model.cfg.template == "plain":
         print(hires.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
     pre = model.preprocess(img)
     image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
     questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
-    amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    amp = hires.autocast(args.device, hires.DTYPES[dtype])
     torch.manual_seed(args.seed)
     answers = []
     for q in questions:
@@ -613,6 +613,16 @@ def ask(args):
         print(f"[{n_tokens} prompt tokens] {text}")
         answers.append(text)
     return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
+
+def merge(args):
+    """--merge: hires.merge_checkpoint of --ckpt into the --merge folder; one-line errors."""
+    import hires
+    try:
+        cfg = hires.merge_checkpoint(args.ckpt, args.merge)
+    except (OSError, ValueError) as e:  # a missing or unfit checkpoint, a backbone not there, a full disk
+        raise EvalError(str(e).splitlines()[0]) from None
+    print(f"wrote {cfg.llm_path} (HF LLaMA, LoRA merged) and {args.merge}/model.safetensors (adapters)")
+    return cfg
 
 def input_line():
     """A question typed at the prompt; None at the end of input or on an empty line."""
@@ -673,6 +683,8 @@ def main(argv=None):
     try:
         if args.image:
             return ask(args)
+        if args.merge:
+            return merge(args)
         metrics = run(args)
     except EvalError as e:
         raise SystemExit(f"eval.py: error: {e}") from None

@@ -6,7 +6,6 @@ listed with its reason and its tensor shapes in docs/method.md. Notation: m rows
 n cols of slices; S base resolution; h = w tokens per side of one ViT image; L = h*w; D ViT width; C LLM width;
 k sampler kernel.
 """
-import argparse
 import json
 import os
 import shutil
@@ -470,7 +469,24 @@ def pad_batch(seqs, T, left=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints and the tiny preset
+# precision, checkpoints and the tiny preset
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype of train.py and eval.py
+
+
+def resolve_dtype(name, device):
+    """--dtype on a device -> the name of the compute dtype (DTYPES): the one given, or for auto bf16 on a GPU
+    that has it, fp16 on one without, fp32 on the CPU."""
+    if name != "auto":
+        return name
+    return "fp32" if torch.device(device).type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device, dtype):
+    """Mixed precision as training and evaluation run it: the frozen backbones' matmuls in dtype, the adapters
+    (kept fp32), norms and softmax in fp32; off for fp32."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
 
 def atomic_write(path, content):
     """Writes content (str: UTF-8 text; or a function that writes a given path) to a temporary file beside path,
@@ -498,6 +514,14 @@ def git_commit():
 
 
 BACKBONE_PATHS = ("clip_weights", "llm_path", "tokenizer_path")
+
+
+def backbone_paths(clip=None, llm=None, tokenizer=None):
+    """The --clip/--llm/--tokenizer flags of train.py and eval.py as absolute HiResConfig paths (a checkpoint works
+    from any folder); with --llm alone the tokenizer is LLM/tokenizer.model when that file is there."""
+    if llm and not tokenizer and os.path.isfile(os.path.join(llm, "tokenizer.model")):
+        tokenizer = os.path.join(llm, "tokenizer.model")
+    return {k: os.path.abspath(v) for k, v in zip(BACKBONE_PATHS, (clip, llm, tokenizer)) if v}
 
 
 def config_dict(cfg, path, run=None):
@@ -621,24 +645,3 @@ def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
     defaults = dict(clip_preset="tiny", clip_weights=os.path.join(path, "clip_tiny.safetensors"),
                     llm_path=os.path.join(path, "llm"), lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
     return HiResConfig(**{**defaults, **cfg_overrides})
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Merge a stage-2 checkpoint's LoRA into its LLM for deployment. "
-                                 "(The slicing picture: python slicing.py --show IMAGE.)",
-                                 usage=argparse.SUPPRESS)  # an error is one line, not a usage block above it
-    ap.add_argument("--merge", metavar="CKPT", required=True, help="stage-2 checkpoint to merge: writes OUT/llm (HF "
-                    "LLaMA directory) and OUT/config.json + OUT/model.safetensors (the adapters), which eval.py loads")
-    ap.add_argument("--out", required=True, help="output directory")
-    args = ap.parse_args(argv)
-    if os.path.abspath(args.out) == os.path.abspath(args.merge):
-        ap.error(f"--out {args.out}: the checkpoint itself; merge into another folder")
-    try:
-        cfg = merge_checkpoint(args.merge, args.out)
-    except (OSError, ValueError) as e:  # a missing or unfit checkpoint, a backbone not there, a full disk
-        raise SystemExit(f"hires.py: error: {str(e).splitlines()[0]}") from None
-    print(f"wrote {cfg.llm_path} (HF LLaMA, LoRA merged) and {args.out}/model.safetensors (adapters)")
-
-
-if __name__ == "__main__":
-    main()

@@ -93,23 +93,19 @@ class LlavaData(torch.utils.data.Dataset):
         if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
                                                   for t in turns):
             return None, "empty or malformed conversation"
-        if turns and turns[0].get("from") == "gpt":
-            turns = turns[1:]  # LLaVA drops a leading assistant turn
-        if not any(t.get("from") == "gpt" and t["value"].strip() for t in turns):
-            return None, "empty or malformed conversation"
-        n_image_tokens = sum(t["value"].count("<image>") for t in turns)
-        reason = None
-        if "image" in item and n_image_tokens == 0:
-            reason = "image without <image> (prepended)"
-        elif "image" not in item and n_image_tokens:
-            return None, "<image> without an image"
-        if "image" in item:  # LLaVA's preprocess_multimodal: one "<image>\n" at the start of the first human turn
-            turns = [{"from": "human", "value": conversation.image_first(turns[0]["value"])}] + [
-                {"from": t["from"], "value": t["value"].replace("<image>", "")} for t in turns[1:]]
         try:
-            ids, labels = conversation.encode_conversation(turns, self.tokenizer, self.template)
-        except ValueError:  # roles not alternating human, gpt
+            texts = conversation.turn_texts(turns)  # a leading assistant turn dropped, the roles checked
+        except ValueError:
             return None, "empty or malformed conversation"
+        if not any(t.strip() for t in texts[1::2]):  # no answer to learn
+            return None, "empty or malformed conversation"
+        reason, tagged = None, any("<image>" in t for t in texts)
+        if "image" in item and not tagged:
+            reason = "image without <image> (prepended)"
+        elif "image" not in item and tagged:
+            return None, "<image> without an image"
+        # LLaVA's preprocess_multimodal: one "<image>\n" at the start of the first human turn
+        ids, labels = conversation.encode_conversation(turns, self.tokenizer, self.template, image="image" in item)
         image = None
         if "image" in item:
             path = os.path.join(self.folder, str(item["image"]))
@@ -149,8 +145,7 @@ class Stage0Data(torch.utils.data.Dataset):
         cfg, vit, tokenizer = model.cfg, model.vision.cfg, conversation.Tokenizer(model.cfg.tokenizer_path)
         train_dir = os.path.join(data_dir, "train")
         with open(os.path.join(train_dir, "text_qa.json")) as f:
-            self.texts = [conversation.encode_conversation([{**t, "value": t["value"].replace("<image>\n", "")}
-                                                            for t in item["conversations"]], tokenizer)[0]
+            self.texts = [conversation.encode_conversation(item["conversations"], tokenizer, image=False)[0]
                           for item in json.load(f)]
         with open(os.path.join(train_dir, "captions.json")) as f:
             self.texts += [tokenizer.encode(item["conversations"][1]["value"]) + [tokenizer.eos_id]

@@ -9,8 +9,10 @@ import math
 import os
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
+
+# torch is imported in the two functions that make tensors (to_tensor, normalize): the picture of `python slicing.py
+# --show` and its --help need none of torch's 2 s import.
 
 # OpenAI CLIP preprocessing (open_clip's OPENAI_DATASET_MEAN/STD); images are RGB in [0, 1] before this.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -75,11 +77,13 @@ def slice_grid(width, height, base=336, max_slices=16, upscale=True):
 def to_tensor(img):
     """RGB PIL image -> (3, H, W) uint8: 4x smaller than floats through DataLoader workers; normalize() on the
     device."""
+    import torch
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
 
 
 def normalize(pixels):
     """uint8 pixels (..., 3, S, S) -> CLIP-normalised float32 on their device."""
+    import torch
     mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
     std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
     return (pixels.float() / 255.0 - mean) / std

@@ -20,19 +20,15 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 
-import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import clip
 import conversation
 import entitygrid
-import eval as evaluation  # the benchmarks' answering, shared with eval.py
-import hires
-import llava_data
+import eval as evaluation  # the benchmarks' answering and the range-checked flag type, shared with eval.py
 import slicing
+
+# torch, safetensors and the files that import torch (hires, llava_data, clip) are imported in the functions that use
+# them: they take 2 s to import, and --help or a bad flag answers without them (the command line needs none).
 
 ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
@@ -70,9 +66,9 @@ def lr_factor(step, total_steps, warmup_ratio=0.03):
 
 def make_optimizer(model, lr, llm_lr, sra_lr=None):
     """AdamW over the trainable parameters only, no decay, in three groups as the paper's stage 2 (docs/method.md#
-    training-stages): the LLM side (LoRA; with train_llm the whole LLM) at llm_lr, the sampler and projector at lr,
-    the SliceRestore Adapter at sra_lr (default lr). The paper trains LoRA at 2e-4 and every other tensor at 2e-5:
-    train.py passes sra_lr = --sra-lr, by default a tenth of the LLM side's rate."""
+    training-stages): the LLM side (LoRA; with train_llm the whole LLM) at llm_lr, sampler and projector at lr, the
+    SRA at sra_lr (default lr; the paper trains LoRA at 2e-4, the rest at 2e-5: --sra-lr is by default llm_lr / 10)."""
+    import torch
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     side = lambda n: "llm" if n.startswith("llm.") else "sra" if n.startswith("sra.") else "vision"
     rates = dict(llm=llm_lr, sra=lr if sra_lr is None else sra_lr, vision=lr)
@@ -92,6 +88,8 @@ def trainable_counts(model):
 def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
     """ckpt_dir/step-N/: hires checkpoint + optimizer.safetensors + rng.safetensors + trainer.json, built in a temp
     dir and renamed; then the `latest` pointer is replaced; then old checkpoints beyond `keep` are removed."""
+    from safetensors.torch import save_file
+    import hires
     name = f"step-{step:07d}"
     final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,27 +112,28 @@ def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
 def draw_loss_curve(losses, png, title):
     """Loss per step as a PNG drawn with Pillow (matplotlib is not a dependency)."""
     from PIL import Image, ImageDraw
-    W, H, pad = 640, 360, 40
+    W, H, pad, lo, hi, n = 640, 360, 40, min(losses), max(losses), len(losses)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     d.rectangle((pad, pad, W - pad, H - pad), outline=(160, 160, 160))
-    lo, hi = min(losses), max(losses)
-    x = lambda i: pad + (W - 2 * pad) * i / max(1, len(losses) - 1)
-    y = lambda v: H - pad - (H - 2 * pad) * (v - lo) / max(1e-9, hi - lo)
-    d.line([(x(i), y(v)) for i, v in enumerate(losses)], fill=(30, 70, 210), width=2)
-    d.text((pad, 10), f"{title}: loss per step (last {losses[-1]:.4f})", fill="black")
-    d.text((4, pad), f"{hi:.3f}", fill="black"), d.text((4, H - pad - 10), f"{lo:.3f}", fill="black")
-    d.text((W - pad - 40, H - pad + 8), f"{len(losses)} steps", fill="black")
+    d.line([(pad + (W - 2 * pad) * i / max(1, n - 1), H - pad - (H - 2 * pad) * (v - lo) / max(1e-9, hi - lo))
+            for i, v in enumerate(losses)], fill=(30, 70, 210), width=2)
+    for xy, text in (((pad, 10), f"{title}: loss per step (last {losses[-1]:.4f})"), ((4, pad), f"{hi:.3f}"),
+                     ((4, H - pad - 10), f"{lo:.3f}"), ((W - pad - 40, H - pad + 8), f"{n} steps")):
+        d.text(xy, text, fill="black")
     img.save(png)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # one training stage
 
-def train_stage(args, stage, model, data, out_dir, ctx):
+def train_stage(args, stage, model, data, out_dir, proc):
     """Train `model` (already at its starting weights) for one stage; checkpoints under out_dir/checkpoints, the
     final trainable weights in out_dir (a hires checkpoint). Returns the per-step history and the skip counts."""
-    world, master = ctx["world"], ctx["master"]
+    import torch
+    import hires
+    import llava_data
+    world, master = proc["world"], proc["master"]
     lr, global_batch, accum, total = stage_plan(args, stage, len(data), world)
     model.set_stage(stage)
     # what evaluation follows: the template trained, and the multiple-choice answer mode (hires.HiResConfig)
@@ -143,35 +142,39 @@ def train_stage(args, stage, model, data, out_dir, ctx):
     params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    start, history, skipped = resume_stage(args, stage, model, opt, ckpt_dir, ctx)
+    start, history, skipped = resume_stage(args, stage, model, opt, ckpt_dir, proc)
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if master:
         print(f"stage {stage}: {len(data)} samples, {total} steps of {global_batch} (micro {args.micro_batch} x "
               f"{accum} accum x {world} proc), trainable {n_train:,} / {n_total:,} params")
         groups = ", ".join(f"{g} {n:,}" for g, n in trainable_counts(model).items())
         print(f"stage {stage}: trainable by group: {groups}")
-    net = ddp_wrap(model, ctx)
+    net = ddp_wrap(model, proc)
     lengths = data.modality_lengths(model.grid) if stage == 2 else None
     if lengths and (min(lengths) > 0 or max(lengths) < 0):
         lengths = None  # one modality: as LLaVA, length grouping is for finetuning on mixed data (LLaVA-665K)
-    sampler = llava_data.MicroBatchSampler(len(data), global_batch, args.micro_batch, ctx["rank"], world, args.seed,
+    sampler = llava_data.MicroBatchSampler(len(data), global_batch, args.micro_batch, proc["rank"], world, args.seed,
                                            start, lengths)
     # its own generator: iter() would otherwise draw from the global RNG (dropout) that --resume has just restored
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=llava_data.collate,
                                               num_workers=args.num_workers, generator=torch.Generator()))
-    scaler = torch.amp.GradScaler(enabled=ctx["dtype"] == torch.float16)
+    scaler = torch.amp.GradScaler(proc["device"].type, enabled=proc["dtype"] == torch.float16)
     model.train()
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {stage}", disable=not master)
     for step in bar:
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, args.warmup_ratio)
-        stats = accumulate(net, loader, accum, scaler, skipped, ctx)
+        stats = accumulate(net, loader, accum, scaler, skipped, proc)
         loss = stats[0].item()
         if not math.isfinite(loss):
             raise TrainError(f"stage {stage}: loss is {loss} at step {step + 1}; stopped. The last good checkpoint is "
                              f"kept in {ckpt_dir} (resume with --resume, e.g. with a lower learning rate)")
-        grad_norm = optimizer_step(opt, scaler, params, args.grad_clip)
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()  # the norm before clipping
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
         dt = time.time() - t0
         history.append(dict(step=step + 1, loss=loss, lr=opt.param_groups[-1]["lr"], grad_norm=grad_norm,
                             samples_per_s=stats[2].item() / dt, tokens_per_s=stats[1].item() / dt))
@@ -181,10 +184,15 @@ def train_stage(args, stage, model, data, out_dir, ctx):
                 h = history[-1]
                 tqdm.write(f"stage {stage} step {step + 1}/{total} loss {loss:.4f} lr {h['lr']:.2e} grad "
                            f"{grad_norm:.3f} {h['samples_per_s']:.1f} samples/s {h['tokens_per_s']:.0f} text tok/s")
-        if (step + 1) % args.save_every == 0 or step + 1 == total:
-            save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, ctx)
+        if (step + 1) % args.save_every == 0 or step + 1 == total:  # every rank joins the collectives
+            skipped_all, rng = reduce_counts(skipped, world, proc["device"]), gather_rng(world, proc["device"])
+            if master:
+                trainer = dict(stage=stage, total_steps=total, warmup_ratio=args.warmup_ratio, world=world,
+                               history=history, skipped=skipped_all)
+                save_state(ckpt_dir, model, opt, step + 1, trainer, rng, args.keep)
+                draw_loss_curve([h["loss"] for h in history], os.path.join(out_dir, "loss.png"), f"stage {stage}")
     bar.close()
-    skipped_all = reduce_counts(skipped, world, ctx["device"])
+    skipped_all = reduce_counts(skipped, world, proc["device"])
     if master:
         hires.save_checkpoint(model, out_dir, run=args.out)
         hires.atomic_write(os.path.join(out_dir, "history.json"), json.dumps(history))
@@ -205,9 +213,11 @@ def stage_plan(args, stage, n_samples, world):
     return lr, global_batch, accum, steps or epochs * (n_samples // global_batch)
 
 
-def resume_stage(args, stage, model, opt, ckpt_dir, ctx):
+def resume_stage(args, stage, model, opt, ckpt_dir, proc):
     """-> (start step, history, skip counts): with --resume, from the checkpoint `latest` names under ckpt_dir (model,
     optimizer moments and this rank's RNG states restored); otherwise from step 0."""
+    import torch
+    from safetensors.torch import load_file
     pointer = os.path.join(ckpt_dir, "latest")
     if not args.resume or not os.path.isfile(pointer):
         return 0, [], Counter()
@@ -222,37 +232,40 @@ def resume_stage(args, stage, model, opt, ckpt_dir, ctx):
     with open(os.path.join(path, "trainer.json")) as f:
         trainer = json.load(f)
     rng = load_file(os.path.join(path, "rng.safetensors"))
-    rank, device = ctx["rank"], ctx["device"]
+    rank, device = proc["rank"], proc["device"]
     if f"cpu.rank{rank}" in rng:
         torch.set_rng_state(rng[f"cpu.rank{rank}"])
     if f"cuda.rank{rank}" in rng and device.type == "cuda":  # LoRA dropout on the GPU
         torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
-    if ctx["master"]:
+    if proc["master"]:
         print(f"stage {stage}: resumed from step {trainer['step']} ({ckpt_dir})")
     # the skip counts are a sum over ranks: restored once
-    return trainer["step"], trainer["history"], Counter(trainer["skipped"] if ctx["master"] else {})
+    return trainer["step"], trainer["history"], Counter(trainer["skipped"] if proc["master"] else {})
 
 
-def ddp_wrap(model, ctx):
+def ddp_wrap(model, proc):
     """The model itself in one process; else DDP in which only the trainable tensors take part: frozen weights are
     neither broadcast nor reduced."""
-    if ctx["world"] == 1:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if proc["world"] == 1:
         return model
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    device = ctx["device"]
+    device = proc["device"]
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
-def accumulate(net, loader, accum, scaler, skipped, ctx):
+def accumulate(net, loader, accum, scaler, skipped, proc):
     """Forward and backward of accum micro-batches (DDP syncs gradients on the last only); adds the batches' skip
     counts to `skipped`. -> tensor (loss, text tokens, samples) of the step, summed (loss: averaged) over ranks."""
-    world = ctx["world"]
-    stats = torch.zeros(3, device=ctx["device"])  # no .item() (a GPU sync) per micro-batch
+    import torch
+    import torch.distributed as dist
+    world = proc["world"]
+    stats = torch.zeros(3, device=proc["device"])  # no .item() (a GPU sync) per micro-batch
     for micro in range(accum):
         batch = next(loader)
         with net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():
-            with autocast(ctx):
+            with proc["autocast"]:
                 loss = net(batch["input_ids"], batch["labels"], batch["images"])
             scaler.scale(loss / accum).backward()
         stats[0] += loss.detach() / accum
@@ -265,31 +278,11 @@ def accumulate(net, loader, accum, scaler, skipped, ctx):
     return stats
 
 
-def optimizer_step(opt, scaler, params, grad_clip):
-    """Unscale, clip the global gradient norm, step, clear the gradients. -> the norm before clipping."""
-    scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def save_stage_state(args, stage, model, opt, history, skipped, total, out_dir, ctx):
-    """Checkpoint after the last step of history: every rank joins the collectives (skip counts, RNG states), the
-    master writes the checkpoint and the loss curve."""
-    world, device = ctx["world"], ctx["device"]
-    skipped_all = reduce_counts(skipped, world, device)
-    rng = gather_rng(world, device)
-    if ctx["master"]:
-        trainer = dict(stage=stage, total_steps=total, warmup_ratio=args.warmup_ratio, world=world,
-                       history=history, skipped=skipped_all)
-        save_state(os.path.join(out_dir, "checkpoints"), model, opt, history[-1]["step"], trainer, rng, args.keep)
-        draw_loss_curve([h["loss"] for h in history], os.path.join(out_dir, "loss.png"), f"stage {stage}")
-
-
 def reduce_counts(counter, world, device):
     """Sum the per-rank skip counters (a fixed vector of llava_data.SKIP_REASONS) -> dict."""
+    import torch
+    import torch.distributed as dist
+    import llava_data
     v = torch.tensor([counter[r] for r in llava_data.SKIP_REASONS], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(v)
@@ -297,8 +290,9 @@ def reduce_counts(counter, world, device):
 
 
 def gather_rng(world, device):
-    """Every rank's torch RNG states, CPU and (training on a GPU) CUDA, as tensors {cpu.rank<r>, cuda.rank<r>: uint8},
-    gathered to all ranks."""
+    """Every rank's RNG states, CPU and (on a GPU) CUDA, gathered to all ranks: {cpu.rank<r>, cuda.rank<r>: uint8}."""
+    import torch
+    import torch.distributed as dist
     states = dict(cpu=torch.get_rng_state())
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
@@ -318,6 +312,8 @@ def gather_rng(world, device):
 def prepare_tiny(args):
     """Generate EntityGrid-QA train/test under args.data_dir when missing, stage-1 captions, a sentencepiece model
     trained on the training text, a random tiny CLIP tower and tiny LLaMA under args.out/base. Master only."""
+    import hires
+    import clip
     for split, num in (("train", args.train_size), ("test", args.test_size)):
         d = os.path.join(args.data_dir, split)
         if not os.path.isfile(os.path.join(d, "llava.json")):
@@ -345,18 +341,19 @@ def prepare_tiny(args):
         hires.atomic_write(os.path.join(base, "hires_config.json"), json.dumps(hires.config_dict(cfg, base, args.out)))
 
 
-def run_stage0(args, ctx):
-    """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (llava_data.TinyPretrain) and written
-    to OUT/stage0 in their real formats (open_clip state dict, HF LLaMA directory, tokenizer), with the encoder
-    diagnostics of both in OUT/stage0/encoder.json; hires_config.json, written last, points stages 1-2 at them."""
+def run_stage0(args, proc):
+    """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (llava_data.TinyPretrain), written to
+    OUT/stage0 in their real formats with the encoder diagnostics (encoder.json) and, last, hires_config.json."""
+    import torch
+    import llava_data
     families = args.families.split(",")
     torch.manual_seed(args.seed)
-    model = llava_data.TinyPretrain.from_base(os.path.join(args.out, "base"), families).to(ctx["device"])
+    model = llava_data.TinyPretrain.from_base(os.path.join(args.out, "base"), families).to(proc["device"])
     random_probe, out = llava_data.encoder_probe(model.vision, families), os.path.join(args.out, "stage0")
-    train_stage(args, 0, model, llava_data.Stage0Data(args.data_dir, model, args.seed), out, ctx)
-    if ctx["master"]:
+    train_stage(args, 0, model, llava_data.Stage0Data(args.data_dir, model, args.seed), out, proc)
+    if proc["master"]:
         model.save_backbones(out, random_probe)
-    barrier(ctx)
+    barrier(proc)
 
 
 def backbone_dir(args):
@@ -367,47 +364,43 @@ def backbone_dir(args):
 
 def model_config(args):
     """HiResConfig: the tiny backbones written by prepare_tiny, or --clip/--llm for the paper preset."""
+    import hires
     if args.preset == "tiny":
         stored = hires.read_config(backbone_dir(args), "hires_config.json")
         paths = dict(clip_preset="tiny", **{k: stored[k] for k in hires.BACKBONE_PATHS})
     else:
-        paths = dict(clip_preset="vit-l-14-336", **backbone_paths(args))
+        paths = dict(clip_preset="vit-l-14-336", **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
     try:
         return hires.HiResConfig(**paths, **{k: getattr(args, k) for k in MODEL_FLAGS})
     except ValueError as e:  # e.g. --sra-layers at or after the feature block
         raise TrainError(str(e)) from None
 
 
-def backbone_paths(args):
-    """--clip/--llm/--tokenizer as absolute HiResConfig paths (a checkpoint must work from any folder)."""
-    paths = dict(clip_weights=args.clip, llm_path=args.llm,
-                 tokenizer_path=args.tokenizer or args.llm and os.path.join(args.llm, "tokenizer.model"))
-    return {k: os.path.abspath(v) for k, v in paths.items() if v}
-
-
-def init_model(args, where):
-    """Stage 2 from a stage-1 checkpoint: its config, with every flag the user passed winning over it. The sampler
-    cannot change (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA, as stage 1 leaves
-    both at their init."""
+def init_model(args, placement):
+    """Stage 2 from a stage-1 checkpoint: its config, every flag given winning over it. The sampler cannot change
+    (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA (stage 1 leaves both at init)."""
+    from safetensors.torch import load_file
+    import hires
     try:
         stored = hires.read_config(args.init)
         sd = load_file(os.path.join(args.init, "model.safetensors"))
     except (OSError, ValueError) as e:
         raise TrainError(f"--init {args.init}: not a stage-1 checkpoint ({e})") from None
-    over = {k: getattr(args, k) for k in args.given}
-    over.update(backbone_paths(args))
-    if over.get("sampler", stored["sampler"]) != stored["sampler"]:
-        raise TrainError(f"--sampler {over['sampler']}: {args.init} trained the {stored['sampler']} sampler in stage "
-                         f"1, so stage 2 keeps it (run stage 1 with --sampler {over['sampler']})")
+    overrides = {k: getattr(args, k) for k in args.given}
+    overrides.update(hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+    sampler = overrides.get("sampler", stored["sampler"])
+    if sampler != stored["sampler"]:
+        raise TrainError(f"--sampler {sampler}: {args.init} trained the {stored['sampler']} sampler in stage 1, so "
+                         f"stage 2 keeps it (run stage 1 with --sampler {sampler})")
     for key in hires.BACKBONE_PATHS:
-        path = over.get(key, stored[key])
+        path = overrides.get(key, stored[key])
         if not os.path.exists(path):
             raise TrainError(f"{path}: the {key} of {args.init} is not there; pass --clip/--llm/--tokenizer")
     try:
-        cfg = hires.HiResConfig(**{**stored, **over})
+        cfg = hires.HiResConfig(**{**stored, **overrides})
     except (TypeError, ValueError) as e:  # unknown keys, impossible combinations
         raise TrainError(f"--init {args.init}: {e}") from None
-    model = hires.HiResLLaVA(cfg, **where)
+    model = hires.HiResLLaVA(cfg, **placement)
     if model.cfg.lora_rank != stored["lora_rank"]:
         if any(v.any() for k, v in sd.items() if k.endswith("lora_B")):
             raise TrainError(f"--lora-rank {model.cfg.lora_rank}: the LoRA of {args.init} is trained (rank "
@@ -420,27 +413,28 @@ def init_model(args, where):
         model.load_trainable_state_dict(sd)
     except ValueError as e:
         raise TrainError(f"--init {args.init}: {e}") from None
-    return model, over
+    return model, overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # EntityGrid-QA evaluation (tiny preset): all ranks generate their share, rank 0 scores
 
-@torch.no_grad()
-def evaluate_entitygrid(model, test_dir, args, ctx):
+def evaluate_entitygrid(model, test_dir, args, proc):
     """EntityGrid-QA answered as eval.py answers it (evaluation.answer_batch: --mc rank ranks the option texts by
     likelihood, --mc letter generates the letter); every rank answers its share, all gather the predictions."""
+    import torch
+    import torch.distributed as dist
     samples = evaluation.load_entitygrid(test_dir, "all")
-    mine = samples[ctx["rank"]::ctx["world"]]
+    mine = samples[proc["rank"]::proc["world"]]
     model.eval()
     preds = {}
-    for i in tqdm(range(0, len(mine), args.eval_batch), desc="eval EntityGrid-QA", disable=not ctx["master"]):
+    for i in tqdm(range(0, len(mine), args.eval_batch), desc="eval EntityGrid-QA", disable=not proc["master"]):
         batch = [(s, slicing.load_image(s.image)) for s in mine[i:i + args.eval_batch]]
-        with autocast(ctx):
+        with torch.no_grad(), proc["autocast"]:
             out = evaluation.answer_batch(model, batch, args, evaluation.BENCHES["entitygrid"], args.mc)
         preds.update({s.gt["id"]: o for (s, _), o in zip(batch, out)})
-    if ctx["world"] > 1:
-        parts = [None] * ctx["world"]
+    if proc["world"] > 1:
+        parts = [None] * proc["world"]
         dist.all_gather_object(parts, preds)
         preds = {k: v for p in parts for k, v in p.items()}
     return entitygrid.score([s.gt for s in samples], preds), preds
@@ -457,25 +451,15 @@ def block_list(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
 
 
-def bounded(kind, low, high=None, strict=False):
-    """argparse type: a number of `kind` >= low (> low if strict) and < high, else a one-line error."""
-    def parse(text):
-        value = kind(text)
-        if value < low or strict and value == low or high is not None and value >= high:
-            raise argparse.ArgumentTypeError(f"{value}: must be {'>' if strict else '>='} {low}"
-                                             + (f" and < {high}" if high is not None else ""))
-        return value
-    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names it
-    return parse
-
-
 def parse_args(argv=None):
     """The run settings. Defaults come from one place, the preset (PRESETS, picked by --preset, else 'paper' when
     --clip/--llm are given, else 'tiny'); every numeric flag is range-checked here, before anything runs."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 usage=argparse.SUPPRESS)  # an error is one line, no usage block above it
     a = p.add_argument
-    count, natural, rate = bounded(int, 1), bounded(int, 0), bounded(float, 0)  # a learning rate of 0 keeps weights
+    # argparse types (eval.bounded): a number in its range, else a one-line error; a learning rate of 0 keeps weights
+    count, natural, rate = evaluation.bounded(int, 1), evaluation.bounded(int, 0), evaluation.bounded(float, 0)
+    positive, fraction = evaluation.bounded(float, 0, strict=True), evaluation.bounded(float, 0, 1)
     a("--preset", choices=sorted(PRESETS), help="defaults: tiny (tiny backbones, EntityGrid-QA, CPU; shown here) or "
       "paper (ViT-L-14-336 + Vicuna-7B); default: paper with --clip/--llm, else tiny")
     a("--stage", choices=("0", "1", "2", "all"), default="all", help="0 (tiny only): pretrain the tiny ViT and LLaMA; "
@@ -506,8 +490,8 @@ def parse_args(argv=None):
     a("--slices", action=argparse.BooleanOptionalAction, default=True, help="the slices (--no-slices: overview only)")
     a("--overview", action=argparse.BooleanOptionalAction, default=True, help="the low-res overview")
     a("--lora-rank", type=natural, help="LoRA rank r (paper 128; 0: no LoRA)")
-    a("--lora-alpha", type=bounded(float, 0, strict=True), help="LoRA alpha; scaling alpha/r (paper 256)")
-    a("--lora-dropout", type=bounded(float, 0, 1), help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
+    a("--lora-alpha", type=positive, help="LoRA alpha; scaling alpha/r (paper 256)")
+    a("--lora-dropout", type=fraction, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
     a("--max-len", dest="max_length", type=natural, help="tokens of one sequence, image tokens included; 0: the LLM's "
       "own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
     a("--lr0", type=rate, default=1e-3, help="tiny: stage-0 learning rate")
@@ -525,9 +509,10 @@ def parse_args(argv=None):
     a("--epochs2", type=count, help="stage-2 epochs (paper 1)")
     a("--steps1", type=natural, default=0, help="stage-1 optimizer steps (0: from --epochs1)")
     a("--steps2", type=natural, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
-    a("--warmup-ratio", type=bounded(float, 0, 1), default=0.03, help="fraction of the steps warmed up linearly")
-    a("--grad-clip", type=bounded(float, 0, strict=True), default=1.0, help="clip the global gradient norm to this")
-    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="CUDA autocast (auto: bf16, else fp16); CPU: fp32")
+    a("--warmup-ratio", type=fraction, default=0.03, help="fraction of the steps warmed up linearly")
+    a("--grad-clip", type=positive, default=1.0, help="clip the global gradient norm to this")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="frozen weights and autocast (auto: bf16 on a GPU "
+      "that has it, else fp16; fp32 on the CPU)")
     a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing (LLM, SRA blocks)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when there is a GPU, else cpu")
     a("--threads", type=natural, default=0, help="CPU threads per process (0: cores / processes)")
@@ -568,8 +553,6 @@ def check_args(p, args):
     if set(families) - set(entitygrid.FAMILIES) or not {"object", "shape"} & set(families):
         p.error(f"--families {args.families}: choose from {','.join(entitygrid.FAMILIES)}, with object or shape "
                 "(the counting questions draw those)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use --device cpu")
     for flag, path in (("--clip", args.clip), ("--llm", args.llm), ("--tokenizer", args.tokenizer),
                        ("--init", args.init)):
         if path and not os.path.exists(path):
@@ -592,7 +575,14 @@ def check_args(p, args):
 
 
 def setup(args):
-    """Process group (torchrun sets RANK/WORLD_SIZE), device, threads, dtype -> ctx dict."""
+    """This process of the run: process group (torchrun sets RANK/WORLD_SIZE), device, threads, compute dtype ->
+    proc dict: rank, world, master (rank 0, which alone prints and saves), device, dtype and its autocast context."""
+    import torch
+    import torch.distributed as dist
+    import hires
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use "
+                         "--device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
@@ -603,51 +593,48 @@ def setup(args):
     rank = dist.get_rank() if world > 1 else 0
     if device.type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    dtype = torch.float32
-    if device.type == "cuda" and args.dtype != "fp32":
-        dtype = torch.bfloat16 if args.dtype == "bf16" or args.dtype == "auto" and torch.cuda.is_bf16_supported() \
-            else torch.float16
-    return dict(rank=rank, world=world, device=device, master=rank == 0, dtype=dtype)
+    dtype = hires.DTYPES[hires.resolve_dtype(args.dtype, device)]
+    return dict(rank=rank, world=world, device=device, master=rank == 0, dtype=dtype,
+                autocast=hires.autocast(device, dtype))
 
 
-def autocast(ctx):
-    """bf16/fp16 autocast on CUDA; CPU runs in fp32."""
-    return torch.autocast(ctx["device"].type, dtype=ctx["dtype"]) if ctx["dtype"] != torch.float32 else nullcontext()
-
-
-def barrier(ctx):
-    if ctx["world"] > 1:
+def barrier(proc):
+    import torch.distributed as dist
+    if proc["world"] > 1:
         dist.barrier()
 
 
-def claim_out(args, stages, ctx):
+def claim_out(args, stages, proc):
     """Refuse to train into an OUT/stage<k> an earlier run wrote (its checkpoints would mix with this run's), unless
     --resume continues it or --overwrite deletes it (and the tiny run's results) first."""
     used = [d for d in (os.path.join(args.out, f"stage{k}") for k in stages) if os.path.exists(d)]
-    barrier(ctx)  # every rank has looked before the master deletes anything
+    barrier(proc)  # every rank has looked before the master deletes anything
     if used and not args.resume and not args.overwrite:
         raise TrainError(f"{used[0]} holds an earlier run: continue it with --resume, start over with --overwrite "
                          "(deletes it), or pass another --out")
-    if used and args.overwrite and ctx["master"]:
+    if used and args.overwrite and proc["master"]:
         for d in used:
             shutil.rmtree(d)
         for name in ("metrics.json", "predictions.json"):
             if os.path.exists(os.path.join(args.out, name)):
                 os.remove(os.path.join(args.out, name))
-    barrier(ctx)
+    barrier(proc)
 
 
-def run(args, ctx):
-    tiny, master = args.preset == "tiny", ctx["master"]
+def run(args, proc):
+    import torch
+    import hires
+    import llava_data
+    tiny, master = args.preset == "tiny", proc["master"]
     stages = [1, 2] if args.stage == "all" else [int(args.stage)]
-    claim_out(args, stages, ctx)
+    claim_out(args, stages, proc)
     if tiny:
         if master:
             prepare_tiny(args)
-        barrier(ctx)
+        barrier(proc)
         done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))  # written last
         if args.stage == "0" or args.stage == "all" and not done and not (args.stage0 or args.random_backbones):
-            run_stage0(args, ctx)
+            run_stage0(args, proc)
         elif not done and args.stage != "2":  # stage 2 takes its backbones from --init's config
             raise TrainError(f"{backbone_dir(args)}: no finished stage 0 there; run --stage 0 (or --stage all)")
         if args.stage == "0":
@@ -659,15 +646,15 @@ def run(args, ctx):
     torch.manual_seed(args.seed)  # identical trainable init on every rank
     # frozen weights in the autocast dtype, read straight onto the device (7B: no 27 GB fp32 copy on each GPU);
     # the trained tensors stay fp32 for the optimizer
-    where = dict(device=ctx["device"], dtype=ctx["dtype"], adapter_dtype=torch.float32)
+    placement = dict(device=proc["device"], dtype=proc["dtype"], adapter_dtype=torch.float32)
     if args.stage == "2":
-        model, over = init_model(args, where)
+        model, overrides = init_model(args, placement)
         if master:
-            print(f"stage 2 from {args.init}; flags over its config: {over or 'none'}")
+            print(f"stage 2 from {args.init}; flags over its config: {overrides or 'none'}")
     else:
-        model = hires.HiResLLaVA(model_config(args), **where)
+        model = hires.HiResLLaVA(model_config(args), **placement)
     model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_ckpt
-    torch.manual_seed(args.seed + ctx["rank"])  # per-rank randomness (LoRA dropout)
+    torch.manual_seed(args.seed + proc["rank"])  # per-rank randomness (LoRA dropout)
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
                                         model.tokenizer, "plain" if stage == 1 else "vicuna_v1", model.preprocess,
                                         model.context, model.image_tokens) for stage in stages}
@@ -676,9 +663,9 @@ def run(args, ctx):
         for d in data.values():
             d.prefixes = prefixes
     for stage in stages:
-        train_stage(args, stage, model, data[stage], os.path.join(args.out, f"stage{stage}"), ctx)
+        train_stage(args, stage, model, data[stage], os.path.join(args.out, f"stage{stage}"), proc)
     if tiny and args.stage != "1":
-        metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, ctx)
+        metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, proc)
         if master:
             hires.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
             # eval.py's submission format for EntityGrid-QA: `eval.py --predictions` rescores it
@@ -692,17 +679,19 @@ def run(args, ctx):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    ctx = setup(args)
+    args = parse_args(argv)  # first: --help and a bad flag answer before the imports below
+    import torch.distributed as dist
+    import llava_data
     t0 = time.time()
     try:
-        result = run(args, ctx)
+        proc = setup(args)
+        result = run(args, proc)
     except (TrainError, llava_data.DataError, slicing.ImageError, FileNotFoundError) as e:
         sys.exit(f"train.py: error: {e}")
     finally:
-        if ctx["world"] > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
-    if ctx["master"]:
+    if proc["master"]:
         print(f"total wall time {time.time() - t0:.1f} s")
     return result
 

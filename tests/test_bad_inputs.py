@@ -16,7 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import entitygrid  # noqa: E402
 import eval as ev  # noqa: E402
-import hires  # noqa: E402
 import slicing  # noqa: E402
 import train  # noqa: E402
 
@@ -75,14 +74,14 @@ CASES = [
     (train, ["--out", "{ws}/run", "--stage", "2", "--init", "{ws}/grid"], r"--init .*grid: not a checkpoint folder"),
     # eval.py
     (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty", "--temperature", "-1"],
-     r"^\S+: error: --temperature -1.0: must be >= 0$"),
+     r"^\S+: error: argument --temperature: -1.0: must be >= 0$"),
     (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty", "--top-p", "0"], r"--top-p 0.0: must be in \(0, 1\]"),
     (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--max-new-tokens", "0"],
-     r"--max-new-tokens 0: must be >= 1"),
+     r"argument --max-new-tokens: 0: must be >= 1"),
     (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--batch-size", "0"],
-     r"--batch-size 0: must be >= 1"),
+     r"argument --batch-size: 0: must be >= 1"),
     (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--limit", "-2"],
-     r"--limit -2: must be >= 1"),
+     r"argument --limit: -2: must be >= 1"),
     (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/empty", "--device", "cuda"],
      r"--device cuda: this machine has no CUDA device", NO_CUDA),
     (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/nowhere"],
@@ -100,11 +99,11 @@ CASES = [
     (ev, ["--image", "{ws}/notes.txt", "--ckpt", "{ws}/empty"], r"notes.txt"),
     (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty"], r"empty: not a checkpoint folder"),
     (ev, ["--bench", "entitygrid"], r"--ckpt is required unless --predictions is given"),
-    # hires.py --merge
-    (hires, ["--merge", "{ws}/nowhere", "--out", "{ws}/m"], r"^hires.py: error: .*nowhere: no such checkpoint folder$"),
-    (hires, ["--merge", "{ws}/empty", "--out", "{ws}/m"], r"empty: not a checkpoint folder \(no config.json"),
-    (hires, ["--merge", "{ws}/empty", "--out", "{ws}/empty"], r"--out .*empty: the checkpoint itself"),
-    (hires, ["--merge", "{ws}/empty"], r"the following arguments are required: --out"),
+    # eval.py --merge
+    (ev, ["--ckpt", "{ws}/nowhere", "--merge", "{ws}/m"], r"^\S+: error: --ckpt .*nowhere: no such file or directory$"),
+    (ev, ["--ckpt", "{ws}/empty", "--merge", "{ws}/m"], r"^eval.py: error: .*empty: not a checkpoint folder \(no config"),
+    (ev, ["--ckpt", "{ws}/empty", "--merge", "{ws}/empty"], r"--merge .*empty: the checkpoint itself"),
+    (ev, ["--merge", "{ws}/m"], r"--ckpt is required unless --predictions is given"),
     # slicing.py --show
     (slicing, ["--show", "{ws}/photo.png", "--max-slices", "0"], r"^\S+: error: --max-slices 0: must be >= 1$"),
     (slicing, ["--show", "{ws}/photo.png", "--base", "0"], r"--base 0: must be >= 1"),
@@ -158,7 +157,21 @@ def test_what_a_shell_sees(script, argv, status, expected, ws):
     assert run.returncode == status and run.stderr.count("\n") == 1 and run.stderr.startswith(expected), run.stderr
 
 
-@pytest.mark.parametrize("module", [train, ev, hires, slicing, entitygrid], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("script, bad_flag", [
+    ("train.py", ["--micro-batch", "0"]), ("slicing.py", ["--show", "x.png", "--base", "0"]),
+    ("eval.py", ["--limit", "0"]), ("entitygrid.py", ["--num", "0"])])
+def test_help_and_a_bad_flag_answer_without_torch(script, bad_flag, tmp_path):
+    """--help and a flag refused at parse time answer before torch's 2 s import: read from the process's own import
+    list (python -X importtime prints every module imported), not from a clock, so a busy machine cannot flake it."""
+    for argv, status in ((["--help"], 0), (bad_flag, 2)):
+        run = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, script), *argv], cwd=tmp_path,
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        imported = [line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")]
+        assert run.returncode == status and "argparse" in imported, run.stderr[-300:]
+        assert not [m for m in imported if m == "torch" or m.startswith("torch.")], f"{script} {argv[0]} imports torch"
+
+
+@pytest.mark.parametrize("module", [train, ev, slicing, entitygrid], ids=lambda m: m.__name__)
 def test_every_flag_has_help(module, monkeypatch, capsys):
     """Each CLI's parser, caught as main() parses: every flag carries a help string, and --help exits 0."""
     import argparse

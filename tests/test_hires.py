@@ -354,7 +354,7 @@ def test_merged_checkpoint_is_an_hf_llama_and_answers_the_same(tiny, tmp_path, c
             if "lora_B" in n or n.startswith("sra."):
                 p.normal_(0, 0.05)
     hires.save_checkpoint(model, tmp_path / "ckpt")
-    hires.main(["--merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")])
+    ev.main(["--ckpt", str(tmp_path / "ckpt"), "--merge", str(tmp_path / "merged")])
     assert "LoRA merged" in capsys.readouterr().out
     llm = tmp_path / "merged" / "llm"
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(llm))
@@ -390,7 +390,7 @@ def test_merged_holds_the_adapters_only_and_moves_with_its_run(tiny, tmp_path, c
         model.llm.lm_head.weight.add_(0.5)  # as if trained
     hires.save_checkpoint(model, tmp_path / "run" / "stage2")
     assert any(k.startswith("llm.") for k in load_file(tmp_path / "run" / "stage2" / "model.safetensors"))
-    hires.main(["--merge", str(tmp_path / "run" / "stage2"), "--out", str(tmp_path / "run" / "merged")])
+    ev.main(["--ckpt", str(tmp_path / "run" / "stage2"), "--merge", str(tmp_path / "run" / "merged")])
     assert not any(k.startswith("llm.") for k in load_file(tmp_path / "run" / "merged" / "model.safetensors"))
     stored = json.loads((tmp_path / "run" / "merged" / "config.json").read_text())
     assert (stored["llm_path"], stored["tokenizer_path"], stored["train_llm"]) == ("llm", "llm/tokenizer.model", False)
@@ -404,8 +404,9 @@ def test_merged_holds_the_adapters_only_and_moves_with_its_run(tiny, tmp_path, c
 
 def test_stage1_checkpoint_warns_when_merged(tiny, tmp_path, capsys):
     from dataclasses import replace
+    import eval as ev
     hires.save_checkpoint(hires.HiResLLaVA(replace(tiny[0], template="plain")), tmp_path / "stage1")
-    hires.main(["--merge", str(tmp_path / "stage1"), "--out", str(tmp_path / "merged")])
+    ev.main(["--ckpt", str(tmp_path / "stage1"), "--merge", str(tmp_path / "merged")])
     assert "is a stage-1 checkpoint" in capsys.readouterr().err
 
 

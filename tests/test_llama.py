@@ -373,6 +373,11 @@ def test_image_first_is_the_one_image_normalisation():
     assert conversation.image_first(conversation.image_first("Q <image>")) == conversation.image_first("Q <image>")
     assert conversation.turn_texts([{"from": "human", "value": "Q\n<image>"}, {"from": "gpt", "value": "A"}])[0] == \
         conversation.image_first("Q\n<image>")
+    conv = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A <image>"}, {"from": "human", "value": "<image>\nR"},
+            {"from": "gpt", "value": "B"}]
+    assert conversation.turn_texts(conv) == ["Q", "A <image>", "<image>\nR", "B"]
+    assert conversation.turn_texts(conv, image=True) == ["<image>\nQ", "A", "R", "B"]  # one image, at the front
+    assert conversation.turn_texts(conv, image=False) == ["Q", "A", "R", "B"]
 
 
 def test_vicuna_template_labels(tok):

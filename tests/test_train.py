@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -176,19 +177,19 @@ def test_save_cut_short_keeps_last_checkpoint_and_resume_restores_rng(tmp_path, 
                         lambda self, *a, **k: forward(self, *a, **k) * (1 + 0.1 * torch.rand(())))
     common = ["--stage", "1", "--steps1", "3", "--save-every", "1"]
     train.main(tiny_args(tmp_path / "full", data_dir, *common))
-    save_file, rng_saves = train.save_file, []
+    save_file, rng_saves = safetensors.torch.save_file, []  # train.save_state imports it where it saves
 
     def dies_in_second_save(tensors, path):  # after step 2's model and optimizer files are written
         rng_saves.append(path.endswith("rng.safetensors"))
         if sum(rng_saves) == 2:
             raise OSError("disk full")
         save_file(tensors, path)
-    monkeypatch.setattr(train, "save_file", dies_in_second_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_in_second_save)
     with pytest.raises(OSError, match="disk full"):
         train.main(tiny_args(tmp_path / "cut", data_dir, *common))
     ckpt = tmp_path / "cut" / "stage1" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step-0000001" and not (ckpt / "step-0000002").exists()
-    monkeypatch.setattr(train, "save_file", save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     train.main(tiny_args(tmp_path / "cut", data_dir, *common, "--resume"))  # from step 1: RNG, data, moments
     assert history(tmp_path / "cut", 1) == pytest.approx(history(tmp_path / "full", 1), rel=1e-5)
 
@@ -441,12 +442,12 @@ def test_cuda_device_is_set_before_the_process_group(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
-    monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is refused on a machine without
     args = train.parse_args(tiny_args(tmp_path, "unused", "--device", "cuda", "--dtype", "fp32"))
-    ctx = train.setup(args)
-    assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx["device"] == torch.device("cuda", 1)
+    proc = train.setup(args)
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and proc["device"] == torch.device("cuda", 1)
 
 
 def test_readme_memory_arithmetic_uses_the_models_counts():
@@ -487,7 +488,7 @@ def test_bad_training_data_file_is_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(llava_data.DataError, match="cannot read LLaVA training data"):
         llava_data.LlavaData(str(tmp_path / "bad.json"), str(tmp_path), None, "plain", None, 100, None)
 
-    def run(args, ctx):
+    def run(args, proc):
         raise llava_data.DataError(f"{tmp_path / 'empty.json'}: expected a non-empty JSON list")
     monkeypatch.setattr(train, "run", run)
     with pytest.raises(SystemExit, match="train.py: error: .*empty.json: expected a non-empty JSON list"):
