@@ -245,6 +245,7 @@ def greedy_full_forward(m, ids, mask, n):
 def test_cached_decode_equals_full_forward_greedy_padded_and_unpadded():
     m = tiny(2)
     assert m.lm_head.weight.t().is_contiguous()  # column-major on CPU (the faster one-row GEMM), same values
+    assert m.model.layers[0].mlp.down_proj.weight.is_contiguous()  # the narrowing layer stays row-major
     ids = torch.randint(3, 97, (3, 10))
     ones = torch.ones_like(ids)
     # no padding: the decode step runs without any mask
