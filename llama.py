@@ -99,21 +99,6 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def decode_attention(q, k, v, mask):
-    """Attention of one new token per sequence: q (B, nh, 1, hs), k, v (B, nkv, L, hs), mask None or bool
-    (B, 1, 1, L) -> (B, nh, 1, hs). The nh/nkv query heads that share a kv head are the rows of one matmul
-    against that head's cached keys, so grouped-query attention reads the cache once and copies nothing.
-    Same math as SDPA; written out because SDPA's CPU kernel tiles for many queries (bench.py llama)."""
-    B, nh, _, hs = q.shape
-    nkv = k.shape[1]
-    q = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, nh/nkv, hs)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nkv, nh/nkv, L)
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    y = torch.softmax(att, dim=-1) @ v  # (B, nkv, nh/nkv, hs)
-    return y.view(B, nh, 1, hs)
-
-
 def packed_product(x, packed, linears):
     """The outputs of the nn.Linear layers `linears` on x (B, T, C). With packed, the (C, sum of out) buffer whose
     column blocks ARE their weights (Llama._pack_weights), one product x @ packed gives all of them: one pass over
@@ -146,7 +131,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nkv, L, hs)
         if T == 1 and cache is not None:  # a decode step: the new token sees every real cached key
-            y = decode_attention(q, k, v, mask)  # (B, nh, 1, hs)
+            # grouped-query attention as query rows: the nh/nkv heads that share a kv head attend to its cache in
+            # one call, read in place (fewer, larger problems than enable_gqa's nh single rows; bench.py llama)
+            q = q.view(B, self.n_kv_heads, -1, self.head_dim)  # (B, nkv, nh/nkv, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
         else:  # grouped-query attention: each kv head serves nh/nkv query heads, without copying the cache
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hs)
