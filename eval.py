@@ -28,8 +28,8 @@ from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_let
                      parse_letter_scienceqa, parse_yes_no, parse_yes_pope, pope_metrics, relaxed_accuracy,
                      vqa_accuracy)
 
-# hires, slicing and torch are imported inside the functions that run the model: they take seconds to import
-# (torch, open_clip), and `--help` needs none of them.
+# hires, slicing and torch are imported inside the functions that use them: they take seconds to import (torch,
+# open_clip), and `--help` or a bad flag answers without them.
 
 class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""

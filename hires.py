@@ -645,3 +645,8 @@ def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
     defaults = dict(clip_preset="tiny", clip_weights=os.path.join(path, "clip_tiny.safetensors"),
                     llm_path=os.path.join(path, "llm"), lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
     return HiResConfig(**{**defaults, **cfg_overrides})
+
+
+if __name__ == "__main__":  # the model file has no command line; say where the one that merges a checkpoint is
+    sys.exit("hires.py: error: the model file has no command line; merge a stage-2 checkpoint with "
+             "python eval.py --ckpt CKPT --merge DIR")
