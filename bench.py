@@ -135,6 +135,7 @@ def bench_llama(args):
         raise SystemExit("bench.py llama needs transformers as the reference: pip install -r requirements-test.txt")
     from llama import Llama, LlamaConfig
     transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(0)  # the same weights and random prompts in every run
     if args.real:
         ours, hf, name = smollm2_models()
         cfg = ours.cfg
@@ -144,7 +145,6 @@ def bench_llama(args):
         cfg = LlamaConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=heads, n_kv_heads=kv_heads,
                           hidden_dim=256 * max(1, round(args.dim * 8 / 3 / 256)),
                           max_seq_len=max(args.prompt_len) + args.new_tokens)
-        torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as d:
             Llama(cfg).save_pretrained(d)  # random weights (std 0.02), one HF checkpoint that both sides load
             ours = Llama.from_pretrained(d, dtype=torch.float32).eval()
@@ -166,11 +166,12 @@ def bench_llama(args):
             return ours.generate(ids, max_new_tokens=n, temperature=0.0, eos_id=-1)[0]
 
         def run_hf(n):
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              use_cache=True, pad_token_id=cfg.pad_id)
-            return out[0, P:].tolist()
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               use_cache=True, pad_token_id=cfg.pad_id)[0, P:].tolist()
 
-        same = run_ours(N) == run_hf(N)
+        a, b = run_ours(N), run_hf(N)
+        k = a.index(cfg.eos_id) if cfg.eos_id in a else N  # HF's min_new_tokens masks EOS out: compared up to it
+        same = a[:k] == b[:k]
         # prefill = generate(1 token): one forward of the prompt (last-position logits) + one greedy pick;
         # decode = generate(N) - generate(1): the N-1 one-token forwards with the KV cache. Same rule for both.
         rounds = round_times({"ours1": lambda: run_ours(1), "oursN": lambda: run_ours(N),
