@@ -532,14 +532,13 @@ def bench_gpu(args):
     """A few stage-2 steps + one greedy batch; returns the figures it prints. MFU counts 4 x LLM params x LLM tokens
     (forward + input gradients: the frozen base gets no weight gradients; recomputation not counted) + 2 x ViT
     params x ViT tokens (forward), against --peak-tflops."""
-    from bench import rss_mb  # bench.py imports this file
     import numpy as np
     from PIL import Image
     import conversation
     import hires
     import train
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = hires.DTYPES[hires.resolve_dtype("auto", device)]  # bf16 (fp16 without it) on a GPU, fp32 on CPU
     model, preset = random_model(args, dtype, device)
     model.set_stage(2)
     model.train()
@@ -552,7 +551,7 @@ def bench_gpu(args):
     batch = ([ids] * micro, [labels] * micro, [pre] * micro)
     T = len(ids) - 1 + model.image_tokens(pre[2])  # LLM tokens of one sample
     opt = train.make_optimizer(model, preset["lr2"], preset["lora_lr"])
-    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    amp = hires.autocast(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
