@@ -327,16 +327,22 @@ class HiResLLaVA(nn.Module):
         c = self.cfg
         return slice_grid(*size, self.vision.cfg.image_size, c.max_slices, c.upscale) if c.slices else (0, 0)
 
+    @property
+    def prefix_depth(self):
+        """The ViT blocks no stage trains, which prefix() runs once per image: those before the first SRA; without
+        one, every block up to the feature layer (the cache then holds the features, and a step runs no ViT block)."""
+        return min(self.cfg.sra_layers) if self.sra is not None else self.vision.feature_layer + 1
+
     @torch.no_grad()
     def prefix(self, images):
-        """preprocess() tuples -> Prefix tuples: each image's hidden states after the ViT blocks before the first SRA
-        layer, which no stage trains. The one place the ViT-prefix cache enters: Prefix tuples computed earlier
+        """preprocess() tuples -> Prefix tuples: each image's hidden states after the first prefix_depth ViT blocks,
+        which no stage trains. The one place the ViT-prefix cache enters: Prefix tuples computed earlier
         (train.py --cache-vit) pass through unchanged."""
         todo = [im for im in images if not isinstance(im, Prefix)]
         if todo:
             device = self.llm.model.embed_tokens.weight.device
             pixels = torch.cat([torch.cat([overview[None], slices]) for overview, slices, _ in todo]).to(device)
-            x = self.vision.prefix(normalize(pixels), min(self.cfg.sra_layers))  # (N, 1+L, D)
+            x = self.vision.prefix(normalize(pixels), self.prefix_depth)  # (N, 1+L, D)
             parts = torch.split(x, [1 + len(slices) for _, slices, _ in todo])
             computed = iter([Prefix(p[0], p[1:], tuple(grid)) for p, (_, _, grid) in zip(parts, todo)])
         return [im if isinstance(im, Prefix) else next(computed) for im in images]
@@ -346,7 +352,7 @@ class HiResLLaVA(nn.Module):
         slicing.token_layout (paper Fig. 2a): the ViT's frozen first blocks (prefix); the rest of the ViT, the
         batch's overviews in one call without SRA and its slices in another with the SRA inside its blocks; the
         sampler and the projector; the separators' token embeddings between."""
-        cfg, depth = self.cfg, min(self.cfg.sra_layers)
+        cfg, depth = self.cfg, self.prefix_depth
         device = self.llm.model.embed_tokens.weight.device
         states = self.prefix(images)
         if cfg.overview:

@@ -165,7 +165,7 @@ class Stage0Data(torch.utils.data.Dataset):
 
 
 def cache_prefixes(model, datasets, master, batch=8):
-    """The frozen ViT blocks before the first SRA layer, once per training image: {path: hires.Prefix}, shared by
+    """The frozen ViT blocks (HiResLLaVA.prefix_depth), once per training image: {path: hires.Prefix}, shared by
     the datasets (and stages). Images that fail to load are left out; the datasets count them when drawn. Small
     batches: on CPU, 8 images with their slices run ~2x faster per image than 32 (the activations stay in cache)."""
     paths = sorted({os.path.join(d.folder, str(it["image"])) for d in datasets for it in d.items

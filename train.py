@@ -526,7 +526,7 @@ def parse_args(argv=None):
     a("--mc", choices=("rank", "letter"), help="answers as option text, ranked by likelihood (rank), or as the "
       "letter (letter); recorded in the checkpoint, which eval.py follows")
     a("--train-llm", action=argparse.BooleanOptionalAction, help="train the whole LLM (else frozen, with LoRA)")
-    a("--cache-vit", action=argparse.BooleanOptionalAction, help="run the ViT blocks before the SRA once per image")
+    a("--cache-vit", action=argparse.BooleanOptionalAction, help="run the frozen ViT blocks once per image")
     p.set_defaults(**PRESETS["tiny"])  # what --help shows
     # pass 1: the preset, and which model flags the command line gives (they win over an --init config)
     first = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(MODEL_FLAGS)))

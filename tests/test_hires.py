@@ -322,6 +322,33 @@ def test_prefix_cache_gives_the_same_loss_and_gradients(tiny):
         assert model(ids, labels, mixed).item() == pytest.approx(model(ids, labels, ims).item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("off", ["sra", "slices"])
+def test_prefix_without_sra_holds_the_features(tiny, off):
+    """Without an SRA (--no-sra, or overview only) no ViT block trains: the prefix runs every block up to the
+    feature layer, and a step on cached images runs no ViT block, with the loss and gradients of pixels."""
+    cfg, _ = tiny
+    torch.manual_seed(0)
+    model = hires.HiResLLaVA(hires.HiResConfig(**{**cfg.__dict__, off: False}))
+    assert model.sra is None and model.prefix_depth == model.vision.feature_layer + 1
+    ids, labels, ims = _batch(model)
+    cached = [None if im is None else model.prefix([im])[0] for im in ims]
+    calls = []
+    for blk in model.vision.vit.transformer.resblocks:
+        blk.ln_1.register_forward_hook(lambda *_: calls.append(1))
+    model.set_stage(2)
+    results = []
+    for images in (ims, cached):
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels, images)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert len(calls) == model.vision.feature_layer + 1  # the pixels' step only (overviews and slices together)
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, abs=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)
+
+
 def test_train_llm_trains_and_saves_the_whole_llm(tiny, tmp_path):
     cfg, _ = tiny
     torch.manual_seed(0)
