@@ -410,7 +410,7 @@ def generate_all(bench, samples, args, partial, key):
     torch.manual_seed(args.seed)
     todo = [s for s in samples if s.qid not in done]
     if todo:
-        dtype = hires.resolve_dtype(args.dtype, args.device)
+        dtype = key["dtype"]  # run_key resolved --dtype for this device
         model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}),
                            **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
         amp = hires.autocast(args.device, hires.DTYPES[dtype])

@@ -294,6 +294,20 @@ def test_option_logprobs_sum_each_options_tokens(model):
     assert model.option_logprobs(images[:1], prompts[:1], options[:1])[0] == pytest.approx(scores[0], abs=1e-4)
 
 
+def _assert_same_loss_and_grads(model, ids, labels, pixels, cached):
+    """One forward + backward on preprocessed images and on their Prefix tuples: the same loss and gradients."""
+    results = []
+    for images in (pixels, cached):
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels, images)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, abs=1e-6) and g1.keys() == g2.keys()
+    for n in g1:  # fp32; the prefix ran in another batch composition
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)
+
+
 def test_prefix_cache_gives_the_same_loss_and_gradients(tiny):
     """Prefix tuples (the frozen blocks before the first SRA layer, computed once) stand in for pixels: the same
     loss and gradients in both stages, SRA active."""
@@ -307,16 +321,7 @@ def test_prefix_cache_gives_the_same_loss_and_gradients(tiny):
     assert isinstance(cached[0], hires.Prefix) and cached[0].slices.shape[0] == len(ims[0][1])
     for stage in (1, 2):
         model.set_stage(stage)
-        results = []
-        for images in (ims, cached):
-            model.zero_grad(set_to_none=True)
-            loss = model(ids, labels, images)
-            loss.backward()
-            results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-        (l1, g1), (l2, g2) = results
-        assert l1 == pytest.approx(l2, abs=1e-6) and g1.keys() == g2.keys()
-        for n in g1:  # fp32; the prefix ran in another batch composition
-            torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)
+        _assert_same_loss_and_grads(model, ids, labels, ims, cached)
     mixed = [c if i % 2 else im for i, (im, c) in enumerate(zip(ims, cached))]  # pixels and Prefix in one batch
     with torch.no_grad():
         assert model(ids, labels, mixed).item() == pytest.approx(model(ids, labels, ims).item(), abs=1e-6)
@@ -336,17 +341,8 @@ def test_prefix_without_sra_holds_the_features(tiny, off):
     for blk in model.vision.vit.transformer.resblocks:
         blk.ln_1.register_forward_hook(lambda *_: calls.append(1))
     model.set_stage(2)
-    results = []
-    for images in (ims, cached):
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, labels, images)
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    _assert_same_loss_and_grads(model, ids, labels, ims, cached)
     assert len(calls) == model.vision.feature_layer + 1  # the pixels' step only (overviews and slices together)
-    (l1, g1), (l2, g2) = results
-    assert l1 == pytest.approx(l2, abs=1e-6)
-    for n in g1:
-        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)
 
 
 def test_train_llm_trains_and_saves_the_whole_llm(tiny, tmp_path):
