@@ -500,14 +500,14 @@ def test_stage0_learns_and_gives_the_encoder_the_papers_property(tmp_path, data_
     remaining tokens change more than with the random encoder, and attention is less uniform. Stages 1-2 then start
     from these backbones, also those of another run (--stage0)."""
     out = tmp_path / "run"
-    train.main(tiny_args(out, data_dir, "--stage", "0", "--steps0", "40", "--batch0", "16", "--lr0", "2e-3",
+    train.main(tiny_args(out, data_dir, "--stage", "0", "--steps0", "40", "--batch0", "16", "--lr0", "4e-3",
                          stage0=True))
     losses = history(out, 0)
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses[::5]
     with open(out / "stage0" / "encoder.json") as f:
         probe = json.load(f)
     rand, pre = probe["random"], probe["pretrained"]
-    # 40 steps of 16 scenes move it by about a quarter; an encoder that stage 0 leaves as it was stays at 1.0
+    # 40 steps of 16 scenes move it by about 40% (0.146 -> 0.209); an encoder left as it was stays at 1.0
     assert pre["cut_sensitivity"] > 1.15 * rand["cut_sensitivity"], probe
     assert pre["attention_entropy"] < rand["attention_entropy"] - 0.02, probe
     assert os.path.isfile(out / "stage0" / "loss.png") and os.path.isfile(out / "stage0" / "llm" / "config.json")
