@@ -532,12 +532,14 @@ def backbone_paths(clip=None, llm=None, tokenizer=None):
 
 def config_dict(cfg, path, run=None):
     """cfg as the dict config.json holds for a checkpoint in folder `path`: a backbone inside `run` (default: the
-    folder above `path`) is stored relative to `path`, so a moved or copied run loads its own backbones."""
+    folder above `path`) is stored relative to `path`, so a moved or copied run loads its own backbones; any other
+    is stored absolute (read_config resolves a relative one against `path`, not against the working directory)."""
     d, here = asdict(cfg), os.path.abspath(path)
     run = os.path.abspath(run or os.path.dirname(here))
     for k in BACKBONE_PATHS:
-        if d[k] and os.path.commonpath([os.path.abspath(d[k]), run]) == run:
-            d[k] = os.path.relpath(os.path.abspath(d[k]), here)
+        if d[k]:
+            inside = os.path.commonpath([os.path.abspath(d[k]), run]) == run
+            d[k] = os.path.relpath(os.path.abspath(d[k]), here) if inside else os.path.abspath(d[k])
     return d
 
 

@@ -495,7 +495,7 @@ def test_bad_training_data_file_is_one_line_error(tmp_path, monkeypatch):
         train.main(["--out", str(tmp_path / "run")])
 
 
-def test_stage0_learns_and_gives_the_encoder_the_papers_property(tmp_path, data_dir):
+def test_stage0_learns_and_gives_the_encoder_the_papers_property(tmp_path, data_dir, monkeypatch):
     """Stage 0 trains both tiny backbones (its loss falls) and moves the ViT towards CLIP's property: a cut entity's
     remaining tokens change more than with the random encoder, and attention is less uniform. Stages 1-2 then start
     from these backbones, also those of another run (--stage0)."""
@@ -517,9 +517,14 @@ def test_stage0_learns_and_gives_the_encoder_the_papers_property(tmp_path, data_
     with pytest.raises(SystemExit, match="no finished stage 0"):
         train.main(tiny_args(tmp_path / "other", data_dir, "--stage", "1", "--stage0", str(tmp_path / "none"),
                              stage0=True))
-    train.main(tiny_args(tmp_path / "other", data_dir, "--stage", "1", "--steps1", "1", "--stage0",
-                         str(out / "stage0"), stage0=True))
+    # with relative paths (as results/ablation.py gives them): stage 2 of a third run starts from the second's stage 1,
+    # whose checkpoint names backbones outside its run, so they must not be read relative to the checkpoint
+    monkeypatch.chdir(tmp_path)
+    train.main(tiny_args("other", data_dir, "--stage", "1", "--steps1", "1", "--stage0", "run/stage0", stage0=True))
     assert not os.path.exists(tmp_path / "other" / "stage0")
+    train.main(tiny_args("third", data_dir, "--stage", "2", "--steps2", "1", "--init", "other/stage1", "--no-sra",
+                         "--stage0", "run/stage0", stage0=True))
+    assert os.path.isfile(tmp_path / "third" / "stage2" / "model.safetensors")
 
 
 def paper_scale_lengths(n=1024, seed=0):
