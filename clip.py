@@ -52,9 +52,9 @@ class CLIPConfig:
     def from_preset(cls, name, **overrides):
         presets = {
             "vit-l-14-336": dict(),
-            # tower for tests and the tiny preset: 96 px, 6 x 6 patches of 16 px (8 x 8 and 12 x 12 patches cost 1.6x
-            # and 2.5x the CPU time per run and answered no better, README); 12 blocks, so that several SRAs sit in the
-            # last third, each followed by pretrained blocks, as in ViT-L (SRA in 19-22 of 24)
+            # tower for tests and the tiny preset: 96 px, 6 x 6 patches of 16 px (8 x 8 patches cost 1.4x the wall
+            # time per run and answered no better, README); 12 blocks, so that several SRAs sit in the last third,
+            # each followed by pretrained blocks, as in ViT-L (SRA in 19-22 of 24)
             "tiny": dict(image_size=96, patch_size=16, width=64, layers=12, heads=4, output_dim=32,
                          quick_gelu=True, pretrained=False),
         }

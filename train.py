@@ -33,7 +33,7 @@ import slicing
 ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
 PRESETS = {  # every value is a command-line default; see --help
     "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_length=512,
-                 lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=5, epochs2=4,
+                 lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=10, epochs2=4,
                  train_size=6000, test_size=2700, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
                  train_llm=True, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
     "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_length=0,
@@ -505,7 +505,7 @@ def parse_args(argv=None):
     a("--batch1", type=count, help="stage-1 global batch size over all processes (paper 256)")
     a("--batch2", type=count, help="stage-2 global batch size over all processes (paper 128)")
     a("--micro-batch", type=count, help="samples per process per forward; gradients are accumulated up to the batch")
-    a("--epochs1", type=count, help="stage-1 epochs (paper 1; tiny 5: position builds on the captions' cells, README)")
+    a("--epochs1", type=count, help="stage-1 epochs (paper 1; tiny 10: position builds on the captions' cells, README)")
     a("--epochs2", type=count, help="stage-2 epochs (paper 1)")
     a("--steps1", type=natural, default=0, help="stage-1 optimizer steps (0: from --epochs1)")
     a("--steps2", type=natural, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
