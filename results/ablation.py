@@ -407,6 +407,17 @@ def write_markdown(path, records, rows, claims, reps, argv, stage0_s):
                for k in entitygrid.LAYOUTS]
         lines.append(f"| {c} | " + " | ".join("-" if entitygrid.mean(v) is None else f"{entitygrid.mean(v):.3f}"
                                               for v in lay) + " |")
+    lines += ["", "Accuracy by task on edge / other cells (mean over seeds of entitygrid.discrepancy on the task's "
+              "per-cell accuracies):", "", "| configuration | " + " | ".join(entitygrid.TASKS) + " |",
+              "|---|" + "---|" * len(entitygrid.TASKS)]
+    for c in rows:
+        cells = []
+        for t in entitygrid.TASKS:
+            sides = [entitygrid.discrepancy({int(i): a for i, a in r["metrics"]["per_task_position"][t].items()})[:2]
+                     for r in records if r["config"] == c]  # (edge, other) per seed
+            edge, other = (entitygrid.mean(side) for side in zip(*sides))
+            cells.append("-" if edge is None or other is None else f"{edge:.3f} / {other:.3f}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

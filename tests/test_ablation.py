@@ -47,6 +47,10 @@ def test_smoke_study_reuses_stage1_resumes_and_reproduces(tmp_path):
     assert any(c["text"] == "SRA does not lower accuracy" for c in claims)
     md = (res / "ablation.md").read_text()
     assert "| full: overview + slices + SRA + SMS (the model) |" in md and "Holm" in md and "gap (other - edge)" in md
+    rec = full["metrics"]["per_task_position"]["recognition"]  # the per-task table: edge cells, then the others
+    edge, other = (entitygrid.mean(rec[str(i)] for i in cells)
+                   for cells in (entitygrid.EDGE_CELLS, entitygrid.OTHER_CELLS))
+    assert f"| full | {edge:.3f} / {other:.3f} |" in md, md
     assert Image.open(res / "ablation.png").size[0] > 720  # bars plus the per-cell maps
     # the record's command, run again as a user would, gives the same accuracy (within 0.02: one thread, seeded)
     env = dict(os.environ, OMP_NUM_THREADS="1")
