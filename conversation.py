@@ -1,15 +1,11 @@
 """LLaVA's conversations as token ids: the SentencePiece tokenizer (as HF's slow LlamaTokenizer with legacy=False),
 the vicuna_v1 and plain templates and their label masking, following LLaVA's `conversation.py` / `preprocess_v1` /
-`tokenizer_image_token` (docs/method.md#llm-and-lora); and the byte-level BPE tokenizer and chat template a GGUF
-file carries (GPT-2's scheme, as HF tokenizers' ByteLevel BPE runs it for SmolLM2).
+`tokenizer_image_token` (docs/method.md#llm-and-lora). The byte-level BPE tokenizer and chat template of a GGUF
+file (SmolLM2) are in llamacpp.py.
 """
-import functools
 import io
-import math
 import os
 import pathlib
-import re
-import unicodedata
 
 # LLaVA's constants.py: a label the loss skips (torch's and HF's cross-entropy default, llama.IGNORE_INDEX), and the
 # placeholder id where `<image>` stood in a prompt
@@ -70,97 +66,6 @@ def train_tokenizer(texts, path, vocab_size):
         max_sentence_length=1 << 16, minloglevel=2)
     pathlib.Path(path).write_bytes(model.getvalue())
     return Tokenizer(path)
-
-
-# ---- byte-level BPE (GPT-2; SmolLM2), from a GGUF file's tokenizer.ggml.* metadata ----
-
-def bytes_to_unicode():
-    """GPT-2's map byte -> character: printable Latin-1 bytes stand for themselves, the other 68 (controls,
-    space, ...) for chr(256 + k) in byte order, so every byte string is spelled in visible characters (" " is "Ġ")."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(rest)}}
-
-
-@functools.cache
-def unicode_class(major):
-    """The body of a regex character class matching Unicode category major* ("L" letters, "N" numbers): Python's
-    re has no \\p{L}; built once from unicodedata (about a second)."""
-    ranges, start = [], None
-    for c in range(0x110001):
-        inside = c < 0x110000 and unicodedata.category(chr(c)).startswith(major)
-        if inside and start is None:
-            start = c
-        elif not inside and start is not None:
-            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(c - 1))}")
-            start = None
-    return "".join(ranges)
-
-
-class BPETokenizer:
-    """Byte-level BPE as SmolLM2's tokenizer.json runs it: control tokens (<|im_start|>, ...) matched whole;
-    the rest split into each digit alone, then GPT-2's regex (contractions, letter runs with one leading space,
-    punctuation runs, whitespace); each piece's UTF-8 bytes spelled by bytes_to_unicode, then the adjacent pair
-    of lowest merge rank merged until none is left; pieces looked up in the vocabulary."""
-
-    def __init__(self, tokens, merges, token_types, bos_id, eos_id):
-        self.tokens, self.id = list(tokens), {t: i for i, t in enumerate(tokens)}
-        self.rank = {tuple(m.split(" ")): r for r, m in enumerate(merges)}  # "Ġ t" -> ("Ġ", "t"): rank
-        self.special = {i for i, kind in enumerate(token_types) if kind == 3}  # 3: llama.cpp's CONTROL
-        self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, len(self.tokens)
-        self.spell, self.unspell = bytes_to_unicode(), {c: b for b, c in bytes_to_unicode().items()}
-        names = sorted((self.tokens[i] for i in self.special), key=len, reverse=True)
-        self.split_special = re.compile("(" + "|".join(map(re.escape, names)) + ")")
-        L, N = unicode_class("L"), unicode_class("N")
-        self.split_digit = re.compile(f"([{N}])")  # HF's Digits(individual_digits=True)
-        self.split_words = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^\s{L}{N}]+|\s+(?!\S)|\s+")
-        self.cache = {}
-
-    @classmethod
-    def from_gguf(cls, meta):
-        """meta: the tokenizer.* fields of a GGUF file (llama.read_gguf)."""
-        if meta.get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}: only byte-level BPE ('gpt2') is "
-                             "supported")
-        return cls(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"], meta["tokenizer.ggml.token_type"],
-                   meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"))
-
-    def _bpe(self, piece):
-        """One pre-token -> its token ids."""
-        if piece not in self.cache:
-            parts = [self.spell[b] for b in piece.encode("utf-8")]
-            while len(parts) > 1:
-                r, i = min((self.rank.get(pair, math.inf), i) for i, pair in enumerate(zip(parts, parts[1:])))
-                if r == math.inf:
-                    break
-                parts[i:i + 2] = [parts[i] + parts[i + 1]]
-            self.cache[piece] = [self.id[p] for p in parts]
-        return self.cache[piece]
-
-    def encode(self, text):
-        """text -> ids; no BOS (SmolLM2's chat template writes its own <|im_start|>)."""
-        ids = []
-        for i, chunk in enumerate(self.split_special.split(text)):
-            if i % 2:  # a control token's text
-                ids.append(self.id[chunk])
-                continue
-            for run in self.split_digit.split(chunk):
-                ids += [t for piece in self.split_words.findall(run) for t in self._bpe(piece)]
-        return ids
-
-    def decode(self, ids):
-        """ids -> text, control tokens left out; a byte sequence cut inside a character decodes as U+FFFD."""
-        spelled = "".join(self.tokens[i] for i in ids if i not in self.special)
-        return bytes(self.unspell[c] for c in spelled).decode("utf-8", errors="replace")
-
-
-def render_chat(template, messages, add_generation_prompt=True):
-    """A Jinja chat template (GGUF tokenizer.chat_template, HF's tokenizer_config.json) rendered as transformers'
-    apply_chat_template does: jinja2's immutable sandbox with trim_blocks and lstrip_blocks. jinja2 comes with
-    torch (its dependency), so it is imported here and not listed in requirements.txt."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 # ---- vicuna_v1 / plain templates (docs/method.md#llm-and-lora) ----

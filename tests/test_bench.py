@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
-from slicing import token_count, token_layout  # noqa: E402
+from hires import token_count, token_layout  # noqa: E402
 from conversation import encode_prompt  # noqa: E402
 
 pytest.importorskip("transformers")

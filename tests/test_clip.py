@@ -1,24 +1,26 @@
-"""clip.py: LLaVA feature parity with open_clip, tiny tower save/load round trip, clear errors."""
+"""clip.py and hires.VisionTower: LLaVA feature parity with open_clip, tiny tower save/load round trip, clear
+errors."""
 import pytest
 import torch
 
 import clip
+import hires
 
 
 def test_features_match_forward_intermediates():
     torch.manual_seed(0)
     cfg = clip.CLIPConfig.from_preset("tiny")
-    tower = clip.VisionTower(cfg)
+    tower = hires.VisionTower(cfg)
     x = torch.randn(3, 3, cfg.image_size, cfg.image_size)
     ref = tower.vit.forward_intermediates(x, indices=[cfg.layers - 2], stop_early=True, intermediates_only=True,
                                           output_fmt="NLC")["image_intermediates"][0]
-    torch.testing.assert_close(tower(x), ref)  # clip.block: the same function as open_clip's block, other op order
+    torch.testing.assert_close(tower(x), ref)  # hires.vit_block: the same function as open_clip's block, other op order
     assert tower(x).shape == (3, cfg.grid ** 2, cfg.width)
 
 
 @pytest.mark.parametrize("quick_gelu", [True, False])
 def test_block_is_open_clips_block(quick_gelu):
-    """clip.block (SDPA attention on batch-first tensors, QuickGELU as silu with folded scales) computes what
+    """hires.vit_block (SDPA attention on batch-first tensors, QuickGELU as silu with folded scales) computes what
     open_clip's ResidualAttentionBlock computes, outputs and input gradients alike, with and without autograd."""
     import dataclasses
     torch.manual_seed(0)
@@ -27,12 +29,12 @@ def test_block_is_open_clips_block(quick_gelu):
     for p in blk.parameters():  # a trained-looking block: larger weights than the init, so differences would show
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(3, 1 + cfg.grid ** 2, cfg.width, requires_grad=True)
-    ours, ref = clip.block(blk, x), blk(x)
+    ours, ref = hires.vit_block(blk, x), blk(x)
     torch.testing.assert_close(ours, ref)
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
     with torch.no_grad():  # nn.MultiheadAttention takes its fused inference path here
-        torch.testing.assert_close(clip.block(blk, x), blk(x))
+        torch.testing.assert_close(hires.vit_block(blk, x), blk(x))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -77,7 +79,7 @@ def test_adapter_sees_ln1_of_its_grid_only():
     nothing."""
     torch.manual_seed(0)
     cfg = clip.CLIPConfig.from_preset("tiny")
-    tower = clip.VisionTower(cfg)
+    tower = hires.VisionTower(cfg)
     seen = []
 
     class Recorder(torch.nn.Module):
@@ -86,10 +88,11 @@ def test_adapter_sees_ln1_of_its_grid_only():
             return torch.zeros_like(p)
 
     x = torch.randn(3, 3, cfg.image_size, cfg.image_size)
-    out = tower(x, [None, (1, 2)], {3: Recorder()})
+    out = tower(x, [(1, 1), (1, 2)], {3: Recorder()})
     h = tower.vit._embeds(x)
     for blk in tower.vit.transformer.resblocks[:3]:
-        h = clip.block(blk, h)
-    (p, mn), = seen
-    assert mn == (1, 2) and torch.equal(p, tower.vit.transformer.resblocks[3].ln_1(h)[1:, 1:])
+        h = hires.vit_block(blk, h)
+    (p1, mn1), (p2, mn2) = seen  # one call per run of images with the same grid
+    y = tower.vit.transformer.resblocks[3].ln_1(h)
+    assert (mn1, mn2) == ((1, 1), (1, 2)) and torch.equal(p1, y[:1, 1:]) and torch.equal(p2, y[1:, 1:])
     assert torch.equal(out, tower(x))

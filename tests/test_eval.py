@@ -299,20 +299,22 @@ def test_partial_jsonl_torn_line_is_cut(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """Random tiny CLIP + LLaMA + tokenizer (hires.make_tiny_backbones), saved as a checkpoint once per module."""
+    """Random tiny CLIP + LLaMA + tokenizer (stage0.make_tiny_backbones), saved as a checkpoint once per module."""
+    import checkpoints
     import hires
+    import stage0
     root = tmp_path_factory.mktemp("tiny")
     texts = ["Is there a dog in the image? Answer the question using a single word or phrase. yes no A B C D"] * 4
-    cfg = hires.make_tiny_backbones(str(root / "base"), texts, seed=0, vocab_size=300, max_slices=4)
-    hires.save_checkpoint(hires.HiResLLaVA(cfg), str(root / "ckpt"))
+    cfg = stage0.make_tiny_backbones(str(root / "base"), texts, seed=0, vocab_size=300, max_slices=4)
+    checkpoints.save_checkpoint(hires.HiResLLaVA(cfg), str(root / "ckpt"))
     return str(root / "ckpt")
 
 
 def copy_ckpt(ckpt, to):
     """A copy of ckpt elsewhere, its config pointing at the same backbones (stored relative, they stay behind)."""
-    import hires
+    import checkpoints
     shutil.copytree(ckpt, to)
-    dump(str(to / "config.json"), hires.read_config(ckpt))
+    dump(str(to / "config.json"), checkpoints.read_config(ckpt))
     return to
 
 
@@ -545,6 +547,7 @@ def test_mc_rank_answers_the_most_likely_options_letter(tmp_path, tiny_ckpt, mon
 
 def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatch):
     """A checkpoint saved with upscale=True and N=16 would slice the 2S x 2S canvas 4 x 4; eval.py fixes 2 x 2."""
+    import checkpoints
     import hires
     import slicing
     ckpt = copy_ckpt(tiny_ckpt, tmp_path / "upscaled")
@@ -553,7 +556,7 @@ def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatc
     data = str(tmp_path / "data")
     make_entitygrid(data)
     img = Image.open(os.path.join(data, ev.BENCHES["entitygrid"].load(data, "all")[0].image))
-    assert hires.load_checkpoint(str(ckpt)).preprocess(img)[2] == (4, 4)  # what the stored config does
+    assert checkpoints.load_checkpoint(str(ckpt)).preprocess(img)[2] == (4, 4)  # what the stored config does
     grids, preprocess = [], slicing.preprocess_image
     monkeypatch.setattr(hires, "preprocess_image", lambda *a, **k: grids.append(preprocess(*a, **k)[2]) or
                         preprocess(*a, **k))
@@ -608,8 +611,8 @@ def test_metrics_record_provenance(tmp_path, tiny_ckpt):
     run_tiny("docvqa", data, out, tiny_ckpt, "--seed", "7")
     with open(f"{out}/metrics.json") as f:
         p = json.load(f)["provenance"]
-    import hires
-    cfg = hires.read_config(tiny_ckpt)  # the backbone paths resolved: config.json stores them relative
+    import checkpoints
+    cfg = checkpoints.read_config(tiny_ckpt)  # the backbone paths resolved: config.json stores them relative
     assert p["checkpoint"] == os.path.abspath(tiny_ckpt) and os.path.isabs(p["clip_weights"])
     assert (p["clip_weights"], p["llm_path"], p["tokenizer_path"]) == (cfg["clip_weights"], cfg["llm_path"],
                                                                        cfg["tokenizer_path"])
@@ -622,8 +625,8 @@ def test_metrics_record_provenance(tmp_path, tiny_ckpt):
 
 
 def test_checkpoint_pointed_at_moved_backbones(tmp_path, tiny_ckpt):
-    import hires
-    cfg = hires.read_config(tiny_ckpt)
+    import checkpoints
+    cfg = checkpoints.read_config(tiny_ckpt)
     moved = tmp_path / "moved"
     shutil.copytree(os.path.dirname(cfg["llm_path"]), moved)
     ckpt = tmp_path / "ckpt"
@@ -646,13 +649,13 @@ def test_checkpoint_pointed_at_moved_backbones(tmp_path, tiny_ckpt):
 
 
 def test_ask_about_one_image(tmp_path, tiny_ckpt, capsys, monkeypatch):
-    import hires
+    import checkpoints
     import slicing
     import torch
     png(str(tmp_path / "photo.png"), (20, 90, 200), (150, 140))
     ask = ["--ckpt", tiny_ckpt, "--image", str(tmp_path / "photo.png"), "--max-new-tokens", "6"]
     out = ev.main(ask + ["--ask", "What does the sign say?"])
-    model = hires.load_checkpoint(tiny_ckpt)
+    model = checkpoints.load_checkpoint(tiny_ckpt)
     pre = model.preprocess(slicing.load_image(tmp_path / "photo.png"))
     assert out["grid"] == list(pre[2]) == [2, 2] and out["image_tokens"] == model.image_tokens(pre[2])
     assert out["answers"] == model.generate([pre], ["What does the sign say?"], max_new_tokens=6)  # greedy

@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import clip
 import hires
 import slicing
+import stage0
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, encode_conversation, encode_prompt
 
 
@@ -80,7 +82,7 @@ def _slice_features(tower, sra, x, grid):
 def test_sra_zero_init_and_cross_slice_context():
     torch.manual_seed(0)
     cfg = clip.CLIPConfig.from_preset("tiny")
-    tower = clip.VisionTower(cfg)
+    tower = hires.VisionTower(cfg)
     sra = hires.SliceRestoreAdapter(cfg.width, cfg.heads, cfg.grid)
     x = torch.randn(4, 3, cfg.image_size, cfg.image_size)
     with torch.no_grad():  # bit-identical in the same grad mode (MultiheadAttention's fast path differs by ulps)
@@ -119,7 +121,7 @@ def test_sms_tokens_and_locality():
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     texts = ["a red square and a blue circle; USER: what is this? ASSISTANT: A B C D, 0.596 apple."] * 40
-    return hires.make_tiny_backbones(d, texts, seed=0, vocab_size=300), d
+    return stage0.make_tiny_backbones(d, texts, seed=0, vocab_size=300), d
 
 
 def _batch(model):
@@ -187,14 +189,14 @@ def test_token_layout_and_separators(model):
 
 
 def test_token_layout_order_and_count():
-    assert slicing.token_layout(2, 2) == ["overview", "sep_overview", 0, "sep_slice", 1, "sep_row", 2, "sep_slice", 3,
+    assert hires.token_layout(2, 2) == ["overview", "sep_overview", 0, "sep_slice", 1, "sep_row", 2, "sep_slice", 3,
                                           "sep_row"]
-    assert slicing.token_layout(0, 0) == ["overview"] and slicing.token_layout(1, 2, overview=False) == [
+    assert hires.token_layout(0, 0) == ["overview"] and hires.token_layout(1, 2, overview=False) == [
         0, "sep_slice", 1, "sep_row"]
     # the paper preset: 144 tokens per image after SMS, 16 slices -> 144 + 1 + 16 * 145 (docs/method.md)
-    assert slicing.token_count(slicing.token_layout(4, 4), 144, 144) == 2465
+    assert hires.token_count(hires.token_layout(4, 4), 144, 144) == 2465
     two = {"sep_overview": 2, "sep_slice": 2, "sep_row": 2}  # a tokenizer that splits each separator in two
-    assert slicing.token_count(slicing.token_layout(2, 4), 576, 144, two) == 576 + 2 + 8 * (144 + 2)
+    assert hires.token_count(hires.token_layout(2, 4), 576, 144, two) == 576 + 2 + 8 * (144 + 2)
 
 
 @torch.no_grad()
@@ -234,14 +236,14 @@ def test_checkpoint_round_trip_and_mismatch(tiny, tmp_path):
     with torch.no_grad():
         for p in model.trainable_state_dict().values():
             p.add_(torch.randn_like(p))
-    hires.save_checkpoint(model, tmp_path / "ck")
-    loaded = hires.load_checkpoint(tmp_path / "ck")
+    checkpoints.save_checkpoint(model, tmp_path / "ck")
+    loaded = checkpoints.load_checkpoint(tmp_path / "ck")
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(v, loaded.trainable_state_dict()[k]), k
     with pytest.raises(ValueError, match="missing"):
-        hires.load_checkpoint(tmp_path / "ck", sampler="avgpool")
+        checkpoints.load_checkpoint(tmp_path / "ck", sampler="avgpool")
     # train.py on a GPU: bf16 backbones, fp32 trained tensors, loaded without rounding through bf16
-    mixed = hires.load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    mixed = checkpoints.load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16, adapter_dtype=torch.float32)
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(v, mixed.trainable_state_dict()[k]), k
 
@@ -323,8 +325,8 @@ def test_prefix_cache_gives_the_same_loss_and_gradients(tiny):
         model.set_stage(stage)
         _assert_same_loss_and_grads(model, ids, labels, ims, cached)
     mixed = [c if i % 2 else im for i, (im, c) in enumerate(zip(ims, cached))]  # pixels and Prefix in one batch
-    with torch.no_grad():
-        assert model(ids, labels, mixed).item() == pytest.approx(model(ids, labels, ims).item(), abs=1e-6)
+    with pytest.raises(ValueError, match="mixes cached ViT prefixes"):
+        model.prefix([im for im in mixed if im is not None])
 
 
 @pytest.mark.parametrize("off", ["sra", "slices"])
@@ -357,8 +359,8 @@ def test_train_llm_trains_and_saves_the_whole_llm(tiny, tmp_path):
         assert any(n.startswith("sra.") for n in trainable) == (stage == 2)
     with torch.no_grad():
         model.llm.lm_head.weight.add_(1.0)  # as if trained
-    hires.save_checkpoint(model, tmp_path / "ck")
-    loaded = hires.load_checkpoint(tmp_path / "ck")
+    checkpoints.save_checkpoint(model, tmp_path / "ck")
+    loaded = checkpoints.load_checkpoint(tmp_path / "ck")
     assert torch.equal(loaded.llm.lm_head.weight, model.llm.lm_head.weight)
     assert set(loaded.trainable_state_dict()) == set(model.trainable_state_dict()) >= {"llm." + n for n in (
         "lm_head.weight", "model.norm.weight", "model.embed_tokens.weight")}
@@ -376,7 +378,7 @@ def test_merged_checkpoint_is_an_hf_llama_and_answers_the_same(tiny, tmp_path, c
         for n, p in model.named_parameters():
             if "lora_B" in n or n.startswith("sra."):
                 p.normal_(0, 0.05)
-    hires.save_checkpoint(model, tmp_path / "ckpt")
+    checkpoints.save_checkpoint(model, tmp_path / "ckpt")
     ev.main(["--ckpt", str(tmp_path / "ckpt"), "--merge", str(tmp_path / "merged")])
     assert "LoRA merged" in capsys.readouterr().out
     llm = tmp_path / "merged" / "llm"
@@ -411,7 +413,7 @@ def test_merged_holds_the_adapters_only_and_moves_with_its_run(tiny, tmp_path, c
     model = hires.HiResLLaVA(cfg)
     with torch.no_grad():
         model.llm.lm_head.weight.add_(0.5)  # as if trained
-    hires.save_checkpoint(model, tmp_path / "run" / "stage2")
+    checkpoints.save_checkpoint(model, tmp_path / "run" / "stage2")
     assert any(k.startswith("llm.") for k in load_file(tmp_path / "run" / "stage2" / "model.safetensors"))
     ev.main(["--ckpt", str(tmp_path / "run" / "stage2"), "--merge", str(tmp_path / "run" / "merged")])
     assert not any(k.startswith("llm.") for k in load_file(tmp_path / "run" / "merged" / "model.safetensors"))
@@ -428,7 +430,7 @@ def test_merged_holds_the_adapters_only_and_moves_with_its_run(tiny, tmp_path, c
 def test_stage1_checkpoint_warns_when_merged(tiny, tmp_path, capsys):
     from dataclasses import replace
     import eval as ev
-    hires.save_checkpoint(hires.HiResLLaVA(replace(tiny[0], template="plain")), tmp_path / "stage1")
+    checkpoints.save_checkpoint(hires.HiResLLaVA(replace(tiny[0], template="plain")), tmp_path / "stage1")
     ev.main(["--ckpt", str(tmp_path / "stage1"), "--merge", str(tmp_path / "merged")])
     assert "is a stage-1 checkpoint" in capsys.readouterr().err
 

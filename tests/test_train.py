@@ -16,12 +16,14 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
 import hires  # noqa: E402
 import slicing  # noqa: E402
 import conversation
 import llama  # noqa: E402
 import llava_data  # noqa: E402
 import entitygrid  # noqa: E402
+import stage0  # noqa: E402
 import train  # noqa: E402
 
 PY = sys.executable
@@ -68,7 +70,7 @@ def test_stage1_then_stage2_loads_stage1_weights(tmp_path, data_dir):
     out1, out2 = tmp_path / "s1", tmp_path / "s2"
     train.main(tiny_args(out1, data_dir, "--stage", "1", "--steps1", "2"))
     assert len(history(out1, 1)) == 2 and os.path.isfile(out1 / "stage1" / "loss.png")
-    lr1 = train.PRESETS["tiny"]["lr1"]
+    lr1 = train.PRESETS["tiny"].lr1
     assert history(out1, 1, "lr") == [0.0, lr1]  # the schedule is applied: warm-up ceil(0.03 * 2) = 1 step
     s1 = load_file(out1 / "stage1" / "model.safetensors")
     # stage 2 with learning rates 0 (and another seed, so a fresh init would differ): it saves what it started from
@@ -90,8 +92,8 @@ def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir, llm, r
     assert args.sra_lr == pytest.approx(args.lora_lr / 10)
     assert train.parse_args(tiny_args(tmp_path, data_dir, "--sra-lr", "3e-4")).sra_lr == 3e-4
     paper = train.PRESETS["paper"]
-    assert (paper["lora_lr"], paper["lr2"], paper["lora_lr"] / 10) == (2e-4, 2e-5, pytest.approx(2e-5))
-    train.prepare_tiny(args)
+    assert (paper.lora_lr, paper.lr2, paper.lora_lr / 10) == (2e-4, 2e-5, pytest.approx(2e-5))
+    stage0.prepare_tiny(args)
     model = hires.HiResLLaVA(train.model_config(args))
     rates = dict(llm=5e-4, sra=5e-5, vision=1e-3)
     for stage in (1, 2):
@@ -115,7 +117,7 @@ def test_optimizer_holds_exactly_the_trainable_params(tmp_path, data_dir, llm, r
 
 def test_sra_layers_flag_places_the_adapters(tmp_path, data_dir):
     args = train.parse_args(tiny_args(tmp_path, data_dir, "--sra-layers", "9,8"))
-    train.prepare_tiny(args)
+    stage0.prepare_tiny(args)
     assert sorted(hires.HiResLLaVA(train.model_config(args)).sra) == ["8", "9"]
     assert train.parse_args(tiny_args(tmp_path, data_dir)).sra_layers == [7, 8, 9]  # 1-indexed 8-10 of 12 blocks
     with pytest.raises(train.TrainError, match="before the feature block"):
@@ -125,7 +127,7 @@ def test_sra_layers_flag_places_the_adapters(tmp_path, data_dir):
 def test_tiny_tokenizer_knows_the_template_words(tmp_path, data_dir):
     """Trained on the templated text, so USER:/ASSISTANT: are whole pieces, not a run of byte-fallback bytes."""
     args = train.parse_args(tiny_args(tmp_path, data_dir))
-    train.prepare_tiny(args)
+    stage0.prepare_tiny(args)
     tok = conversation.Tokenizer(train.model_config(args).tokenizer_path)
     for word in (" USER:", " ASSISTANT:"):
         pieces = [tok.sp.id_to_piece(i) for i in tok.encode(word, bos=False, prefix=False)]
@@ -177,7 +179,7 @@ def test_save_cut_short_keeps_last_checkpoint_and_resume_restores_rng(tmp_path, 
                         lambda self, *a, **k: forward(self, *a, **k) * (1 + 0.1 * torch.rand(())))
     common = ["--stage", "1", "--steps1", "3", "--save-every", "1"]
     train.main(tiny_args(tmp_path / "full", data_dir, *common))
-    save_file, rng_saves = safetensors.torch.save_file, []  # train.save_state imports it where it saves
+    save_file, rng_saves = safetensors.torch.save_file, []  # checkpoints.save_state looks it up where it saves
 
     def dies_in_second_save(tensors, path):  # after step 2's model and optimizer files are written
         rng_saves.append(path.endswith("rng.safetensors"))
@@ -216,7 +218,7 @@ def test_too_small_vocabulary_is_a_one_line_error(tmp_path, data_dir):
 
 def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     args = train.parse_args(tiny_args(tmp_path, data_dir))
-    train.prepare_tiny(args)
+    stage0.prepare_tiny(args)
     model = hires.HiResLLaVA(train.model_config(args))
     Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "ok.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
@@ -235,8 +237,8 @@ def test_bad_data_is_counted_not_fatal(tmp_path, data_dir):
     items = [x for b in bad for x in (b, good)]  # each bad sample is followed by a good one
     path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
-    data = llava_data.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", model.preprocess, 256,
-                           model.image_tokens)
+    data = llava_data.LlavaData(str(path), str(tmp_path), model.tokenizer, "vicuna_v1", llava_data.slice_args(model),
+                                256, model.image_tokens)
     batch = llava_data.collate([data[i] for i in range(len(data))])
     expected = {"missing image": 1, "bad image": 1, "empty or malformed conversation": 1,
                 "<image> without an image": 1, "image without <image> (prepended)": 1, "too long (truncated)": 1,
@@ -284,13 +286,13 @@ def test_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
 def fit_fixed_batch(args, n=16, steps=100):
     """Stage-2 training of the tiny preset on n fixed EntityGrid-QA samples (option-text answers) -> (model, losses,
     the questions)."""
-    train.prepare_tiny(args)
+    stage0.prepare_tiny(args)
     torch.manual_seed(0)
     model = hires.HiResLLaVA(train.model_config(args))
     model.set_stage(2)
     train_dir = os.path.join(args.data_dir, "train")
     data = llava_data.LlavaData(os.path.join(train_dir, "text_qa.json"), train_dir, model.tokenizer, "vicuna_v1",
-                           model.preprocess, model.context, model.image_tokens)
+                                llava_data.slice_args(model), model.context, model.image_tokens)
     batch = llava_data.collate([data[i] for i in range(n)])
     batch["images"] = model.prefix(batch["images"])  # the frozen ViT blocks once, as --cache-vit does
     opt = train.make_optimizer(model, args.lr2, args.lora_lr, args.sra_lr)
@@ -356,7 +358,7 @@ def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_
     context = llama.LlamaConfig.from_preset("vicuna-7b").max_seq_len  # what HiResLLaVA resolves 0 to
     assert context == 4096
     tiny = train.parse_args(tiny_args(tmp_path / "tiny", data_dir))
-    train.prepare_tiny(tiny)
+    stage0.prepare_tiny(tiny)
     tok = conversation.Tokenizer(train.model_config(tiny).tokenizer_path)
     Image.new("RGB", (640, 480), (10, 120, 30)).save(tmp_path / "coco.jpg")
     Image.new("RGB", (300, 200), (10, 120, 30)).save(tmp_path / "small.jpg")
@@ -364,7 +366,7 @@ def test_length_check_counts_image_tokens_under_the_paper_preset(tmp_path, data_
         {"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": "green"}]}
     path = tmp_path / "data.json"
     path.write_text(json.dumps([item, dict(item, id="small", image="small.jpg")]))
-    pre = lambda img: slicing.preprocess_image(img, 336, cfg.max_slices, cfg.upscale)
+    pre = dict(base=336, max_slices=cfg.max_slices, upscale=cfg.upscale)  # slicing.preprocess_image's arguments
     data = llava_data.LlavaData(str(path), str(tmp_path), tok, "vicuna_v1", pre, context, cfg.image_tokens)
     (ids, labels, image), reason = data.encode(item)
     assert image[2] == (4, 4) and reason is None
@@ -387,7 +389,7 @@ def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir, capsys):
              "--lora-dropout", "0.1", "--no-train-llm"]  # over tiny_args' --train-llm: stage 1 kept the LLM frozen
     train.main(tiny_args(tmp_path / "s2", data_dir, "--stage", "2", "--init", str(s1), "--steps2", "2", *flags))
     cfg = json.loads((s2 / "config.json").read_text())
-    model = hires.load_checkpoint(str(s2))
+    model = checkpoints.load_checkpoint(str(s2))
     model.set_stage(2)
     groups = {g: sum(p.numel() for n, p in model.named_parameters() if (n.startswith(g + ".") and "lora_" not in n)
                      or (g == "lora" and "lora_" in n)) for g in ("sra", "sampler", "projector", "lora")}
@@ -450,11 +452,12 @@ def test_cuda_device_is_set_before_the_process_group(tmp_path, monkeypatch):
     assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and proc["device"] == torch.device("cuda", 1)
 
 
-def test_readme_memory_arithmetic_uses_the_models_counts():
-    """The paper-preset memory table quotes parameter and token counts: they are the code's (meta device, no RAM)."""
+def test_memory_arithmetic_uses_the_models_counts():
+    """The paper-preset memory table (docs/real-weights.md) quotes parameter and token counts: they are the code's
+    (meta device, no RAM)."""
     import dataclasses
     import clip
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "docs", "real-weights.md")).read()
     args = train.parse_args(["--clip", __file__, "--llm", ROOT, "--data1", "a", "--data2", "b"])
     cfg = train.model_config(args)
     with torch.device("meta"):
