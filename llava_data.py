@@ -1,5 +1,5 @@
 """LLaVA's training data (docs/method.md#training-stages): the JSON list [{id, image?, conversations}] as token ids,
-labels (conversation.encode_conversation) and preprocessed images (slicing.preprocess_image); bad samples counted and
+labels (conversation.encode_conversation) and preprocessed images (slicing.preprocess); bad samples counted and
 replaced, never fatal one by one; the frozen ViT prefix cached once per image; micro-batches of similar length
 (LLaVA's group_by_modality_length) in finetuning on data that mixes image and text-only samples.
 """
@@ -28,7 +28,7 @@ class LlavaData(torch.utils.data.Dataset):
     is counted under its SKIP_REASONS entry and replaced by the next usable one, so batches keep their size."""
 
     def __init__(self, path, folder, tokenizer, template, slice_args, context, image_tokens):
-        """slice_args: keyword arguments of slicing.preprocess_image (the model's, slice_args(model)); context:
+        """slice_args: keyword arguments of slicing.preprocess (the model's, slice_args(model)); context:
         tokens of one spliced sequence (HiResLLaVA.context); image_tokens: slice grid -> LLM tokens of the image
         (HiResLLaVA.image_tokens), so the length check counts what the model will see."""
         try:
@@ -104,7 +104,7 @@ class LlavaData(torch.utils.data.Dataset):
                 return None, "missing image"
             else:
                 try:
-                    image = slicing.preprocess_image(slicing.load_image(path), **self.slice_args)
+                    image = slicing.preprocess(slicing.load_image(path), **self.slice_args)
                 except slicing.ImageError as e:
                     warnings.warn(str(e))
                     return None, "bad image"
@@ -118,9 +118,8 @@ class LlavaData(torch.utils.data.Dataset):
 
 
 def slice_args(model):
-    """The keyword arguments of slicing.preprocess_image with which a HiResLLaVA cuts its images (its preprocess)."""
-    cfg = model.cfg
-    return dict(base=model.vision.cfg.image_size, max_slices=cfg.max_slices, upscale=cfg.upscale, slices=cfg.slices)
+    """The keyword arguments of slicing.preprocess with which a HiResLLaVA cuts its images (its preprocess)."""
+    return model.cfg.slicing()
 
 
 def collate(batch):

@@ -27,6 +27,8 @@ class ImageError(ValueError):
 def load_image(path):
     """Open an image file as RGB; ImageError naming the file if missing, empty, corrupt or unsupported."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: a folder, not an image file; pass an image in it")
     if not os.path.isfile(path):
         raise ImageError(f"{path}: image file not found")
     if os.path.getsize(path) == 0:
@@ -110,8 +112,135 @@ def preprocess_image(img, base=336, max_slices=16, upscale=True, slices=True):
     m, n = slice_grid(img.width, img.height, base, max_slices, upscale)
     # resize to (n*S, m*S), aspect preserved as far as the grid allows, no padding (design choice)
     full = to_tensor(img.resize((n * base, m * base), Image.BICUBIC))      # (3, m*S, n*S)
-    tiles = full.view(3, m, base, n, base).permute(1, 3, 0, 2, 4)          # (m, n, 3, S, S)
-    return overview, tiles.reshape(m * n, 3, base, base), (m, n)
+    return overview, tiles(full, m, n, base), (m, n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the peers' tilers (train.py --tiler; docs/method.md#the-peers-tilers): other ways to cut the same image
+
+TILERS = ("hires", "anyres", "overlap", "native")
+OVERLAP_CROPS = 12  # the most crops of the overlap tiler (Molmo's max_crops)
+
+
+def preprocess(img, tiler="hires", base=336, patch=14, max_slices=16, upscale=True, slices=True, tokens=0):
+    """PIL image -> (overview, slices, grid) as `tiler` cuts it (HiResLLaVA.preprocess; HiResConfig.slicing holds
+    a model's arguments); tokens: the native tiler's budget of LLM tokens."""
+    if tiler == "anyres":
+        return anyres_image(img, base, max_slices)
+    if tiler == "overlap":
+        return overlap_image(img, base, patch, OVERLAP_CROPS)
+    if tiler == "native":
+        return native_image(img, patch, tokens)
+    return preprocess_image(img, base, max_slices, upscale, slices)
+
+
+def grid_of(width, height, tiler="hires", base=336, patch=14, max_slices=16, upscale=True, slices=True, tokens=0):
+    """The grid preprocess() gives an image of width x height, without cutting it (to count its tokens)."""
+    if tiler == "anyres":
+        W, H = select_best_resolution(width, height, anyres_resolutions(base, max_slices))
+        return H // base, W // base, width, height
+    if tiler == "overlap":
+        return select_tiling(width, height, base - 2 * overlap_margin(base, patch), OVERLAP_CROPS)
+    if tiler == "native":
+        W, H = native_size(width, height, patch, tokens)
+        return H // (2 * patch), W // (2 * patch)
+    return slice_grid(width, height, base, max_slices, upscale) if slices else (0, 0)
+
+
+def tiles(pixels, m, n, base):
+    """(3, m*S, n*S) -> (m*n, 3, S, S), row-major."""
+    return pixels.view(3, m, base, n, base).permute(1, 3, 0, 2, 4).reshape(m * n, 3, base, base)
+
+
+def resize_and_pad(img, width, height, fill=(0, 0, 0)):
+    """LLaVA-NeXT's resize_and_pad_image: img resized into width x height with its aspect ratio kept, centred on a
+    canvas of `fill`."""
+    scale = min(width / img.width, height / img.height)
+    w, h = min(width, math.ceil(img.width * scale)), min(height, math.ceil(img.height * scale))
+    canvas = Image.new("RGB", (width, height), fill)
+    canvas.paste(img.resize((w, h), Image.BICUBIC), ((width - w) // 2, (height - h) // 2))
+    return canvas
+
+
+def anyres_resolutions(base, max_tiles):
+    """LLaVA-NeXT's candidate canvases (its image_grid_pinpoints) as (width, height): every grid of 2 to max_tiles
+    tiles of S x S (design choice: LLaVA-NeXT lists five of them for S = 336 and 4 tiles)."""
+    return [(n * base, m * base) for m in range(1, max_tiles + 1) for n in range(1, max_tiles // m + 1) if m * n > 1]
+
+
+def select_best_resolution(width, height, resolutions):
+    """LLaVA-NeXT's select_best_resolution: the (width, height) among `resolutions` into which the image, resized
+    with its aspect kept, keeps the most of its own pixels; ties to the one that wastes the least canvas."""
+    best, best_key = None, None
+    for w, h in resolutions:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        key = (effective, -(w * h - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (w, h), key
+    return best
+
+
+def anyres_image(img, base, max_tiles):
+    """LLaVA-NeXT's process_anyres_image: the best canvas of select_best_resolution, the image resized into it and
+    padded (black, as upstream), cut into S x S tiles; the overview is the whole image resized to S x S.
+    -> (overview (3,S,S), tiles (m*n,3,S,S), (m, n, width, height)): the image's own size, for hires.unpad."""
+    img = to_rgb(img)
+    W, H = select_best_resolution(img.width, img.height, anyres_resolutions(base, max_tiles))
+    overview = to_tensor(img.resize((base, base), Image.BICUBIC))
+    m, n = H // base, W // base
+    return overview, tiles(to_tensor(resize_and_pad(img, W, H)), m, n, base), (m, n, img.width, img.height)
+
+
+def overlap_margin(base, patch):
+    """Molmo's crop margin: a sixth of the crop on each side, in whole patches (design choice; 16 px at S = 96 and
+    56 px at S = 336)."""
+    return patch * max(1, round(base / 6 / patch))
+
+
+def select_tiling(width, height, interior, max_crops):
+    """Molmo's select_tiling: the (rows, cols) of crop interiors whose canvas needs the least upscaling of the image,
+    or, if every one must shrink it, the least downscaling."""
+    tilings = [(r, c) for r in range(1, max_crops + 1) for c in range(1, max_crops // r + 1)]
+    scales = [min(c * interior / width, r * interior / height) for r, c in tilings]
+    up = [(s, t) for s, t in zip(scales, tilings) if s >= 1]
+    return min(up)[1] if up else max(zip(scales, tilings))[1]
+
+
+def overlap_image(img, base, patch, max_crops):
+    """Molmo's overlapping crops: the image resized and padded into rows x cols crop interiors of S - 2M, with a
+    margin M of padding around the whole; crops of S x S at stride S - 2M then overlap by 2M, and the interiors
+    (hires.encode_images drops every crop's margins after the ViT) cover the canvas exactly once.
+    -> (overview (3,S,S), crops (m*n,3,S,S), (m, n))."""
+    import torch
+    img = to_rgb(img)
+    M = overlap_margin(base, patch)
+    interior = base - 2 * M
+    m, n = select_tiling(img.width, img.height, interior, max_crops)
+    canvas = Image.new("RGB", (n * interior + 2 * M, m * interior + 2 * M), (0, 0, 0))
+    canvas.paste(resize_and_pad(img, n * interior, m * interior), (M, M))
+    pixels = to_tensor(canvas)                                               # (3, m*I + 2M, n*I + 2M)
+    crops = [pixels[:, r * interior:r * interior + base, c * interior:c * interior + base]
+             for r in range(m) for c in range(n)]
+    return to_tensor(make_overview(img, base)), torch.stack(crops), (m, n)
+
+
+def native_size(width, height, patch, tokens):
+    """Qwen2-VL's smart_resize at a token budget: the image's size scaled, aspect kept, to sides that are multiples
+    of two patches, so that its 2 x 2-merged tokens come closest to `tokens` (design choice: Qwen2-VL bounds the
+    pixels between a minimum and a maximum; a budget sets both)."""
+    factor = 2 * patch
+    scale = math.sqrt(tokens * factor * factor / (width * height))
+    return (max(factor, round(width * scale / factor) * factor), max(factor, round(height * scale / factor) * factor))
+
+
+def native_image(img, patch, tokens):
+    """A native-resolution encoder's input (Qwen2-VL style): the whole image at native_size, no slices.
+    -> (image (3, H, W), no slices, (H / 2p, W / 2p)): the grid of its 2 x 2-merged tokens."""
+    img = to_rgb(img)
+    W, H = native_size(img.width, img.height, patch, tokens)
+    pixels = to_tensor(img.resize((W, H), Image.BICUBIC))
+    return pixels, pixels.new_zeros(0, 3, H, W), (H // (2 * patch), W // (2 * patch))
 
 
 def draw_slicing(img, base=336, max_slices=16, upscale=True, kernel=2, display=360, patch=14):
@@ -156,6 +285,10 @@ def main(argv=None):
     if args.base % args.patch or (args.base // args.patch) % args.kernel:
         ap.error(f"--base {args.base}: must be a multiple of --patch {args.patch} whose patch grid "
                  f"{args.base // args.patch} --kernel {args.kernel} divides")
+    if os.path.isdir(args.png):
+        ap.error(f"--png {args.png}: a folder; pass a file name, e.g. {os.path.join(args.png, 'slicing.png')}")
+    if os.path.splitext(args.png)[1].lower() not in Image.registered_extensions():
+        ap.error(f"--png {args.png}: no picture format has this extension; end the name with .png")
     try:
         img = load_image(args.show)
     except ImageError as e:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import conversation
+import cpu_decode
 import entitygrid
 import slicing
 from checkpoints import BACKBONE_PATHS, atomic_write, config_dict, read_config
@@ -88,6 +89,9 @@ def prepare_tiny(args):
 # ----------------------------------------------------------------------------------------------------------------
 # the stage-0 model and its data
 
+NATIVE_EVERY = 4  # one stage-0 scene in 4 at the native tiler's size (design choice)
+
+
 @dataclass
 class PretrainConfig:
     """Stage 0 of the tiny preset: the random backbones it starts from and the entity classes of its ViT targets."""
@@ -137,10 +141,10 @@ class TinyPretrain(nn.Module):
         self.load_state_dict(sd, strict=True)
 
     def vit_loss(self, pixels, targets):
-        """pixels (B, 3, S, S) uint8, targets (B, L, 6) as entitygrid.patch_targets -> class cross-entropy over all
+        """pixels (B, 3, H, W) uint8, targets (B, L, 6) as entitygrid.patch_targets -> class cross-entropy over all
         tokens + copies cross-entropy + 5 x box L1 over entity tokens (the weight puts the three near one scale)."""
         vit = self.vision.vit
-        x = vit._embeds(slicing.normalize(pixels))                              # (B, 1+L, D)
+        x = self.vision.embed(slicing.normalize(pixels))                         # (B, 1+L, D)
         for blk in vit.transformer.resblocks:
             x = vit_block(blk, x)
         x = vit.ln_post(x[:, 1:])                                               # (B, L, D)
@@ -170,14 +174,21 @@ class TinyPretrain(nn.Module):
         ids = torch.tensor([i + [0] * (T - len(i)) for i in input_ids])         # (B, T)
         lab = torch.tensor([b + [conversation.IGNORE_INDEX] * (T - len(b)) for b in labels])  # (B, T)
         lm = self.llm(ids.to(self.llm.lm_head.weight.device), labels=lab)
-        pixels, targets = (torch.stack(t) for t in zip(*images))
-        return lm + self.vit_loss(pixels.to(lm.device), targets.to(lm.device))
+        sizes = sorted({pixels.shape for pixels, _ in images})  # S x S scenes, and the native tiler's size
+        loss = 0
+        for size in sizes:  # the mean over the batch's scenes, each size's scenes in one pass
+            pixels, targets = (torch.stack(t) for t in zip(*[im for im in images if im[0].shape == size]))
+            loss = loss + len(pixels) / len(images) * self.vit_loss(pixels.to(lm.device), targets.to(lm.device))
+        return lm + loss
 
 
 class Stage0Data(torch.utils.data.Dataset):
     """Stage 0 of the tiny preset: sample i is one text of the toy world (captions and question-answer conversations
     without their image, all tokens labelled: plain LM) and one scene of whole entities drawn from seed and i
-    (entitygrid.whole_entity_scene) with its per-patch targets; samples as LlavaData's, for llava_data.collate."""
+    (entitygrid.whole_entity_scene) with its per-patch targets; samples as LlavaData's, for llava_data.collate.
+    Every NATIVE_EVERY-th scene has the size at which the native tiler reads EntityGrid-QA's 2S x 2S canvas
+    (slicing.native_size), so that the frozen ViT has seen it (mixed-resolution pretraining, as Qwen2-VL's); the
+    others are S x S."""
 
     def __init__(self, data_dir, model, seed):
         """model: the TinyPretrain to train (its tokenizer, entity classes and ViT image and patch size)."""
@@ -191,15 +202,17 @@ class Stage0Data(torch.utils.data.Dataset):
                            for item in json.load(f)]
         self.classes, self.seed, self.families = cfg.classes, seed, cfg.families
         self.size, self.patch = vit.image_size, vit.patch_size
+        tokens = HiResConfig(clip_preset="tiny", tiler="native").slicing()["tokens"]
+        self.native = slicing.native_size(2 * self.size, 2 * self.size, self.patch, tokens)[0]
 
     def __len__(self):
         return len(self.texts)
 
     def __getitem__(self, i):
-        image, entities = entitygrid.whole_entity_scene(random.Random(f"stage0/{self.seed}/{i}"), self.size,
-                                                        self.families)
-        pixels = torch.tensor(np.asarray(image)).permute(2, 0, 1)                       # (3, S, S) uint8
-        targets = torch.from_numpy(entitygrid.patch_targets(entities, self.classes, self.size, self.patch))
+        size = self.native if i % NATIVE_EVERY == NATIVE_EVERY - 1 else self.size
+        image, entities = entitygrid.whole_entity_scene(random.Random(f"stage0/{self.seed}/{i}"), size, self.families)
+        pixels = torch.tensor(np.asarray(image)).permute(2, 0, 1)                       # (3, size, size) uint8
+        targets = torch.from_numpy(entitygrid.patch_targets(entities, self.classes, size, self.patch))
         return (self.texts[i], self.texts[i], (pixels, targets)), []
 
 
@@ -263,6 +276,7 @@ def run_stage0(args, proc, train_stage):
     families = args.families.split(",")
     torch.manual_seed(args.seed)
     model = TinyPretrain.from_base(os.path.join(args.out, "base"), families).to(proc["device"])
+    cpu_decode.fuse(model.llm)  # the LLM's weight layout of every run of this code (cpu_decode.py)
     random_probe, out = encoder_probe(model.vision, families), os.path.join(args.out, "stage0")
     train_stage(args, 0, model, Stage0Data(args.data_dir, model, args.seed), out, proc)
     if proc["master"]:

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -52,6 +53,22 @@ def block_list(text):
         return [int(b) for b in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated block numbers, e.g. 7,8,9") from None
+
+
+def unwritable(flag, path):
+    """None when `path` is a folder this process can write in, or can make; else the one-line problem, found on the
+    nearest part of the path that exists (a file on the way, a read-only place) before any work starts."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        where = "is a file" if here == os.path.abspath(path) else f"lies under the file {here}"
+        return f"{flag} {path}: {where}, not a folder; pass a folder"
+    try:
+        tempfile.TemporaryFile(dir=here).close()  # as root, only writing tells: os.access says yes to /sys
+    except OSError as e:
+        return f"{flag} {path}: cannot write in {here} ({e.strerror}); pass a folder you can write in"
+    return None
 
 
 # the flags' types: a number in its range, else a one-line error; a learning rate of 0 keeps weights
@@ -103,6 +120,9 @@ class TrainConfig:
     upscale: bool = flag(False, "double the grid of small images when 4mn <= N", True,
                          action=argparse.BooleanOptionalAction)
     sampler: str = flag("sms", "token sampler (paper: sms)", True, choices=("sms", "qformer", "avgpool"))
+    tiler: str = flag("hires", "how an image is cut: hires (the paper's slices with the SRA) or a peer's at an equal "
+                      "LLM-token budget, without the SRA: anyres (LLaVA-NeXT), overlap (Molmo), native (Qwen2-VL); "
+                      "recorded in the checkpoint", True, choices=slicing.TILERS)
     sra: bool = flag(True, "SliceRestore Adapter in the ViT", True, action=argparse.BooleanOptionalAction)
     slices: bool = flag(True, "the slices (--no-slices: overview only)", True, action=argparse.BooleanOptionalAction)
     overview: bool = flag(True, "the low-res overview", True, action=argparse.BooleanOptionalAction)
@@ -216,8 +236,61 @@ def check_args(p, args):
         p.error("--stage 2 needs --init STAGE1_CHECKPOINT_DIR")
     if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
         p.error(f"--init {args.init}: not a checkpoint folder (no config.json; stage 1 writes OUT/stage1)")
+    if args.init and args.stage != "2":
+        p.error(f"--init {args.init}: only --stage 2 starts from a checkpoint (--stage {args.stage} trains stage 1 "
+                "itself); add --stage 2, or drop --init")
+    init = stored_config(p, "--init", os.path.join(args.init, "config.json")) if args.init else {}
+    if init.get("template", "plain") != "plain":  # train_stage records the template of the last stage trained
+        p.error(f"--init {args.init}: a stage-2 checkpoint (template {init['template']}); stage 2 starts from a "
+                "stage-1 checkpoint: pass OUT/stage1 of the run")
     if args.resume and args.overwrite:
         p.error("--resume continues OUT, --overwrite deletes it: give one")
+    if args.resume:
+        check_resume(p, args, init)
+    for flag, path in (("--out", args.out), ("--data-dir", args.data_dir)):
+        problem = (flag == "--out" or args.preset == "tiny" and not os.path.isdir(path)) and unwritable(flag, path)
+        if problem:  # --data-dir: a folder that exists is read; one that does not is generated
+            p.error(problem)
+
+
+def stored_config(p, flag, path):
+    """A checkpoint's config.json as a dict; one-line error when it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        p.error(f"{flag}: {path}: unreadable checkpoint config ({type(e).__name__}: {e}); train.py writes them")
+
+
+def check_resume(p, args, init):
+    """--resume loads the run's last checkpoint into the model the flags build, so the model settings must be the
+    run's own: the first that differs is named with the run's value. A stage-2 start takes those not given from
+    --init's config, as init_model does."""
+    ours = {k: getattr(args, k) for k in MODEL_FLAGS + ("mc",)}
+    ours.update({k: init[k] for k in MODEL_FLAGS if k in init and k not in args.given})
+    if ours["tiler"] != "hires":
+        ours["sra"] = False  # as HiResConfig records it: the peers' tilers have no SRA
+    for stage in ("1", "2") if args.stage == "all" else (args.stage,) if args.stage != "0" else ():
+        pointer = os.path.join(args.out, f"stage{stage}", "checkpoints", "latest")
+        if not os.path.isfile(pointer):
+            continue  # nothing to resume: the stage starts from step 0
+        with open(pointer) as f:
+            ckpt = os.path.join(os.path.dirname(pointer), f.read().strip())
+        theirs = stored_config(p, "--resume", os.path.join(ckpt, "config.json"))
+        for k in ours:
+            if k in theirs and theirs[k] != ours[k]:
+                p.error(f"--resume: {ckpt} was trained with {as_flag(k, theirs[k])}, this command asks for "
+                        f"{as_flag(k, ours[k])}; a resumed run keeps its own model settings: pass "
+                        f"{as_flag(k, theirs[k])}, or another --out for a new run")
+
+
+def as_flag(name, value):
+    """A setting as the flag that gives it: --sra-layers 7,8,9, --no-sra, --max-len 0."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    dashed = f.metadata.get("name", "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+        return dashed if value else "--no-" + dashed[2:]
+    return f"{dashed} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 class TrainError(Exception):
@@ -258,7 +331,7 @@ def trainable_counts(model):
     counts = Counter()
     for n, p in model.named_parameters():  # llm: the whole LLM trains (train_llm; stage 0)
         counts["lora" if "lora_" in n else n.split(".")[0]] += p.numel() if p.requires_grad else 0
-    return {g: counts[g] for g in ("sra", "sampler", "projector", "lora", "llm", "vision") if counts[g]}
+    return {g: counts[g] for g in ("sra", "sampler", "projector", "newline", "lora", "llm", "vision") if counts[g]}
 
 
 def draw_loss_curve(losses, png, title):
@@ -439,8 +512,9 @@ def model_config(args):
 
 
 def init_model(args, placement):
-    """Stage 2 from a stage-1 checkpoint: its config, every flag given winning over it. The sampler cannot change
-    (stage 1 trained it); a new LoRA rank starts fresh and --no-sra drops the SRA (stage 1 leaves both at init)."""
+    """Stage 2 from a stage-1 checkpoint: its config, every flag given winning over it. The sampler and the tiler
+    cannot change (stage 1 trained them); a new LoRA rank starts fresh and --no-sra drops the SRA (stage 1 leaves
+    both at init)."""
     from safetensors.torch import load_file
     import checkpoints
     import hires
@@ -451,10 +525,11 @@ def init_model(args, placement):
         raise TrainError(f"--init {args.init}: not a stage-1 checkpoint ({e})") from None
     overrides = {k: getattr(args, k) for k in args.given}
     overrides.update(checkpoints.backbone_paths(args.clip, args.llm, args.tokenizer))
-    sampler = overrides.get("sampler", stored["sampler"])
-    if sampler != stored["sampler"]:
-        raise TrainError(f"--sampler {sampler}: {args.init} trained the {stored['sampler']} sampler in stage 1, so "
-                         f"stage 2 keeps it (run stage 1 with --sampler {sampler})")
+    for key in ("sampler", "tiler"):  # stage 1 trained them
+        value, trained = overrides.get(key, stored.get(key, "hires")), stored.get(key, "hires")
+        if value != trained:
+            raise TrainError(f"--{key} {value}: {args.init} trained the {trained} {key} in stage 1, so stage 2 keeps "
+                             f"it (run stage 1 with --{key} {value})")
     for key in checkpoints.BACKBONE_PATHS:
         path = overrides.get(key, stored[key])
         if not os.path.exists(path):
@@ -558,6 +633,7 @@ def claim_out(args, stages, proc):
 def run(args, proc):
     import torch
     import checkpoints
+    import cpu_decode
     import hires
     import llava_data
     import stage0
@@ -591,6 +667,7 @@ def run(args, proc):
     else:
         model = hires.HiResLLaVA(model_config(args), **placement)
     model.llm.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_ckpt
+    cpu_decode.fuse(model.llm)  # on CPU: the evaluation's decoding faster, and the layout the numbers are made in
     torch.manual_seed(args.seed + proc["rank"])  # per-rank randomness (LoRA dropout)
     data = {stage: llava_data.LlavaData(args.data1 if stage == 1 else args.data2, args.image_folder or "",
                                         model.tokenizer, "plain" if stage == 1 else "vicuna_v1",
@@ -624,6 +701,10 @@ def main(argv=None):
     try:
         proc = setup(args)
         result = run(args, proc)
+        # the ranks leave the process group together: a run ends on a collective (the evaluation's all_gather, a
+        # stage's reduce_counts) after which the master alone still writes; a rank that closed its gloo connections
+        # meanwhile could reset ones the other still reads
+        barrier(proc)
     except (TrainError, llava_data.DataError, slicing.ImageError, FileNotFoundError) as e:
         sys.exit(f"train.py: error: {e}")
     finally:

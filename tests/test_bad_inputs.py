@@ -2,6 +2,7 @@
 stderr holds exactly one line (no usage block, no traceback), the line says what is wrong, and every file that was
 on disk before is still there, unchanged. In-process (main(argv), SystemExit caught) except for a few subprocess
 runs that check what a shell sees."""
+import dataclasses
 import json
 import os
 import re
@@ -14,12 +15,16 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bench  # noqa: E402
 import entitygrid  # noqa: E402
 import eval as ev  # noqa: E402
+import hires  # noqa: E402
 import slicing  # noqa: E402
 import train  # noqa: E402
 
 NO_CUDA = not torch.cuda.is_available()
+RESUMED = r"^\S+: error: --resume: .*done/stage{}/checkpoints/step-0000002 was trained with {}, this command " \
+          r"asks for {}; a resumed run keeps its own model settings: pass \1, or another --out for a new run$"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,28 @@ def ws(tmp_path_factory):
     for name in ("stage1/model.safetensors", "stage1/checkpoints/latest", "stage2/config.json", "metrics.json"):
         (d / "run" / name).parent.mkdir(parents=True, exist_ok=True)
         (d / "run" / name).write_text(f"an earlier run's {name}")
+    for stage, template in (("1", "plain"), ("2", "vicuna_v1")):  # a tiny run of the defaults, both stages done
+        finished(d / "done" / f"stage{stage}", template)
+    (d / "bad").mkdir()
+    (d / "bad" / "config.json").write_text('{"template": "pla')  # cut short
     return d
+
+
+def finished(stage_dir, template):
+    """A finished stage of train.py's tiny preset with its default model flags, as it lays it out on disk: its
+    checkpoint (config.json, model.safetensors) and the last resumable one (+ optimizer, trainer state) that
+    `latest` names. Only what the command lines read before any work: the configs and the folder layout."""
+    tiny = train.PRESETS["tiny"]
+    cfg = hires.HiResConfig(clip_preset="tiny", clip_weights="../base/clip_tiny.safetensors", llm_path="../base/llm",
+                            tokenizer_path="../base/llm/tokenizer.model", template=template, mc=tiny.mc,
+                            **{k: getattr(tiny, k) for k in train.MODEL_FLAGS})
+    step = stage_dir / "checkpoints" / "step-0000002"
+    for folder, files in ((stage_dir, ()), (step, ("optimizer.safetensors", "trainer.json"))):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        for name in ("model.safetensors", *files):
+            (folder / name).write_text(f"a finished run's {name}")
+    (stage_dir / "checkpoints" / "latest").write_text(step.name)
 
 
 def snapshot(d):
@@ -72,6 +98,39 @@ CASES = [
     (train, ["--out", "{ws}/run"], r"^train.py: error: .*run/stage1 holds an earlier run: continue it with --resume, "
                                    r"start over with --overwrite \(deletes it\), or pass another --out$"),
     (train, ["--out", "{ws}/run", "--stage", "2", "--init", "{ws}/grid"], r"--init .*grid: not a checkpoint folder"),
+    # train.py: outputs and data that cannot be written, as the wrong kind of thing or in a read-only place
+    (train, ["--out", "{ws}/notes.txt"],
+     r"^\S+: error: --out .*notes.txt: is a file, not a folder; pass a folder$"),
+    (train, ["--out", "{ws}/notes.txt/run"], r"--out .*notes.txt/run: lies under the file .*notes.txt, not a folder"),
+    (train, ["--out", "/sys/hires-llava-run"],  # read-only even for root
+     r"--out /sys/hires-llava-run: cannot write in /sys \(.*\); pass a folder you can write in$"),
+    (train, ["--out", "/proc/hires-llava-run"], r"--out /proc/hires-llava-run: cannot write in /proc"),
+    (train, ["--data-dir", "{ws}/notes.txt"], r"--data-dir .*notes.txt: is a file, not a folder"),
+    (train, ["--data-dir", "/sys/entitygrid"], r"--data-dir /sys/entitygrid: cannot write in /sys"),
+    # train.py: checkpoints of the wrong stage or kind
+    (train, ["--stage", "2", "--init", "{ws}/done/stage2"], r"^\S+: error: --init .*done/stage2: a stage-2 "
+     r"checkpoint \(template vicuna_v1\); stage 2 starts from a stage-1 checkpoint: pass OUT/stage1 of the run$"),
+    (train, ["--stage", "2", "--init", "{ws}/done/stage2/checkpoints/step-0000002"], r"a stage-2 checkpoint"),
+    (train, ["--stage", "2", "--init", "{ws}/done"], r"--init .*done: not a checkpoint folder \(no config.json"),
+    (train, ["--stage", "2", "--init", "{ws}/notes.txt"], r"--init .*notes.txt: not a checkpoint folder"),
+    (train, ["--stage", "2", "--init", "{ws}/bad"], r"--init: .*bad/config.json: unreadable checkpoint config"),
+    (train, ["--init", "{ws}/done/stage1"],
+     r"--init .*stage1: only --stage 2 starts from a checkpoint \(--stage all trains stage 1 itself\); add --stage 2, "
+     r"or drop --init$"),
+    (train, ["--stage", "1", "--init", "{ws}/done/stage1"], r"only --stage 2 starts from a checkpoint"),
+    # train.py: a resume whose model flags are not the run's names the flag and the run's value
+    (train, ["--out", "{ws}/done", "--resume", "--no-sra"], RESUMED.format(1, "(--sra)", "--no-sra")),
+    (train, ["--out", "{ws}/done", "--resume", "--lora-rank", "4"],
+     RESUMED.format(1, "(--lora-rank 0)", "--lora-rank 4")),
+    (train, ["--out", "{ws}/done", "--resume", "--sra-layers", "8,9"],
+     RESUMED.format(1, "(--sra-layers 7,8,9)", "--sra-layers 8,9")),
+    (train, ["--out", "{ws}/done", "--stage", "1", "--resume", "--sampler", "avgpool"],
+     RESUMED.format(1, "(--sampler sms)", "--sampler avgpool")),
+    (train, ["--out", "{ws}/done", "--resume", "--max-len", "256"],
+     RESUMED.format(1, "(--max-len 512)", "--max-len 256")),
+    (train, ["--out", "{ws}/done", "--resume", "--mc", "letter"], RESUMED.format(1, "(--mc rank)", "--mc letter")),
+    (train, ["--out", "{ws}/done", "--stage", "2", "--init", "{ws}/done/stage1", "--resume", "--upscale"],
+     RESUMED.format(2, "(--no-upscale)", "--upscale")),
     # eval.py
     (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty", "--temperature", "-1"],
      r"^\S+: error: argument --temperature: -1.0: must be >= 0$"),
@@ -99,9 +158,29 @@ CASES = [
     (ev, ["--image", "{ws}/notes.txt", "--ckpt", "{ws}/empty"], r"notes.txt"),
     (ev, ["--image", "{ws}/photo.png", "--ckpt", "{ws}/empty"], r"empty: not a checkpoint folder"),
     (ev, ["--bench", "entitygrid"], r"--ckpt is required unless --predictions is given"),
+    # eval.py: outputs, predictions and checkpoints of the wrong kind
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/done/stage2", "--out", "{ws}/notes.txt"],
+     r"^\S+: error: --out .*notes.txt: is a file, not a folder; pass a folder$"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/done/stage2", "--out", "{ws}/notes.txt/o"],
+     r"--out .*notes.txt/o: lies under the file"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/done/stage2", "--out", "/sys/hl-eval"],
+     r"--out /sys/hl-eval: cannot write in /sys"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--predictions", "{ws}/empty", "--out", "{ws}/o7"],
+     r"^\S+: error: --predictions .*empty: a folder; pass the predictions file, e.g. .*empty/predictions.json$"),
+    (ev, ["--bench", "entitygrid", "--data", "{ws}/grid", "--ckpt", "{ws}/done/stage2/model.safetensors"],
+     r"--ckpt .*model.safetensors: a file, not a checkpoint folder; pass the folder that holds it \(.*done/stage2\)"),
+    (ev, ["--image", "{ws}/empty", "--ckpt", "{ws}/done/stage2"],
+     r"^eval.py: error: .*empty: a folder, not an image"),
+    (ev, ["--ckpt", "{ws}/done/stage2", "--merge", "{ws}/notes.txt"],
+     r"--merge .*notes.txt: is a file, not a folder"),
+    (ev, ["--ckpt", "{ws}/done/stage2", "--merge", "/proc/hl-merged"],
+     r"--merge /proc/hl-merged: cannot write in /proc"),
+    (ev, ["--ckpt", "{ws}/done/stage2", "--merge", "{ws}/done/stage1"],
+     r"--merge .*stage1: holds a checkpoint already, which merging would overwrite; merge into a new folder$"),
     # eval.py --merge
     (ev, ["--ckpt", "{ws}/nowhere", "--merge", "{ws}/m"], r"^\S+: error: --ckpt .*nowhere: no such file or directory$"),
-    (ev, ["--ckpt", "{ws}/empty", "--merge", "{ws}/m"], r"^eval.py: error: .*empty: not a checkpoint folder \(no config"),
+    (ev, ["--ckpt", "{ws}/empty", "--merge", "{ws}/m"],
+     r"^eval.py: error: .*empty: not a checkpoint folder \(no config"),
     (ev, ["--ckpt", "{ws}/empty", "--merge", "{ws}/empty"], r"--merge .*empty: the checkpoint itself"),
     (ev, ["--merge", "{ws}/m"], r"--ckpt is required unless --predictions is given"),
     # slicing.py --show
@@ -112,11 +191,27 @@ CASES = [
     (slicing, ["--show", "{ws}/nowhere.png"], r"^slicing.py: error: .*nowhere.png"),
     (slicing, ["--show", "{ws}/notes.txt"], r"^slicing.py: error: .*notes.txt"),
     (slicing, ["--show", "{ws}/photo.png", "--png", "{ws}/nowhere/x.png"], r"--png .*x.png: cannot write"),
+    (slicing, ["--show", "{ws}/empty"], r"^slicing.py: error: .*empty: a folder, not an image file"),
+    (slicing, ["--show", "{ws}/photo.png", "--png", "{ws}/empty"],
+     r"--png .*empty: a folder; pass a file name, e.g. .*empty/slicing.png$"),
+    (slicing, ["--show", "{ws}/photo.png", "--png", "{ws}/slices.txt"], r"--png .*slices.txt: no picture format has"),
+    (slicing, ["--show", "{ws}/photo.png", "--png", "{ws}/notes.txt/x.png"], r"--png .*x.png: cannot write"),
+    (slicing, ["--show", "{ws}/photo.png", "--png", "/sys/slicing.png"], r"--png /sys/slicing.png: cannot write"),
     # entitygrid.py
     (entitygrid, ["--out", "{ws}/g", "--num", "0"], r"^\S+: error: --num must be a positive integer"),
     (entitygrid, ["--out", "{ws}/g", "--base", "5"], r"--base must be in"),
     (entitygrid, ["--show", "{ws}/empty"], r"--show .*empty: no questions.jsonl there"),
     (entitygrid, [], r"give exactly one of --out DIR"),
+    # bench.py: devices, ranges, and argparse's own errors without a usage block
+    (bench, ["gpu", "--device", "cuda"], r"^\S+: error: --device cuda: this machine has no CUDA device", NO_CUDA),
+    (bench, ["gpu", "--device", "nonsense"], r"--device nonsense: not a torch device; use cuda, cuda:N or cpu"),
+    (bench, ["gpu", "--device", "cpu", "--steps", "0"], r"--steps and --new-tokens must be >= 1"),
+    (bench, ["entitygrid", "--samples", "0"], r"--samples must be >= 1 and --base in \[48, 2048\]"),
+    (bench, ["entitygrid", "--base", "5"], r"--samples must be >= 1 and --base in \[48, 2048\]"),
+    (bench, ["tinystep", "--clock", "nonsense"], r"^\S+ tinystep: error: argument --clock: invalid choice"),
+    (bench, ["ttft", "--image-size", "100"], r"^\S+: error: hires ViT flags: image_size 100 is not a multiple"),
+    (bench, ["llama", "--repeats", "0"], r"--repeats and --threads must be >= 1"),
+    (bench, ["nosuch"], r"^\S+: error: argument .*: invalid choice: 'nosuch'"),
 ]
 
 

@@ -91,3 +91,23 @@ def test_checker_catches_bad_references(tmp_path):
         f"m.py: mentions {OUTSIDE[0]}, which is not in the repository",
         f"m.py: mentions {OUTSIDE[2]}, which is not in the repository",
         f"tests/t.py: mentions {OUTSIDE[1]}, which is not in the repository")])
+
+
+def test_readme_tables_are_copied_from_results_files():
+    """The README's tiler cost table is bench.py's own output (results/bench_tilers.txt) and its EntityGrid-QA
+    figures of the tilers are those of the runs' metrics.json files (results/tilers/): copied, never retyped."""
+    import json
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    bench = (ROOT / "results" / "bench_tilers.txt").read_text(encoding="utf-8")
+    block = readme.split("<!-- bench.py tilers -->")[1].split("```")[1]
+    assert block.strip() and all(line in bench.splitlines() for line in block.strip("\n").splitlines())
+    rows = [line for line in readme.split("<!-- results/tilers -->")[1].split("\n\n")[0].splitlines()
+            if line.startswith("| `")]
+    assert len(rows) == 4
+    for row in rows:
+        tiler = row.split("`")[1].split()[-1]
+        with open(ROOT / "results" / "tilers" / f"{tiler}.json") as f:
+            m = json.load(f)
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert cells[:4] == [f"{m['accuracy']:.3f}", f"{m['edge_accuracy']:.3f}", f"{m['other_accuracy']:.3f}",
+                             f"{m['other_accuracy'] - m['edge_accuracy']:+.3f}"], tiler

@@ -557,12 +557,13 @@ def test_entitygrid_is_evaluated_on_its_2x2_grid(tmp_path, tiny_ckpt, monkeypatc
     make_entitygrid(data)
     img = Image.open(os.path.join(data, ev.BENCHES["entitygrid"].load(data, "all")[0].image))
     assert checkpoints.load_checkpoint(str(ckpt)).preprocess(img)[2] == (4, 4)  # what the stored config does
-    grids, preprocess = [], slicing.preprocess_image
-    monkeypatch.setattr(hires, "preprocess_image", lambda *a, **k: grids.append(preprocess(*a, **k)[2]) or
+    grids, preprocess = [], slicing.preprocess
+    monkeypatch.setattr(hires, "preprocess", lambda *a, **k: grids.append(preprocess(*a, **k)[2]) or
                         preprocess(*a, **k))
     metrics = run_tiny("entitygrid", data, str(tmp_path / "out"), str(ckpt))
     assert grids == [(2, 2)] * 4
-    assert metrics["provenance"]["slicing"] == {"upscale": False, "max_slices": 4, "grids": {"2x2": 4}}
+    assert metrics["provenance"]["slicing"] == {"tiler": "hires", "upscale": False, "max_slices": 4,
+                                                "grids": {"2x2": 4}}
     with open(tmp_path / "out" / "metrics.json") as f:
         assert json.load(f)["provenance"]["slicing"]["grids"] == {"2x2": 4}
     Image.new("RGB", (192, 80)).save(img.filename)  # a canvas the benchmark never draws: a one-line error

@@ -113,7 +113,7 @@ def test_sms_tokens_and_locality():
     # the queries (and the avgpool baseline) are the k x k window means, row-major
     p = torch.randn(2, g * g, D)
     means = p.view(2, g // k, k, g // k, k, D).mean((2, 4)).flatten(1, 2)
-    assert torch.allclose(hires.SelfMiningSampler(D, 4, g, k).queries(p), means, atol=1e-6)
+    assert torch.allclose(hires.SelfMiningSampler(D, 4, g, k).queries(p, (g, g)), means, atol=1e-6)
     assert torch.allclose(hires.AvgPoolSampler(g, k)(p), means, atol=1e-6)
 
 

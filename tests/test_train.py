@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,9 +276,10 @@ def test_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
     common = ["--stage", "1", "--steps1", "3", "--threads", "1"]
     train.main(tiny_args(tmp_path / "one", data_dir, *common))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(ROOT, "train.py"), *tiny_args(tmp_path / "two", data_dir, *common)],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    two = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "train.py"), *tiny_args(tmp_path / "two", data_dir, *common)],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-4000:]  # a failed 2-process run shows why, not only its status
     # same micro-batches, gradients averaged in a different order: equal up to float rounding
     for key in ("loss", "grad_norm"):  # the gradient norm: accumulation and DDP both average
         assert history(tmp_path / "two", 1, key) == pytest.approx(history(tmp_path / "one", 1, key), rel=1e-4)
@@ -403,11 +405,14 @@ def test_stage2_flags_win_over_the_stage1_config(tmp_path, data_dir, capsys):
     assert {v.shape[0] for k, v in sd.items() if k.endswith("lora_A")} == {4}
     with pytest.raises(SystemExit, match=r"^train.py: error: --sampler qformer: .* trained the sms sampler in stage 1"):
         train.main(tiny_args(tmp_path / "s3", data_dir, "--stage", "2", "--init", str(s1), "--sampler", "qformer"))
+    trained = tmp_path / "trained-lora"  # a checkpoint marked stage 1 whose LoRA is trained (s2's weights)
+    shutil.copytree(s2, trained, ignore=shutil.ignore_patterns("checkpoints"))
+    (trained / "config.json").write_text(json.dumps({**cfg, "template": "plain"}))
     with pytest.raises(SystemExit, match=r"--lora-rank 8: the LoRA of .* is trained \(rank 4\)"):
-        train.main(tiny_args(tmp_path / "s4", data_dir, "--stage", "2", "--init", str(s2), "--lora-rank", "8"))
-    (s2 / "config.json").write_text(json.dumps({**cfg, "sra_layer": [1]}))  # a config this code cannot read
+        train.main(tiny_args(tmp_path / "s4", data_dir, "--stage", "2", "--init", str(trained), "--lora-rank", "8"))
+    (trained / "config.json").write_text(json.dumps({**cfg, "template": "plain", "sra_layer": [1]}))  # unreadable
     with pytest.raises(SystemExit, match=r"^train.py: error: --init .*unexpected keyword argument 'sra_layer'"):
-        train.main(tiny_args(tmp_path / "s5", data_dir, "--stage", "2", "--init", str(s2)))
+        train.main(tiny_args(tmp_path / "s5", data_dir, "--stage", "2", "--init", str(trained)))
 
 
 def test_backbone_paths_are_stored_absolute(tmp_path, monkeypatch):
@@ -428,9 +433,10 @@ def test_stage2_one_and_two_processes_give_the_same_losses(tmp_path, data_dir):
               "--no-train-llm", "--lora-rank", "8"]  # as stage 1: tiny_args' --train-llm would win over --init's
     train.main(tiny_args(tmp_path / "one", data_dir, *common))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(ROOT, "train.py"), *tiny_args(tmp_path / "two", data_dir, *common)],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    two = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "train.py"), *tiny_args(tmp_path / "two", data_dir, *common)],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-4000:]  # a failed 2-process run shows why, not only its status
     for key in ("loss", "grad_norm"):  # same micro-batches, gradients averaged in another order: float rounding
         assert history(tmp_path / "two", 2, key) == pytest.approx(history(tmp_path / "one", 2, key), rel=1e-4)
     one, two = (load_file(tmp_path / d / "stage2" / "model.safetensors") for d in ("one", "two"))
