@@ -98,10 +98,11 @@ class HiResConfig:
         if not self.tokenizer_path and self.llm_path:
             self.tokenizer_path = os.path.join(self.llm_path, "tokenizer.model")
 
-    def slicing(self):
-        """The keyword arguments of slicing.preprocess with which this model cuts an image; the native tiler's
-        budget is the hires tiler's token count on a 2S x 2S image, EntityGrid-QA's canvas (equal budget)."""
-        vit = CLIPConfig.from_preset(self.clip_preset)
+    def slicing(self, vit=None):
+        """The keyword arguments of slicing.preprocess with which this model cuts an image for the ViT `vit` (a
+        CLIPConfig; default: the preset's); the native tiler's budget is the hires tiler's token count on a
+        2S x 2S image, EntityGrid-QA's canvas (equal budget)."""
+        vit = vit or CLIPConfig.from_preset(self.clip_preset)
         hires = HiResConfig(**{**self.__dict__, "tiler": "hires"})
         tokens = hires.image_tokens((2, 2)) if self.tiler == "native" else 0
         return dict(tiler=self.tiler, base=vit.image_size, patch=vit.patch_size, max_slices=self.max_slices,
@@ -551,7 +552,7 @@ class HiResLLaVA(nn.Module):
     def preprocess(self, img):
         """PIL image -> (overview (3,S,S), slices (m*n,3,S,S), grid (m, n)) as the tiler cuts it (slicing.preprocess);
         cheap, for DataLoader workers."""
-        return preprocess(img, **self.cfg.slicing())
+        return preprocess(img, **self.cfg.slicing(self.vision.cfg))
 
     def image_tokens(self, grid):
         """LLM tokens of one image whose slice grid is (m, n), with this tokenizer's separators."""
@@ -559,7 +560,7 @@ class HiResLLaVA(nn.Module):
 
     def grid(self, size):
         """The grid preprocess() gives an image of size (width, height), without cutting it (slicing.grid_of)."""
-        return grid_of(*size, **self.cfg.slicing())
+        return grid_of(*size, **self.cfg.slicing(self.vision.cfg))
 
     @property
     def prefix_depth(self):

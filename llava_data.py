@@ -119,7 +119,7 @@ class LlavaData(torch.utils.data.Dataset):
 
 def slice_args(model):
     """The keyword arguments of slicing.preprocess with which a HiResLLaVA cuts its images (its preprocess)."""
-    return model.cfg.slicing()
+    return model.cfg.slicing(model.vision.cfg)
 
 
 def collate(batch):
