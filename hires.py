@@ -101,10 +101,11 @@ class HiResConfig:
     def slicing(self, vit=None):
         """The keyword arguments of slicing.preprocess with which this model cuts an image for the ViT `vit` (a
         CLIPConfig; default: the preset's); the native tiler's budget is the hires tiler's token count on a
-        2S x 2S image, EntityGrid-QA's canvas (equal budget)."""
+        2S x 2S image cut into 2 x 2 slices, EntityGrid-QA's canvas as it is evaluated (equal budget)."""
         vit = vit or CLIPConfig.from_preset(self.clip_preset)
-        hires = HiResConfig(**{**self.__dict__, "tiler": "hires"})
-        tokens = hires.image_tokens((2, 2)) if self.tiler == "native" else 0
+        tokens = 0
+        if self.tiler == "native":
+            tokens = HiResConfig(**{**self.__dict__, "tiler": "hires"}).image_tokens((2, 2))
         return dict(tiler=self.tiler, base=vit.image_size, patch=vit.patch_size, max_slices=self.max_slices,
                     upscale=self.upscale, slices=self.slices, tokens=tokens)
 
