@@ -476,7 +476,8 @@ def separator_ids(tokenizer, text):
 
 class Prefix(NamedTuple):
     """One image after the ViT blocks before the first SRA layer (HiResLLaVA.prefix), which no stage trains: it can
-    stand in for the preprocess() tuple of the same image. overview (1+L, D), slices (m*n, 1+L, D), grid (m, n)."""
+    stand in for the preprocess() tuple of the same image. overview (1+L, D), slices (m*n, 1+L, D), grid: the
+    preprocess() grid ((m, n); anyres (m, n, width, height); native the merged tokens' (rows, cols))."""
     overview: torch.Tensor
     slices: torch.Tensor
     grid: tuple

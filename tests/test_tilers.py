@@ -148,3 +148,19 @@ def test_checkpoint_records_its_tiler_and_eval_follows_it(tmp_path):
     with pytest.raises(SystemExit, match="trained the anyres tiler in stage 1"):
         train.main(["--out", str(tmp_path / "run2"), "--stage", "2", "--init", str(out / "stage1"), "--tiler",
                     "overlap", *common])
+
+
+def test_a_peer_tilers_run_resumes_with_its_own_flags(tmp_path):
+    """A run of a peer's tiler records sra off (HiResConfig turns it off); --resume with the run's own flags is
+    accepted, and --resume under another tiler is refused in one line."""
+    import dataclasses
+    ckpt = tmp_path / "run" / "stage1" / "checkpoints" / "step-0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    argv = ["--out", str(tmp_path / "run"), "--stage", "1", "--tiler", "anyres"]
+    args = train.parse_args(argv)
+    cfg = hires.HiResConfig(clip_preset="tiny", mc=args.mc, **{k: getattr(args, k) for k in train.MODEL_FLAGS})
+    (ckpt / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    assert cfg.sra is False and train.parse_args(argv + ["--resume"]).tiler == "anyres"
+    with pytest.raises(SystemExit):
+        train.parse_args(argv[:-2] + ["--resume"])
