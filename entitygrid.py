@@ -496,6 +496,15 @@ def discrepancy(acc_by_cell):
     return edge, other, (abs(edge - other) if edge is not None and other is not None else None)
 
 
+def position_prior(cell, options):
+    """The position accuracy of a reader that knows only the asked entity's cell and picks uniformly among the
+    options that some other cell makes true (the correct one always is): 0.62 on average at a corner cell (3 of the 8
+    relations are possible there), 0.40 at cells 2, 4, 6, 8 and 0.25 at cell 5. Position's own edge gap, with no
+    fragmentation in it."""
+    possible = {relation(cell, other) for other in CELLS if other != cell}
+    return 1 / sum(o in possible for o in options)
+
+
 def score(questions, predictions):
     """Accuracy and the paper's edge/centre Discrepancy (docs/method.md#entitygrid-qa).
 
@@ -507,7 +516,10 @@ def score(questions, predictions):
     other|. per_task_discrepancy applies the same formula to one task's per-cell accuracies; recognition_per_family
     is the recognition accuracy by the questioned entity's family (None without questions); per_task_layout is each
     task's accuracy by `layout` of all its entities (edge, corner, mixed; questions without `positions` left out),
-    so counting shows its single edge copies, single corner copies and mixed copies apart. Values in [0, 1].
+    so counting shows its single edge copies, single corner copies and mixed copies apart. position_prior_per_cell
+    is the mean position_prior of each cell's position questions and position_above_prior its accuracy minus that
+    prior, per cell and as edge and other means: position read beyond what the cell alone gives. Accuracies are in
+    [0, 1].
     """
     hits = {(t, i): [] for t in TASKS for i in CELLS}
     by_layout = {(t, l): [] for t in TASKS for l in LAYOUTS}
@@ -520,6 +532,10 @@ def score(questions, predictions):
     per_task_position = {t: {i: acc[t, i] for i in CELLS} for t in TASKS}
     per_position = {i: mean(acc[t, i] for t in TASKS) for i in CELLS}
     edge, other, disc = discrepancy(per_position)
+    prior = {i: mean(position_prior(i, q["options"]) for q in questions
+                     if q["task"] == "position" and q["cell"] == i and q.get("options")) for i in CELLS}
+    above = {i: None if prior[i] is None else acc["position", i] - prior[i] for i in CELLS}
+    above_edge, above_other, _ = discrepancy(above)
     return {
         "num": len(questions), "accuracy": mean(x for v in hits.values() for x in v),
         "per_task": {t: mean(x for i in CELLS for x in hits[t, i]) for t in TASKS},
@@ -527,6 +543,8 @@ def score(questions, predictions):
         "edge_accuracy": edge, "other_accuracy": other, "discrepancy": disc,
         "per_task_discrepancy": {t: discrepancy(per_task_position[t])[2] for t in TASKS},
         "per_task_layout": {t: {l: mean(by_layout[t, l]) for l in LAYOUTS} for t in TASKS},
+        "position_prior_per_cell": prior,
+        "position_above_prior": {"per_cell": above, "edge": above_edge, "other": above_other},
         "recognition_per_family": {f: mean(parse_letter(predictions.get(q["id"], "")) == q["answer"] for q in questions
                                            if q["task"] == "recognition" and q.get("entities")
                                            and family_of(q["entities"][0]) == f) for f in FAMILIES}}

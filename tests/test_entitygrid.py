@@ -250,6 +250,31 @@ def test_score_worked_example_all_cells():
     assert (r["edge_accuracy"], r["other_accuracy"]) == pytest.approx((1 / 3, 1.0))
     assert r["discrepancy"] == pytest.approx(2 / 3)
     assert r["per_task_discrepancy"] == pytest.approx({"recognition": 0.0, "position": 1.0, "counting": 1.0})
+    assert r["position_prior_per_cell"] == {c: None for c in range(1, 10)}  # no options: no prior
+
+
+def test_position_prior_worked_example():
+    """Options left/right/above/below: a corner cell makes two of them possible, a middle edge cell three, the
+    centre all four; position right at the other cells only is 0.5 above the prior there, below it at the edges."""
+    options = ["left", "right", "above", "below"]
+    expected = {1: 1 / 2, 2: 1 / 3, 3: 1 / 2, 4: 1 / 3, 5: 1 / 4, 6: 1 / 3, 7: 1 / 2, 8: 1 / 3, 9: 1 / 2}
+    assert {c: eg.position_prior(c, options) for c in range(1, 10)} == pytest.approx(expected)
+    qs = [dict(mk(c, "position", c), options=options) for c in range(1, 10)]
+    r = eg.score(qs, {q["id"]: "A" if q["cell"] not in EDGE else "B" for q in qs})
+    assert r["position_prior_per_cell"] == pytest.approx(expected)
+    above = r["position_above_prior"]
+    assert above["per_cell"] == pytest.approx({c: (c not in EDGE) - expected[c] for c in range(1, 10)})
+    assert (above["edge"], above["other"]) == pytest.approx(((-4 / 3 - 1 / 4) / 5, 0.5))
+
+
+def test_position_prior_over_random_distractors():
+    """Averaged over every choice of 3 distractors from the 7 wrong relations: 0.62 at a corner, 0.40 at cells
+    2/4/6/8, 0.25 at the centre (exact: 65/105, 14/35, 1/4)."""
+    import itertools
+    for cell, value in ((1, 65 / 105), (9, 65 / 105), (2, 14 / 35), (6, 14 / 35), (5, 1 / 4)):
+        correct = eg.relation(cell, 5 if cell != 5 else 1)
+        draws = list(itertools.combinations([r for r in eg.RELATIONS if r != correct], 3))
+        assert sum(eg.position_prior(cell, [correct, *d]) for d in draws) / len(draws) == pytest.approx(value)
 
 
 def test_score_worked_example_missing_cells_and_tasks():
