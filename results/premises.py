@@ -15,8 +15,8 @@ Both read glyphs with a linear probe (SlotProbe) from three readers, at slice sc
 - `trained`: the same ViT taught text in a stage 0 of its own (train_text_encoder): whole, uncut strings of
   both families at every font size in TextConfig.stage0_fonts, each token naming the glyphs whose centres it holds
   at their sub-positions. That is the probe's own question, so the encoder reads as well as it can be made to.
-Text lines sit on rows of ROW px of the canvas, a multiple of the patch at both scales, so a glyph lies in one row
-of tokens whatever the scale (a misaligned glyph would make both scales harder, not the difference).
+Text lines are centred on rows of ROW px of the canvas, so that a glyph lies in one row of 8- or 16-px tokens at
+both scales (a glyph across two rows would make both scales harder, not the difference).
 """
 import argparse
 import functools
@@ -48,7 +48,7 @@ CHARS = DIGITS + "." + LETTERS
 CLASS = {c: i for i, c in enumerate(CHARS)}
 FAMILIES = {"number": DIGITS + ".", "word": LETTERS}  # the classes a family's probe chooses among
 SCORED = {"number": DIGITS, "word": LETTERS}            # the glyphs it is scored on (the '.' carries no digit)
-ROW = 16       # text rows of the 2*base canvas, in px
+ROW = 16       # the pitch of text rows on the 2*base canvas, px
 WINDOW = 12    # the pixel reader's window, px at its scale
 
 
